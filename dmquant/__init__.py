@@ -1,0 +1,32 @@
+"""dmquant: post-training quantization for diffusion models, on top of diffusers.
+
+The public API is imported lazily, so ``import dmquant.kernels`` works without diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "quantize": ("dmquant.api", "quantize"),
+    "QuantConfig": ("dmquant.config", "QuantConfig"),
+    "load_recipe": ("dmquant.config", "load_recipe"),
+    "list_recipes": ("dmquant.config", "list_recipes"),
+    "DMQuantError": ("dmquant.errors", "DMQuantError"),
+    "zoo": ("dmquant.zoo", None),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dmquant' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value

@@ -1,0 +1,155 @@
+"""The public entry point: ``dmquant.quantize(pipe, recipe, prompts=...)``."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs
+from dmquant.calibration.observe import observe_activations
+from dmquant.calibration.records import CalibrationSet
+from dmquant.calibration.samplers import make_sampler
+from dmquant.config import QuantConfig, load_recipe
+from dmquant.errors import DMQuantError
+from dmquant.models.adapters import find_denoiser
+from dmquant.nn.wrap import (
+    WrapReport,
+    activation_quantizers,
+    quant_layers,
+    set_activation_mode,
+    wrap_denoiser,
+)
+
+_QUANT_KEYS = (".weight_quantizer.", ".input_quantizer.", ".dmq_quant.")
+
+
+@dataclass
+class QuantizationInfo:
+    """What ``quantize`` did; attached to the pipeline as ``pipe.dmquant``."""
+
+    config: QuantConfig
+    denoiser: str
+    adapter: str
+    report: WrapReport
+    calibration: dict = field(default_factory=dict)
+
+
+def apply_recipe(pipe, recipe) -> QuantizationInfo:
+    """Wrap the pipeline's denoiser for ``recipe`` and quantize its weights (no activation statistics)."""
+    config = load_recipe(recipe)
+    attr, denoiser, adapter = find_denoiser(pipe)
+    report = wrap_denoiser(denoiser, config, adapter)
+    for _, layer in quant_layers(denoiser):
+        layer.calibrate_weight()
+    set_activation_mode(denoiser, "quant" if not config.needs_calibration_data else "off")
+    info = QuantizationInfo(config, attr, adapter.name, report)
+    _attach(pipe, info)
+    return info
+
+
+def quantize(
+    pipe,
+    recipe: str | Path | dict | QuantConfig = "w8a8",
+    prompts: Sequence | None = None,
+    *,
+    num_inference_steps: int | None = None,
+    num_timesteps: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    calib_dir: str | Path | None = None,
+    progress: bool = True,
+    **call_kwargs,
+):
+    """Quantize the denoiser of ``pipe`` in place (simulation) and return ``pipe``.
+
+    ``prompts`` are strings (text-conditioned pipelines) or class ids (class-conditioned ones);
+    recipes whose activations are dynamic or unquantized (e.g. W4A16) need none. Keyword arguments
+    not named here (``height``, ``guidance_scale``, ...) go to the pipeline call used for calibration.
+    Calibration inputs are stored as safetensors shards in ``calib_dir`` (a temporary folder if None).
+    """
+    config = load_recipe(recipe)
+    config = replace(config, calibration=_override(config.calibration, num_inference_steps, num_timesteps, batch_size, seed))
+    find_denoiser(pipe)  # fail early on pipelines without a denoiser
+    if config.needs_calibration_data:
+        prompts = check_prompts(pipe, prompts)[: config.calibration.max_prompts]
+    info = apply_recipe(pipe, config)
+    if config.needs_calibration_data:
+        info.calibration = _calibrate_activations(pipe, info, prompts, calib_dir, progress, call_kwargs)
+    return pipe
+
+
+def _override(calib, steps, timesteps, batch_size, seed):
+    changes = {k: v for k, v in dict(num_inference_steps=steps, num_timesteps=timesteps,
+                                     batch_size=batch_size, seed=seed).items() if v is not None}
+    return replace(calib, **changes)
+
+
+def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, progress, call_kwargs) -> dict:
+    _, denoiser, _ = find_denoiser(pipe)
+    c = info.config.calibration
+    steps = make_sampler(c.sampler, c.num_timesteps).select(c.num_inference_steps)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dmquant-calib-") as tmp:
+        folder = Path(calib_dir) if calib_dir is not None else Path(tmp)
+        set_activation_mode(denoiser, "off")
+        with _weights_full_precision(denoiser):
+            collect_denoiser_inputs(pipe, denoiser, prompts, steps, folder, c.num_inference_steps,
+                                    c.batch_size, c.seed, progress, call_kwargs)
+        calls = observe_activations(denoiser, CalibrationSet(folder), progress)
+    return {"prompts": len(prompts), "steps": steps, "num_inference_steps": c.num_inference_steps,
+            "denoiser_calls": calls, "seconds": round(time.perf_counter() - start, 2)}
+
+
+class _weights_full_precision:
+    """Context in which the wrapped layers compute with their full-precision weights."""
+
+    def __init__(self, denoiser):
+        self.layers = [layer for _, layer in quant_layers(denoiser)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.quantize_weight = False
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.quantize_weight = True
+
+
+def _attach(pipe, info: QuantizationInfo) -> None:
+    object.__setattr__(pipe, "dmquant", info)
+
+
+def quant_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The quantizers' scales and zero points of a wrapped denoiser (what calibration learned)."""
+    return {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()
+            if any(tag in k for tag in _QUANT_KEYS)}
+
+
+def save_quant_state(denoiser: torch.nn.Module, path: str | Path) -> None:
+    save_file(quant_state_dict(denoiser), str(path))
+
+
+def load_quant_state(denoiser: torch.nn.Module, path: str | Path) -> None:
+    """Load saved scales into a denoiser wrapped with the same recipe; then quantized inference is on."""
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise DMQuantError(f"quantization statistics {path} are missing or damaged ({exc}): calibrate again") from exc
+    expected = set(quant_state_dict(denoiser))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise DMQuantError(
+            f"quantization statistics {path} do not match the model and recipe (missing {missing}, unexpected {extra}): "
+            "use the base model and recipe the run was calibrated with"
+        )
+    denoiser.load_state_dict(state, strict=False)
+    for q in activation_quantizers(denoiser):
+        q.set_mode("quant")
+    for _, layer in quant_layers(denoiser):
+        layer._cached_weight = None

@@ -1,0 +1,1 @@
+"""Calibration: timestep samplers, collection of denoiser inputs, observation passes."""

@@ -1,0 +1,105 @@
+"""Collect the denoiser's inputs at chosen denoising steps by running the full-precision pipeline.
+
+A forward pre-hook on the denoiser counts its calls within one pipeline call (one call per step;
+classifier-free guidance batches are recorded as the pipeline builds them) and records the calls
+at the sampler's steps. Batches of prompts can be spread over processes with accelerate; each
+process writes its own shards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dmquant.calibration.records import save_calls
+from dmquant.errors import DMQuantError
+
+
+class _StepRecorder:
+    """Forward pre-hook that keeps the calls whose index within a pipeline call is selected."""
+
+    def __init__(self, steps: Sequence[int]):
+        self.steps = set(steps)
+        self.calls: list[tuple[tuple, dict]] = []
+        self.index = 0
+
+    def reset(self) -> None:
+        self.calls, self.index = [], 0
+
+    def __call__(self, module, args, kwargs):
+        if self.index in self.steps:
+            self.calls.append((args, dict(kwargs)))
+        self.index += 1
+
+
+def conditioning_argument(pipe) -> str:
+    """The name of the pipeline's conditioning argument: ``prompt`` or ``class_labels``."""
+    params = inspect.signature(pipe.__call__).parameters
+    for name in ("prompt", "class_labels"):
+        if name in params:
+            return name
+    raise DMQuantError(
+        f"{type(pipe).__name__} takes neither 'prompt' nor 'class_labels': dmquant cannot drive it for calibration"
+    )
+
+
+def check_prompts(pipe, prompts: Sequence) -> list:
+    """Validate calibration prompts (strings for text pipelines, class ids for class-conditioned ones)."""
+    prompts = list(prompts or [])
+    if not prompts:
+        raise DMQuantError("no calibration prompts: pass prompts=[...] or a non-empty prompt file")
+    if conditioning_argument(pipe) == "class_labels":
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            raise DMQuantError("this pipeline is class-conditioned: pass integer class ids as prompts")
+    elif not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise DMQuantError("calibration prompts must be non-empty strings")
+    return prompts
+
+
+def collect_denoiser_inputs(
+    pipe,
+    denoiser: torch.nn.Module,
+    prompts: Sequence,
+    steps: Sequence[int],
+    out_dir: str | Path,
+    num_inference_steps: int,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    call_kwargs: dict | None = None,
+) -> Path:
+    """Run ``pipe`` over ``prompts`` and store the denoiser's inputs at ``steps`` under ``out_dir``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cond_arg = conditioning_argument(pipe)
+    batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    recorder = _StepRecorder(steps)
+    handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    indexed = list(enumerate(batches))
+    try:
+        with state.split_between_processes(indexed) as mine:
+            bar = tqdm(mine, desc="calibration: collecting denoiser inputs", disable=not progress or not state.is_main_process)
+            for index, batch in bar:
+                recorder.reset()
+                generator = torch.Generator("cpu").manual_seed(seed + index)
+                with torch.no_grad():
+                    pipe(**{cond_arg: batch}, num_inference_steps=num_inference_steps,
+                         generator=generator, output_type="latent", **(call_kwargs or {}))
+                if not recorder.calls:
+                    raise DMQuantError(
+                        f"the denoiser was never called at steps {sorted(steps)} with {num_inference_steps} steps"
+                    )
+                save_calls(recorder.calls, out_dir / f"shard-{index:05d}.safetensors")
+    finally:
+        handle.remove()
+    state.wait_for_everyone()
+    return out_dir

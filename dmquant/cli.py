@@ -1,0 +1,85 @@
+"""The ``dmquant`` command line: argument parsing and calls into the library, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dmquant.errors import DMQuantError
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="quantize a pipeline's denoiser and calibrate it; write a run folder")
+    p.add_argument("--model", required=True, help="zoo name, local diffusers folder, or hub id")
+    p.add_argument("--recipe", required=True, help="recipe name (see `dmquant recipes`) or YAML path")
+    p.add_argument("--prompts", help="calibration prompt file, one prompt (or class id) per line")
+    p.add_argument("--out", required=True, help="run folder to write (must not exist unless --overwrite)")
+    p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps of calibration runs")
+    p.add_argument("--num-timesteps", type=int, help="how many of those steps are recorded")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate an image from a model or a run folder")
+    p.add_argument("--model", required=True, help="run folder, zoo name, local diffusers folder, or hub id")
+    p.add_argument("--prompt", required=True, help="text prompt (or class id / label for class-conditioned models)")
+    p.add_argument("--out", required=True, help="image file to write (PNG)")
+    p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmquant", description="Post-training quantization for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_calibrate(sub)
+    _add_generate(sub)
+    sub.add_parser("recipes", help="list the built-in recipes")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from dmquant import workflows
+
+    if getattr(args, "quiet", False):
+        from dmquant.loading import silence_progress_bars
+
+        silence_progress_bars()
+    if args.command == "calibrate":
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
+        out = workflows.calibrate(workflows.CalibrateJob(**fields, progress=not args.quiet))
+        print(f"wrote {out}")
+    elif args.command == "generate":
+        fields = {k: v for k, v in vars(args).items() if k != "command"}
+        print(f"wrote {workflows.generate(**fields)}")
+    elif args.command == "recipes":
+        from dmquant.config import list_recipes, load_recipe
+
+        for name in list_recipes():
+            config = load_recipe(name)
+            print(f"{name:16s} {config.tag:6s} {' '.join(config.description.split())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except DMQuantError as exc:
+        print(f"dmquant: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Typed configs (one dataclass per technique, validated when built) and recipe loading.
+
+A recipe is a YAML file under ``pipelines/`` (or any path) whose keys mirror :class:`QuantConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dmquant.errors import DMQuantError
+from dmquant.formats import check_bits
+from dmquant.quantizers.ranges import RANGE_METHODS
+
+RECIPE_DIRS = (
+    Path(__file__).resolve().parent / "recipes",  # wheels ship a copy here
+    Path(__file__).resolve().parent.parent / "pipelines",  # a source checkout
+)
+SAMPLERS = ("uniform",)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise DMQuantError(f"{what}={value!r} is not known: use one of {', '.join(choices)}")
+
+
+def _check_percentile(percentile: float) -> None:
+    if not 50.0 < float(percentile) <= 100.0:
+        raise DMQuantError(f"percentile={percentile} must lie in (50, 100], e.g. 99.9 or 99.99")
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """How weights are quantized: bits, grid and granularity (per tensor/channel/group)."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int | None = None
+    method: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "weights.bits")
+        _check_choice(self.granularity, ("tensor", "channel", "group"), "weights.granularity")
+        _check_choice(self.method, RANGE_METHODS, "weights.method")
+        _check_percentile(self.percentile)
+        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise DMQuantError("weights.granularity='group' needs weights.group_size, a positive integer (e.g. 64)")
+
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """How layer inputs are quantized: static per tensor (calibrated) or dynamic per token."""
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: str = "tensor"
+    method: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "activations.bits")
+        _check_choice(self.granularity, ("tensor", "token"), "activations.granularity")
+        _check_choice(self.method, RANGE_METHODS, "activations.method")
+        _check_percentile(self.percentile)
+
+    @property
+    def static(self) -> bool:
+        return self.granularity == "tensor"
+
+
+@dataclass(frozen=True)
+class AttentionQuantConfig:
+    """Quantization of the two attention matmuls: Q·Kᵀ (q, k) and softmax·V (probs, v).
+
+    ``probs_bits=None`` keeps the softmax output in full precision (Q-Diffusion does so for SD).
+    """
+
+    bits: int = 8
+    probs_bits: int | None = 8
+    method: str = "minmax"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "attention.bits")
+        if self.probs_bits is not None:
+            check_bits(self.probs_bits, "attention.probs_bits")
+        _check_choice(self.method, RANGE_METHODS, "attention.method")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which denoiser inputs the calibration records."""
+
+    sampler: str = "uniform"
+    num_timesteps: int = 8
+    num_inference_steps: int = 25
+    batch_size: int = 4
+    max_prompts: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice(self.sampler, SAMPLERS, "calibration.sampler")
+        for name in ("num_timesteps", "num_inference_steps", "batch_size", "max_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DMQuantError(f"calibration.{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A whole recipe: what to quantize, how, and how to calibrate."""
+
+    name: str = "custom"
+    weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    activations: ActQuantConfig | None = field(default_factory=ActQuantConfig)
+    attention: AttentionQuantConfig | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    use_default_excludes: bool = True
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for attr in ("include", "exclude"):
+            value = getattr(self, attr)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise DMQuantError(f"{attr} must be a list of glob patterns on module names, got {value!r}")
+            object.__setattr__(self, attr, tuple(value))
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when some activation range must be estimated from data."""
+        static_acts = self.activations is not None and self.activations.static
+        return static_acts or self.attention is not None
+
+    @property
+    def tag(self) -> str:
+        a = "16" if self.activations is None else str(self.activations.bits)
+        return f"W{self.weights.bits}A{a}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise DMQuantError(f"a recipe must be a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DMQuantError(f"unknown recipe keys {unknown}: the known keys are {sorted(known)}")
+        kwargs = dict(data)
+        sections = {
+            "weights": WeightQuantConfig,
+            "activations": ActQuantConfig,
+            "attention": AttentionQuantConfig,
+            "calibration": CalibrationConfig,
+        }
+        for key, sub_cls in sections.items():
+            if key in kwargs and kwargs[key] is not None:
+                kwargs[key] = _build_section(sub_cls, kwargs[key], key)
+        return cls(**kwargs)
+
+
+def _build_section(cls: type, data: Any, key: str):
+    if not isinstance(data, dict):
+        raise DMQuantError(f"recipe section {key!r} must be a mapping, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DMQuantError(f"unknown keys {unknown} in recipe section {key!r}: the known keys are {sorted(known)}")
+    return cls(**data)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with dmquant."""
+    names: set[str] = set()
+    for folder in RECIPE_DIRS:
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.yaml"))
+    return sorted(names)
+
+
+def recipe_path(name: str) -> Path:
+    for folder in RECIPE_DIRS:
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise DMQuantError(f"unknown recipe {name!r}: use one of {', '.join(list_recipes())}, or a path to a YAML file")
+
+
+def load_recipe(recipe: str | Path | dict | QuantConfig) -> QuantConfig:
+    """A :class:`QuantConfig` from a recipe name, a YAML path, a dict, or a config (returned as is)."""
+    if isinstance(recipe, QuantConfig):
+        return recipe
+    if isinstance(recipe, dict):
+        return QuantConfig.from_dict(recipe)
+    text = str(recipe)
+    looks_like_path = text.endswith((".yaml", ".yml")) or "/" in text or Path(text).is_file()
+    path = Path(text) if looks_like_path else recipe_path(text)
+    if not path.is_file():
+        raise DMQuantError(f"recipe file {path} does not exist: pass a recipe name ({', '.join(list_recipes())}) or an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DMQuantError(f"recipe file {path} is not valid YAML ({exc}): fix the file") from exc
+    data = dict(data or {})
+    data.setdefault("name", path.stem)
+    return QuantConfig.from_dict(data)
+
+
+def save_recipe(config: QuantConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

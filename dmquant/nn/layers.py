@@ -1,0 +1,105 @@
+"""Quantized twins of ``nn.Linear`` and ``nn.Conv2d`` (simulation: fake quantization).
+
+A twin keeps the original module's parameters, quantizes its weight with a
+:class:`~dmquant.quantizers.modules.WeightQuantizer` and its input with an optional
+:class:`~dmquant.quantizers.modules.ActQuantizer`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmquant.config import ActQuantConfig, WeightQuantConfig
+from dmquant.quantizers.modules import ActQuantizer, WeightQuantizer
+
+
+class _QuantLayer(nn.Module):
+    channel_dim: int = -1
+
+    def __init__(self, layer: nn.Module, weights: WeightQuantConfig, activations: ActQuantConfig | None):
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.weight_quantizer = WeightQuantizer(weights)
+        self.input_quantizer = None if activations is None else ActQuantizer(activations, self.channel_dim)
+        self.quantize_weight = True
+        self._cached_weight: torch.Tensor | None = None
+
+    def calibrate_weight(self) -> None:
+        self.weight_quantizer.calibrate(self.weight.detach())
+        self._cached_weight = None
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: fake-quantized (cached outside training) or as is."""
+        if not self.quantize_weight:
+            return self.weight
+        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+            return self.weight_quantizer(self.weight)
+        cached = self._cached_weight
+        if cached is None or cached.device != self.weight.device or cached.dtype != self.weight.dtype:
+            cached = self._cached_weight = self.weight_quantizer(self.weight).detach()
+        return cached
+
+    def set_act_mode(self, mode: str) -> None:
+        if self.input_quantizer is not None:
+            self.input_quantizer.set_mode(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._cached_weight = None
+        return super()._apply(fn, recurse)
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+class QuantLinear(_QuantLayer):
+    channel_dim = -1
+
+    def __init__(self, layer: nn.Linear, weights: WeightQuantConfig, activations: ActQuantConfig | None):
+        super().__init__(layer, weights, activations)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quant_input(x), self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {_bits(self)}"
+
+
+class QuantConv2d(_QuantLayer):
+    channel_dim = 1
+
+    def __init__(self, layer: nn.Conv2d, weights: WeightQuantConfig, activations: ActQuantConfig | None):
+        super().__init__(layer, weights, activations)
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self.padding_mode = layer.padding_mode
+        self._reversed_padding = getattr(layer, "_reversed_padding_repeated_twice", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quant_input(x)
+        weight = self.effective_weight()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {_bits(self)}"
+
+
+def _bits(layer: _QuantLayer) -> str:
+    a = "16" if layer.input_quantizer is None else str(layer.input_quantizer.config.bits)
+    return f"W{layer.weight_quantizer.config.bits}A{a}"
+
+
+def quant_twin(layer: nn.Module, weights: WeightQuantConfig, activations: ActQuantConfig | None) -> _QuantLayer:
+    """The quantized twin of a ``nn.Linear`` or ``nn.Conv2d`` (the twin shares its parameters)."""
+    if isinstance(layer, nn.Linear):
+        return QuantLinear(layer, weights, activations)
+    if isinstance(layer, nn.Conv2d):
+        return QuantConv2d(layer, weights, activations)
+    raise TypeError(f"no quantized twin for {type(layer).__name__}")

@@ -1,0 +1,91 @@
+"""Swap a denoiser's layers for quantized twins, and its attention for a quantized processor."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from dmquant.config import QuantConfig
+from dmquant.errors import DMQuantError
+from dmquant.models.adapters import DenoiserAdapter
+from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
+from dmquant.nn.layers import _QuantLayer, quant_twin
+from dmquant.quantizers.granularity import check_group_size
+
+
+@dataclass
+class WrapReport:
+    quantized: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+
+
+def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
+    """Whether the layer ``name`` is quantized under ``config`` (include, then exclude patterns)."""
+    if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        return False
+    excludes = config.exclude + (adapter.default_exclude if config.use_default_excludes else ())
+    return not any(fnmatch.fnmatchcase(name, p) for p in excludes)
+
+
+def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapter) -> WrapReport:
+    """Replace the selected ``nn.Linear``/``nn.Conv2d`` layers of ``model`` in place; quantize attention."""
+    if any(isinstance(m, _QuantLayer) for m in model.modules()):
+        raise DMQuantError("this denoiser is quantized already: load the full-precision model again to re-quantize")
+    report = WrapReport()
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    for name, layer in targets:
+        if not selected(name, config, adapter):
+            report.excluded.append(name)
+            continue
+        if config.weights.granularity == "group":
+            check_group_size(layer.weight[0].numel(), config.weights.group_size, where=f"layer {name!r}")
+        _set_submodule(model, name, quant_twin(layer, config.weights, config.activations))
+        report.quantized.append(name)
+    if config.attention is not None:
+        report.attention = _wrap_attention(model, config)
+    if not report.quantized:
+        raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
+    return report
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """diffusers attention modules: those that take a processor (``set_processor``)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+
+def _wrap_attention(model: nn.Module, config: QuantConfig) -> list[str]:
+    names = []
+    for name, attn in attention_modules(model):
+        attn.dmq_quant = AttentionQuantizers(config.attention)
+        attn.set_processor(QuantAttnProcessor())
+        names.append(name)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, _QuantLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLayer)]
+
+
+def activation_quantizers(model: nn.Module):
+    """Every activation quantizer of the wrapped denoiser (layer inputs and attention operands)."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, _QuantLayer) and module.input_quantizer is not None:
+            out.append(module.input_quantizer)
+        elif isinstance(module, AttentionQuantizers):
+            out.extend(module.quantizers())
+    return out
+
+
+def set_activation_mode(model: nn.Module, mode: str) -> None:
+    for quantizer in activation_quantizers(model):
+        quantizer.set_mode(mode)

@@ -1,0 +1,1 @@
+"""How one tensor becomes low-bit: pure math and small quantizer modules."""

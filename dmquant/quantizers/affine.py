@@ -1,0 +1,70 @@
+"""Affine quantization math (Eq. 1 and 2 of the field), as functions on tensors.
+
+``x_int = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = s * (x_int - z)``.
+``scale`` and ``zero_point`` broadcast against ``x``. ``fake_quant`` passes gradients straight
+through the rounding (STE) to ``x`` inside the clipping range and to ``scale`` (LSQ-style), so later
+stages can learn scales and rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmquant.formats import IntFormat
+
+_EPS = 1e-12
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[lo, hi]`` onto the grid of ``fmt``.
+
+    Symmetric: ``s = max(|lo|, |hi|) / qmax`` (signed grid) with ``z = 0``; for an unsigned grid
+    symmetric means ``z`` at the grid's middle. Asymmetric: ``s = (hi - lo) / (qmax - qmin)``,
+    ``z = qmin - round(lo / s)``. The range always includes 0 so that zero is exact.
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        if fmt.signed:
+            scale = amax / fmt.qmax
+            zero = torch.zeros_like(scale)
+        else:
+            scale = 2 * amax / (fmt.qmax - fmt.qmin)
+            zero = torch.full_like(scale, float((fmt.qmax + fmt.qmin + 1) // 2))
+    else:
+        scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+        zero = fmt.qmin - torch.round(lo / scale.clamp_min(_EPS))
+        zero = zero.clamp(fmt.qmin, fmt.qmax)
+    return scale.clamp_min(_EPS), zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """Integer codes of ``x`` (returned as a float tensor of whole numbers in ``[qmin, qmax]``)."""
+    return torch.clamp(torch.round(x / scale) + zero, fmt.qmin, fmt.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` whose gradient is the identity."""
+    return (torch.round(x) - x).detach() + x
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """Quantize then dequantize, differentiable (straight-through estimator)."""
+    q = torch.clamp(round_ste(x / scale) + zero.detach(), fmt.qmin, fmt.qmax)
+    return (q - zero.detach()) * scale
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

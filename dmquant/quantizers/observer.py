@@ -1,0 +1,51 @@
+"""Running statistics of activations seen during calibration.
+
+Keeps the exact per-row extremes and a uniform random sample of all values seen (priority
+sampling: every value gets a random key and the ``capacity`` smallest keys are kept), so that
+percentile and MSE ranges can be estimated without holding every activation in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RangeObserver:
+    def __init__(self, capacity: int = 1 << 16, seed: int = 0):
+        self.capacity = capacity
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+        self._values = torch.empty(0)
+        self._keys = torch.empty(0)
+        self._gen = torch.Generator().manual_seed(seed)
+        self.count = 0
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().float().cpu()
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        self.count += rows.numel()
+        if rows.shape[0] == 1:
+            self._add_sample(rows.reshape(-1))
+
+    def _add_sample(self, values: torch.Tensor) -> None:
+        keys = torch.rand(values.numel(), generator=self._gen)
+        if values.numel() > self.capacity:
+            keep = keys.topk(self.capacity, largest=False).indices
+            values, keys = values[keep], keys[keep]
+        values = torch.cat([self._values, values])
+        keys = torch.cat([self._keys, keys])
+        if values.numel() > self.capacity:
+            keep = keys.topk(self.capacity, largest=False).indices
+            values, keys = values[keep], keys[keep]
+        self._values, self._keys = values, keys
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """A uniform random sample of the values seen, as one row."""
+        return self._values.reshape(1, -1)
+
+    @property
+    def empty(self) -> bool:
+        return self.lo is None

@@ -1,0 +1,66 @@
+"""End-to-end jobs behind the command line, usable from Python too."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmquant.api import quantize
+from dmquant.config import load_recipe
+from dmquant.generate import generate_images, save_image_atomic
+from dmquant.loading import load_pipeline
+from dmquant.prompts import prompts_for_pipeline, read_prompt_file
+from dmquant.runs import atomic_folder, is_run_folder, load_run, save_run
+
+
+@dataclass(frozen=True)
+class CalibrateJob:
+    model: str
+    recipe: str
+    out: str
+    prompts: str | None = None
+    num_inference_steps: int | None = None
+    num_timesteps: int | None = None
+    batch_size: int | None = None
+    max_prompts: int | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    device: str = "cpu"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def calibrate(job: CalibrateJob) -> Path:
+    """Load, quantize and calibrate, then write the run folder; returns its path."""
+    config = load_recipe(job.recipe)  # bad recipes fail before the model loads
+    prompts = read_prompt_file(job.prompts) if job.prompts else None
+    if job.max_prompts is not None and prompts:
+        prompts = prompts[: job.max_prompts]
+    if Path(job.out).exists() and not job.overwrite:
+        atomic_folder(job.out).__enter__()  # raises the "exists" error before any work
+    start = time.perf_counter()
+    pipe = load_pipeline(job.model, device=job.device)
+    if prompts is not None:
+        prompts = prompts_for_pipeline(pipe, prompts)
+    call_kwargs = {k: v for k, v in dict(guidance_scale=job.guidance_scale, height=job.height,
+                                         width=job.width).items() if v is not None}
+    quantize(pipe, config, prompts, num_inference_steps=job.num_inference_steps, num_timesteps=job.num_timesteps,
+             batch_size=job.batch_size, seed=job.seed, progress=job.progress, **call_kwargs)
+    return save_run(pipe, job.out, job.model, seconds=time.perf_counter() - start, overwrite=job.overwrite)
+
+
+def load_any(model: str, device: str = "cpu"):
+    """A run folder (quantized) or any model spec that :func:`load_pipeline` takes."""
+    return load_run(model, device) if is_run_folder(model) else load_pipeline(model, device=device)
+
+
+def generate(model: str, prompt: str, out: str, num_inference_steps: int = 25, seed: int = 0,
+             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+             device: str = "cpu") -> Path:
+    pipe = load_any(model, device)
+    kwargs = {k: v for k, v in dict(height=height, width=width).items() if v is not None}
+    image = generate_images(pipe, [prompt], num_inference_steps, seed, guidance_scale, **kwargs)[0]
+    return save_image_atomic(image, out)

@@ -1,0 +1,10 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# Small test models do not gain from threads, and idle OpenMP threads spin when cores are shared.
+torch.set_num_threads(1)

@@ -1,0 +1,94 @@
+"""``dmquant`` end to end on a local pipeline folder, and its answers to bad input (exit 2, nothing written)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmquant.cli import main
+from dmquant.models.tiny import build_tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    build_tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# calibration prompts\na red circle\n\na blue square\ngreen triangle\n")
+    return path
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tmp_path):
+    out = tmp_path / "run"
+    code = run_cli("calibrate", "--model", sd_folder, "--recipe", "w8a8", "--prompts", prompts, "--out", out,
+                   "--steps", 6, "--num-timesteps", 3, "--height", 16, "--width", 16, "--quiet")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["quant_state.safetensors", "recipe.yaml", "run.json", "summary.md"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["tag"] == "W8A8" and run["calibration"]["prompts"] == 3 and run["calibration"]["steps"] == [0, 2, 5]
+    assert run["quantized_layers"] == 79 and run["attention_modules"] == 8
+    common = ["--prompt", "a red circle", "--steps", 4, "--height", 16, "--width", 16]
+    assert run_cli("generate", "--model", out, "--out", tmp_path / "q.png", *common) == 0
+    assert run_cli("generate", "--model", sd_folder, "--out", tmp_path / "fp.png", *common) == 0
+    q = np.asarray(Image.open(tmp_path / "q.png"), dtype=np.float64)
+    fp = np.asarray(Image.open(tmp_path / "fp.png"), dtype=np.float64)
+    assert q.shape == fp.shape == (16, 16, 3)
+    psnr = 10 * np.log10(255.0**2 / max(np.mean((q - fp) ** 2), 1e-12))
+    assert psnr > 25.0  # the quantized run folder was really loaded, and it is close to FP
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--recipe", "w3a3"], "unknown recipe 'w3a3'"),
+     (["--recipe", "BITS9"], "weights.bits=9"),
+     (["--recipe", "GROUP48"], "group_size=48 does not divide"),
+     (["--prompts", "EMPTY"], "has no prompts"),
+     (["--prompts", "MISSING"], "does not exist"),
+     (["--model", "someone/not-a-cached-model"], "huggingface-cli download"),
+     (["--model", "NOT_A_PIPELINE"], "not a diffusers pipeline folder")],
+)
+def test_bad_input_exits_2_with_one_clear_line(args, message, sd_folder, prompts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "bits9.yaml").write_text("weights: {bits: 9}\n")
+    (tmp_path / "group48.yaml").write_text("weights: {bits: 4, granularity: group, group_size: 48}\nactivations: null\n")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    (tmp_path / "not_a_pipeline").mkdir()
+    subst = {"BITS9": tmp_path / "bits9.yaml", "GROUP48": tmp_path / "group48.yaml", "EMPTY": tmp_path / "empty.txt",
+             "MISSING": tmp_path / "missing.txt", "NOT_A_PIPELINE": tmp_path / "not_a_pipeline"}
+    argv = {"--model": sd_folder, "--recipe": "w8a8", "--prompts": prompts}
+    for key, value in zip(args[::2], args[1::2]):
+        argv[key] = subst.get(value, value)
+    out = tmp_path / "out"
+    flat = [x for kv in argv.items() for x in kv]
+    code = run_cli("calibrate", *flat, "--out", out, "--steps", 4, "--height", 16, "--width", 16, "--quiet")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("dmquant: error:") and message in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_existing_output_folder_is_not_overwritten(sd_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli("calibrate", "--model", sd_folder, "--recipe", "w4a16", "--out", out, "--quiet") == 2
+    assert "exists already" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_console_script_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "dmquant.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("calibrate", "generate", "recipes"):
+        assert command in result.stdout

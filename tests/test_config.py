@@ -1,0 +1,45 @@
+import pytest
+
+from dmquant.config import QuantConfig, WeightQuantConfig, list_recipes, load_recipe, save_recipe
+from dmquant.errors import DMQuantError
+
+
+def test_shipped_recipes_load_and_tag():
+    assert {"w8a8", "w4a8", "w4a16"} <= set(list_recipes())
+    assert load_recipe("w8a8").tag == "W8A8"
+    assert load_recipe("w4a8").weights.bits == 4 and load_recipe("w4a8").activations.bits == 8
+    w4a16 = load_recipe("w4a16")
+    assert w4a16.activations is None and not w4a16.needs_calibration_data
+
+
+def test_recipe_round_trips_through_yaml(tmp_path):
+    config = load_recipe("w4a8")
+    save_recipe(config, tmp_path / "r.yaml")
+    again = load_recipe(tmp_path / "r.yaml")
+    assert again == config
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(DMQuantError, match="unknown recipe 'w3a3'.*w4a16, w4a8, w8a8"):
+        load_recipe("w3a3")
+
+
+@pytest.mark.parametrize("bits", [1, 9, "8"])
+def test_bad_bit_width(bits):
+    with pytest.raises(DMQuantError, match="weights.bits"):
+        QuantConfig.from_dict({"weights": {"bits": bits}})
+
+
+def test_bad_keys_and_choices(tmp_path):
+    with pytest.raises(DMQuantError, match="unknown keys \\['bitz'\\]"):
+        QuantConfig.from_dict({"weights": {"bitz": 4}})
+    with pytest.raises(DMQuantError, match="activations.granularity='channel'"):
+        QuantConfig.from_dict({"activations": {"granularity": "channel"}})
+    with pytest.raises(DMQuantError, match="group_size"):
+        WeightQuantConfig(bits=4, granularity="group")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weights: [1, 2\n")
+    with pytest.raises(DMQuantError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(DMQuantError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
