@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs
+from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs, shared_temp_dir
 from dmquant.calibration.observe import observe_activations
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
@@ -95,8 +94,8 @@ def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, pro
     c = info.config.calibration
     steps = make_sampler(c.sampler, c.num_timesteps).select(c.num_inference_steps)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dmquant-calib-") as tmp:
-        folder = Path(calib_dir) if calib_dir is not None else Path(tmp)
+    with shared_temp_dir() as tmp:
+        folder = Path(calib_dir) if calib_dir is not None else tmp
         set_activation_mode(denoiser, "off")
         with _weights_full_precision(denoiser):
             collect_denoiser_inputs(pipe, denoiser, prompts, steps, folder, c.num_inference_steps,

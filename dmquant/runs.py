@@ -49,6 +49,12 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
 
 def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = None, overwrite: bool = False) -> Path:
     """Write the run folder of a pipeline quantized by :func:`dmquant.quantize`."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # under accelerate, the main process writes the run folder
+        state.wait_for_everyone()
+        return Path(out)
     info = getattr(pipe, "dmquant", None)
     if info is None:
         raise DMQuantError("this pipeline was not quantized by dmquant: call dmquant.quantize(pipe, recipe) first")
@@ -67,6 +73,7 @@ def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = Non
         save_quant_state(denoiser, tmp / "quant_state.safetensors")
         (tmp / "run.json").write_text(json.dumps(run, indent=2))
         (tmp / "summary.md").write_text(_summary(run))
+    state.wait_for_everyone()
     return Path(out)
 
 

@@ -1,11 +1,13 @@
 """``dmquant`` end to end on a local pipeline folder, and its answers to bad input (exit 2, nothing written)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dmquant.cli import main
@@ -92,3 +94,23 @@ def test_console_script_lists_commands():
     assert result.returncode == 0
     for command in ("calibrate", "generate", "recipes"):
         assert command in result.stdout
+
+
+def test_two_accelerate_processes_calibrate_like_one(tmp_path):
+    """Calibration batches spread over 2 processes give the same statistics as 1 process."""
+    from safetensors.torch import load_file
+
+    class_ids = tmp_path / "ids.txt"
+    class_ids.write_text("1\n2\n3\n4\n")
+    common = ["calibrate", "--model", "tiny-random-dit", "--recipe", "w8a8", "--prompts", str(class_ids),
+              "--steps", "4", "--batch-size", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "dmquant.cli",
+                             *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = load_file(str(tmp_path / "one" / "quant_state.safetensors"))
+    two = load_file(str(tmp_path / "two" / "quant_state.safetensors"))
+    assert one.keys() == two.keys() and len(one) > 20
+    assert all(torch.equal(one[k], two[k]) for k in one)

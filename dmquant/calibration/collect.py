@@ -9,7 +9,10 @@ process writes its own shards.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,3 +106,21 @@ def collect_denoiser_inputs(
         handle.remove()
     state.wait_for_everyone()
     return out_dir
+
+
+@contextmanager
+def shared_temp_dir(prefix: str = "dmquant-calib-") -> Iterator[Path]:
+    """A temporary folder that every accelerate process sees (made by the main process, then shared)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    path = [tempfile.mkdtemp(prefix=prefix) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(path)
+    try:
+        yield Path(path[0])
+    finally:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(path[0], ignore_errors=True)
