@@ -16,6 +16,11 @@ _LAZY = {
     "load_recipe": ("dmquant.config", "load_recipe"),
     "list_recipes": ("dmquant.config", "list_recipes"),
     "DMQuantError": ("dmquant.errors", "DMQuantError"),
+    "freeze": ("dmquant.freeze", "freeze"),
+    "QuantizedStableDiffusionPipeline": ("dmquant.pipeline", "QuantizedStableDiffusionPipeline"),
+    "QuantizedDiTPipeline": ("dmquant.pipeline", "QuantizedDiTPipeline"),
+    "load_quantized_pipeline": ("dmquant.pipeline", "load_quantized_pipeline"),
+    "load_quantized_denoiser": ("dmquant.serialization", "load_quantized_denoiser"),
     "zoo": ("dmquant.zoo", None),
 }
 

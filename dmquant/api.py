@@ -37,6 +37,7 @@ class QuantizationInfo:
     adapter: str
     report: WrapReport
     calibration: dict = field(default_factory=dict)
+    frozen: bool = False
 
 
 def apply_recipe(pipe, recipe) -> QuantizationInfo:
@@ -49,6 +50,9 @@ def apply_recipe(pipe, recipe) -> QuantizationInfo:
     set_activation_mode(denoiser, "quant" if not config.needs_calibration_data else "off")
     info = QuantizationInfo(config, attr, adapter.name, report)
     _attach(pipe, info)
+    from dmquant.pipeline import make_quantized
+
+    make_quantized(pipe)
     return info
 
 

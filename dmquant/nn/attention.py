@@ -115,6 +115,8 @@ class QuantAttnProcessor(AttentionProcessorBase):
     def attend(self, attn, query, key, value, attention_mask):
         quant = attn.dmq_quant
         query, key, value = quant.q(query), quant.k(key), quant.v(value)
+        if quant.probs is None or quant.probs.mode == "off":  # softmax kept in full precision: fused kernel
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask

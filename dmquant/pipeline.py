@@ -1,0 +1,127 @@
+"""Drop-in quantized diffusers pipelines: ``save_pretrained`` / ``from_pretrained`` like diffusers.
+
+A saved folder is a diffusers pipeline folder (``model_index.json`` and one folder per component,
+written by the components' own ``save_pretrained``) whose denoiser folder holds the quantized
+denoiser (see :mod:`dmquant.serialization`). Saving is atomic: a temporary sibling, then a rename.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import DiffusionPipeline, DiTPipeline, StableDiffusionPipeline
+
+from dmquant.errors import DMQuantError
+from dmquant.models.adapters import DENOISER_ATTRIBUTES, find_denoiser
+from dmquant.serialization import (
+    is_quantized_denoiser_folder,
+    load_quantized_denoiser,
+    save_quantized_denoiser,
+)
+
+
+class QuantizedPipelineMixin:
+    """Adds dmquant's saving and loading to a diffusers pipeline class."""
+
+    def save_pretrained(self, save_directory, overwrite: bool = True, **_ignored) -> Path:
+        from dmquant.runs import atomic_folder
+
+        info = getattr(self, "dmquant", None)
+        if info is None:
+            raise DMQuantError("this pipeline has no quantized denoiser: call dmquant.quantize(pipe, recipe) first")
+        attr, denoiser, _ = find_denoiser(self)
+        with atomic_folder(save_directory, overwrite=overwrite) as tmp:
+            self.save_config(tmp)
+            _set_base_class_name(tmp / "model_index.json", type(self))
+            for name, component in self.components.items():
+                if name == attr:
+                    save_quantized_denoiser(denoiser, tmp / name, info.config)
+                elif component is not None and hasattr(component, "save_pretrained"):
+                    component.save_pretrained(tmp / name)
+            for extra in getattr(self, "_dmquant_extra_files", {}).items():
+                (tmp / extra[0]).write_text(extra[1])
+        return Path(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, device: str = "cpu", **kwargs):
+        folder = Path(pretrained_model_name_or_path)
+        attr = quantized_denoiser_attribute(folder)
+        if attr is None:
+            raise DMQuantError(f"{folder} holds no dmquant quantized denoiser: pass a folder written by "
+                               "save_pretrained of a dmquant-quantized pipeline")
+        denoiser = load_quantized_denoiser(folder / attr, device=device)
+        pipe = super().from_pretrained(str(folder), **{attr: denoiser}, **kwargs)
+        _attach_loaded_info(pipe, folder / attr)
+        return pipe.to(device)
+
+
+def _set_base_class_name(model_index: Path, cls: type) -> None:
+    """model_index.json names the diffusers pipeline class, so the folder reads as a diffusers one."""
+    import json
+
+    base = next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, QuantizedPipelineMixin))
+    data = json.loads(model_index.read_text())
+    data["_class_name"] = base.__name__
+    model_index.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def quantized_denoiser_attribute(folder: Path) -> str | None:
+    for attr in DENOISER_ATTRIBUTES:
+        if is_quantized_denoiser_folder(folder / attr):
+            return attr
+    return None
+
+
+def _attach_loaded_info(pipe, denoiser_folder: Path) -> None:
+    from dmquant.api import QuantizationInfo
+    from dmquant.config import QuantConfig
+    from dmquant.models.adapters import find_denoiser as _find
+    from dmquant.nn.wrap import WrapReport
+    from dmquant.serialization import read_description
+
+    description = read_description(denoiser_folder)
+    attr, _, adapter = _find(pipe)
+    report = WrapReport(quantized=list(description["layers"]), attention=description.get("attention_modules", []))
+    info = QuantizationInfo(QuantConfig.from_dict(description["recipe"]), attr, adapter.name, report)
+    info.frozen = True
+    object.__setattr__(pipe, "dmquant", info)
+
+
+class QuantizedStableDiffusionPipeline(QuantizedPipelineMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` whose UNet is stored and run in low bit."""
+
+
+class QuantizedDiTPipeline(QuantizedPipelineMixin, DiTPipeline):
+    """``DiTPipeline`` whose transformer is stored and run in low bit."""
+
+
+_CLASSES: dict[type, type] = {StableDiffusionPipeline: QuantizedStableDiffusionPipeline, DiTPipeline: QuantizedDiTPipeline}
+
+
+def quantized_class(pipeline_cls: type) -> type:
+    """The quantized twin class of a diffusers pipeline class (made on first use for other pipelines)."""
+    if issubclass(pipeline_cls, QuantizedPipelineMixin):
+        return pipeline_cls
+    if pipeline_cls not in _CLASSES:
+        _CLASSES[pipeline_cls] = type(f"Quantized{pipeline_cls.__name__}", (QuantizedPipelineMixin, pipeline_cls), {})
+    return _CLASSES[pipeline_cls]
+
+
+def load_quantized_pipeline(folder: str | Path, device: str = "cpu"):
+    """Load any saved quantized pipeline folder, whatever its diffusers pipeline class."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise DMQuantError(f"{folder} is not a saved pipeline folder (no model_index.json)")
+    config = DiffusionPipeline.load_config(str(folder))
+    import diffusers
+
+    base = getattr(diffusers, config["_class_name"], None)
+    if base is None:
+        raise DMQuantError(f"diffusers has no pipeline class {config['_class_name']}: upgrade diffusers")
+    return quantized_class(base).from_pretrained(folder, device=device)
+
+
+def make_quantized(pipe) -> None:
+    """Give a pipeline object its quantized twin class (same state; adds save_pretrained/from_pretrained)."""
+    if isinstance(pipe, DiffusionPipeline):
+        pipe.__class__ = quantized_class(type(pipe))

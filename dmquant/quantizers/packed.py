@@ -1,0 +1,89 @@
+"""A self-describing quantized weight: integer codes (int8, or int4 packed two per byte), scales,
+zero points, and the facts needed to read them (bits, granularity, group size, shape, packing).
+
+``spec()`` is the JSON description stored next to the safetensors data; ``QuantizedWeight.from_spec``
+rebuilds an empty one (on the meta device when loading) that a state dict then fills.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dmquant.errors import DMQuantError
+from dmquant.kernels.int4 import pack_int4, unpack_int4
+from dmquant.quantizers.modules import WeightQuantizer
+
+PACKINGS = ("int8", "int4x2")
+
+
+class QuantizedWeight(nn.Module):
+    def __init__(self, shape, bits: int, granularity: str, group_size: int | None, symmetric: bool,
+                 packing: str, device: str | torch.device = "cpu"):
+        super().__init__()
+        if packing not in PACKINGS:
+            raise DMQuantError(f"unknown weight packing {packing!r}: this dmquant reads {', '.join(PACKINGS)}")
+        self.shape, self.bits, self.granularity = tuple(int(s) for s in shape), int(bits), granularity
+        self.group_size, self.symmetric, self.packing = group_size, bool(symmetric), packing
+        out, cols = self.shape[0], math.prod(self.shape[1:])
+        rows = {"tensor": 1, "channel": out, "group": out * cols // (group_size or 1)}[granularity]
+        data_shape = (out, cols // 2) if packing == "int4x2" else (out, cols)
+        data_dtype = torch.uint8 if packing == "int4x2" else torch.int8
+        self.register_buffer("qdata", torch.empty(data_shape, dtype=data_dtype, device=device))
+        self.register_buffer("scale", torch.empty(rows, device=device))
+        if not self.symmetric:
+            self.register_buffer("zero_point", torch.empty(rows, device=device))
+
+    @classmethod
+    def from_quantizer(cls, weight: torch.Tensor, quantizer: WeightQuantizer) -> QuantizedWeight:
+        c = quantizer.config
+        codes = quantizer.integer_codes(weight).reshape(weight.shape[0], -1)
+        packing = "int4x2" if c.bits <= 4 and codes.shape[1] % 2 == 0 else "int8"
+        qw = cls(weight.shape, c.bits, c.granularity, c.group_size, c.symmetric, packing, weight.device)
+        qw.qdata = pack_int4(codes) if packing == "int4x2" else codes.contiguous()
+        qw.scale = quantizer.scale.detach().float().clone()
+        if not c.symmetric:
+            qw.zero_point = quantizer.zero_point.detach().float().clone()
+        return qw
+
+    @classmethod
+    def from_spec(cls, spec: dict, device="meta") -> QuantizedWeight:
+        keys = ("shape", "bits", "granularity", "group_size", "symmetric", "packing")
+        missing = [k for k in keys if k not in spec]
+        if missing:
+            raise DMQuantError(f"quantized weight description lacks {missing}: the checkpoint is damaged; save it again")
+        return cls(*(spec[k] for k in keys), device=device)
+
+    def spec(self) -> dict:
+        return {"shape": list(self.shape), "bits": self.bits, "granularity": self.granularity,
+                "group_size": self.group_size, "symmetric": self.symmetric, "packing": self.packing}
+
+    def int8(self) -> torch.Tensor:
+        """Integer codes as int8, shaped ``[out, in_features...]`` like the weight."""
+        codes = unpack_int4(self.qdata) if self.packing == "int4x2" else self.qdata
+        return codes.reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The real-valued weight ``scale * (q - zero_point)``, computed group by group."""
+        codes = self.int8().reshape(self.shape[0], -1)
+        row_len = {"tensor": codes.numel(), "channel": codes.shape[1], "group": self.group_size}[self.granularity]
+        rows = codes.reshape(-1, row_len).to(dtype)
+        if not self.symmetric:
+            rows = rows - self.zero_point.to(dtype)[:, None]
+        return (rows * self.scale.to(dtype)[:, None]).reshape(self.shape)
+
+    @property
+    def per_channel_symmetric(self) -> bool:
+        """Whether integer kernels can use it directly (one scale per output channel, no zero point)."""
+        return self.symmetric and self.granularity in ("channel", "tensor")
+
+    def channel_scales(self) -> torch.Tensor:
+        return self.scale.expand(self.shape[0]) if self.granularity == "tensor" else self.scale
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, {self.granularity}, packing={self.packing}"

@@ -1,0 +1,141 @@
+"""Save and load quantized denoisers: ``config.json`` (the diffusers config), ``dmquant_config.json``
+(format version, recipe, one description per quantized layer) and ``dmquant_weights.safetensors``.
+
+Loading builds the denoiser on the meta device (no full-precision weights are materialised), puts
+frozen low-bit layers where the description says, and assigns the stored tensors in place, so peak
+memory stays near the file size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmquant import __version__
+from dmquant.config import QuantConfig
+from dmquant.errors import DMQuantError
+from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
+from dmquant.nn.int_layers import ActSpec, IntConv2d, IntLinear, freeze_layer
+from dmquant.nn.layers import _QuantLayer
+from dmquant.nn.wrap import _set_submodule, attention_modules
+from dmquant.quantizers.packed import QuantizedWeight
+
+FORMAT, FORMAT_VERSION = "dmquant-denoiser", 1
+CONFIG_NAME, WEIGHTS_NAME = "dmquant_config.json", "dmquant_weights.safetensors"
+
+
+def is_quantized_denoiser_folder(folder: str | Path) -> bool:
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def _layer_entry(layer) -> dict:
+    frozen = freeze_layer(layer) if isinstance(layer, _QuantLayer) else layer
+    entry = {"type": "conv2d" if isinstance(frozen, IntConv2d) else "linear",
+             "weight": frozen.qweight.spec(), "bias": frozen.bias is not None,
+             "act": None if frozen.act is None else frozen.act.spec()}
+    if isinstance(frozen, IntConv2d):
+        entry["geometry"] = frozen.geometry()
+    return entry, frozen
+
+
+def export_denoiser(denoiser: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(layers description, state dict)`` of a quantized denoiser, simulated or frozen; not modified."""
+    layers, state = {}, {}
+    skip_prefixes = []
+    for name, module in denoiser.named_modules():
+        if isinstance(module, (_QuantLayer, IntLinear, IntConv2d)):
+            entry, frozen = _layer_entry(module)
+            layers[name] = entry
+            skip_prefixes.append(name + ".")
+            state.update({f"{name}.{k}": v for k, v in frozen.state_dict().items()})
+    for key, value in denoiser.state_dict().items():
+        if not any(key.startswith(p) for p in skip_prefixes):
+            state[key] = value
+    return layers, {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_quantized_denoiser(denoiser: torch.nn.Module, folder: str | Path, config: QuantConfig) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers, state = export_denoiser(denoiser)
+    attention = [n for n, m in attention_modules(denoiser) if hasattr(m, "dmq_quant")]
+    denoiser.save_config(folder)
+    description = {"format": FORMAT, "version": FORMAT_VERSION, "dmquant_version": __version__,
+                   "class_name": type(denoiser).__name__, "recipe": config.to_dict(),
+                   "attention_modules": attention, "layers": layers}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+    (folder / CONFIG_NAME).write_text(json.dumps(description, indent=1))
+
+
+def read_description(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    try:
+        description = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DMQuantError(f"{path} is missing: {folder} is not a dmquant quantized denoiser; save it again") from exc
+    except json.JSONDecodeError as exc:
+        raise DMQuantError(f"{path} is damaged ({exc}): save the quantized model again") from exc
+    if description.get("format") != FORMAT:
+        raise DMQuantError(f"{path} is not a dmquant quantized-denoiser description")
+    if int(description.get("version", 0)) > FORMAT_VERSION:
+        raise DMQuantError(f"{folder} was written by a newer dmquant (format version {description['version']}, "
+                           f"this one reads up to {FORMAT_VERSION}): upgrade dmquant")
+    return description
+
+
+def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """A frozen quantized denoiser from ``folder``, built without materialising FP weights."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    folder = Path(folder)
+    description = read_description(folder)
+    cls = getattr(diffusers, description["class_name"], None)
+    if cls is None:
+        raise DMQuantError(f"diffusers has no class {description['class_name']}: upgrade diffusers")
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(cls.load_config(str(folder)))
+    for name, entry in description["layers"].items():
+        _set_submodule(model, name, _empty_layer(entry))
+    attention_config = QuantConfig.from_dict(description["recipe"]).attention
+    for name in description.get("attention_modules", []):
+        attn = model.get_submodule(name)
+        attn.dmq_quant = AttentionQuantizers(attention_config)
+        attn.set_processor(QuantAttnProcessor())
+    state = _load_weights(folder / WEIGHTS_NAME)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise DMQuantError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME} (missing {missing}, "
+                           f"unexpected {extra}): the folder is damaged or mixed; save it again")
+    model.load_state_dict(state, strict=True, assign=True)
+    for attn_name in description.get("attention_modules", []):
+        for q in model.get_submodule(attn_name).dmq_quant.quantizers():
+            q.set_mode("quant")
+    return model.eval().to(device)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise DMQuantError(f"{path} is missing: the quantized model folder is incomplete; save it again")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for truncated files
+        raise DMQuantError(f"{path} is truncated or damaged ({exc}): save or download it again") from exc
+
+
+def _empty_layer(entry: dict):
+    qweight = QuantizedWeight.from_spec(entry["weight"], device="meta")
+    out = qweight.shape[0]
+    bias = torch.empty(out, device="meta") if entry["bias"] else None
+    act = None if entry["act"] is None else ActSpec(**entry["act"])
+    if entry["type"] == "conv2d":
+        g = entry["geometry"]
+        return IntConv2d(qweight, bias, act, g["stride"], g["padding"], g["dilation"], g["groups"], device="meta")
+    if entry["type"] == "linear":
+        return IntLinear(qweight, bias, act, device="meta")
+    raise DMQuantError(f"unknown layer type {entry['type']!r} in the quantized model: upgrade dmquant")
+
