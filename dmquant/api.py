@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
 
 from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs, shared_temp_dir
 from dmquant.calibration.observe import observe_activations
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
 from dmquant.config import QuantConfig, load_recipe
-from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import (
     WrapReport,
-    activation_quantizers,
     quant_layers,
     set_activation_mode,
     wrap_denoiser,
 )
-
-_QUANT_KEYS = (".weight_quantizer.", ".input_quantizer.", ".dmq_quant.")
 
 
 @dataclass
@@ -66,6 +59,7 @@ def quantize(
     batch_size: int | None = None,
     seed: int | None = None,
     calib_dir: str | Path | None = None,
+    calibration_data: Iterable[tuple[tuple, dict]] | None = None,
     progress: bool = True,
     **call_kwargs,
 ):
@@ -75,14 +69,19 @@ def quantize(
     recipes whose activations are dynamic or unquantized (e.g. W4A16) need none. Keyword arguments
     not named here (``height``, ``guidance_scale``, ...) go to the pipeline call used for calibration.
     Calibration inputs are stored as safetensors shards in ``calib_dir`` (a temporary folder if None).
+    ``calibration_data`` (``(args, kwargs)`` denoiser calls) replaces the pipeline runs, e.g. for a
+    bare denoiser module.
     """
     config = load_recipe(recipe)
     config = replace(config, calibration=_override(config.calibration, num_inference_steps, num_timesteps, batch_size, seed))
     find_denoiser(pipe)  # fail early on pipelines without a denoiser
-    if config.needs_calibration_data:
+    if config.needs_calibration_data and calibration_data is None:
         prompts = check_prompts(pipe, prompts)[: config.calibration.max_prompts]
     info = apply_recipe(pipe, config)
-    if config.needs_calibration_data:
+    if config.needs_calibration_data and calibration_data is not None:
+        _, denoiser, _ = find_denoiser(pipe)
+        info.calibration = {"denoiser_calls": observe_activations(denoiser, calibration_data, progress)}
+    elif config.needs_calibration_data:
         info.calibration = _calibrate_activations(pipe, info, prompts, calib_dir, progress, call_kwargs)
     return pipe
 
@@ -104,7 +103,8 @@ def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, pro
         with _weights_full_precision(denoiser):
             collect_denoiser_inputs(pipe, denoiser, prompts, steps, folder, c.num_inference_steps,
                                     c.batch_size, c.seed, progress, call_kwargs)
-        calls = observe_activations(denoiser, CalibrationSet(folder), progress)
+        param = next(denoiser.parameters())
+        calls = observe_activations(denoiser, CalibrationSet(folder).iter_calls(param.device, param.dtype), progress)
     return {"prompts": len(prompts), "steps": steps, "num_inference_steps": c.num_inference_steps,
             "denoiser_calls": calls, "seconds": round(time.perf_counter() - start, 2)}
 
@@ -126,33 +126,3 @@ class _weights_full_precision:
 
 def _attach(pipe, info: QuantizationInfo) -> None:
     object.__setattr__(pipe, "dmquant", info)
-
-
-def quant_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The quantizers' scales and zero points of a wrapped denoiser (what calibration learned)."""
-    return {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()
-            if any(tag in k for tag in _QUANT_KEYS)}
-
-
-def save_quant_state(denoiser: torch.nn.Module, path: str | Path) -> None:
-    save_file(quant_state_dict(denoiser), str(path))
-
-
-def load_quant_state(denoiser: torch.nn.Module, path: str | Path) -> None:
-    """Load saved scales into a denoiser wrapped with the same recipe; then quantized inference is on."""
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise DMQuantError(f"quantization statistics {path} are missing or damaged ({exc}): calibrate again") from exc
-    expected = set(quant_state_dict(denoiser))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise DMQuantError(
-            f"quantization statistics {path} do not match the model and recipe (missing {missing}, unexpected {extra}): "
-            "use the base model and recipe the run was calibrated with"
-        )
-    denoiser.load_state_dict(state, strict=False)
-    for q in activation_quantizers(denoiser):
-        q.set_mode("quant")
-    for _, layer in quant_layers(denoiser):
-        layer._cached_weight = None

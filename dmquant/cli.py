@@ -40,11 +40,21 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="latency per denoising step and memory of a model or quantized folder")
+    p.add_argument("--model", required=True, help="quantized folder, zoo name, local diffusers folder, or hub id")
+    p.add_argument("--batch", type=int, default=2, help="batch of one step (2 = classifier-free guidance)")
+    p.add_argument("--latent-size", type=int, help="latent height/width (default: the model's sample size)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmquant", description="Post-training quantization for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_calibrate(sub)
     _add_generate(sub)
+    _add_bench(sub)
     sub.add_parser("recipes", help="list the built-in recipes")
     return parser
 
@@ -63,6 +73,13 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "generate":
         fields = {k: v for k, v in vars(args).items() if k != "command"}
         print(f"wrote {workflows.generate(**fields)}")
+    elif args.command == "bench":
+        import json
+
+        from dmquant.bench import bench_model, format_report
+
+        report = bench_model(args.model, args.batch, args.latent_size, args.repeats)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
     elif args.command == "recipes":
         from dmquant.config import list_recipes, load_recipe
 

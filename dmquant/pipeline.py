@@ -23,7 +23,9 @@ from dmquant.serialization import (
 class QuantizedPipelineMixin:
     """Adds dmquant's saving and loading to a diffusers pipeline class."""
 
-    def save_pretrained(self, save_directory, overwrite: bool = True, **_ignored) -> Path:
+    def save_pretrained(self, save_directory, overwrite: bool = True, extra_files: dict[str, str] | None = None,
+                        **_ignored) -> Path:
+        """Write a diffusers-layout folder with the quantized denoiser; ``extra_files`` are text files to add."""
         from dmquant.runs import atomic_folder
 
         info = getattr(self, "dmquant", None)
@@ -38,8 +40,8 @@ class QuantizedPipelineMixin:
                     save_quantized_denoiser(denoiser, tmp / name, info.config)
                 elif component is not None and hasattr(component, "save_pretrained"):
                     component.save_pretrained(tmp / name)
-            for extra in getattr(self, "_dmquant_extra_files", {}).items():
-                (tmp / extra[0]).write_text(extra[1])
+            for filename, text in (extra_files or {}).items():
+                (tmp / filename).write_text(text)
         return Path(save_directory)
 
     @classmethod

@@ -1,8 +1,7 @@
-"""Run folders: what ``dmquant calibrate`` writes, and how a quantized pipeline is rebuilt from one.
+"""Run folders: what ``dmquant calibrate`` writes.
 
-A run folder holds ``run.json`` (base model, recipe name, calibration summary), ``recipe.yaml``,
-``quant_state.safetensors`` (the quantizers' scales and zero points) and ``summary.md``. Loading
-rebuilds the simulation from the base model and the stored statistics, with no calibration.
+A run folder is a saved quantized pipeline (diffusers layout, see :mod:`dmquant.pipeline`) plus
+``run.json`` (base model, recipe, calibration summary), ``recipe.yaml`` and ``summary.md``.
 Folders are written atomically: into a temporary sibling, then renamed.
 """
 
@@ -15,26 +14,25 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from dmquant import __version__
-from dmquant.api import apply_recipe, load_quant_state, save_quant_state
-from dmquant.config import load_recipe, save_recipe
 from dmquant.errors import DMQuantError
-from dmquant.loading import load_pipeline
-from dmquant.models.adapters import find_denoiser
 
 RUN_FORMAT, RUN_VERSION = "dmquant-run", 1
 
 
-def is_run_folder(path: str | Path) -> bool:
-    return (Path(path) / "run.json").is_file()
+def is_quantized_folder(path: str | Path) -> bool:
+    from dmquant.pipeline import quantized_denoiser_attribute
+
+    return Path(path).is_dir() and quantized_denoiser_attribute(Path(path)) is not None
 
 
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False):
     """Yield a temporary folder that becomes ``out`` only if the block finishes without error."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DMQuantError(f"output folder {out} exists already: choose another --out, or pass --overwrite")
+    check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -47,32 +45,32 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_folder(out: str | Path, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise DMQuantError(f"output folder {out} exists already: choose another --out, or pass --overwrite")
+
+
 def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = None, overwrite: bool = False) -> Path:
-    """Write the run folder of a pipeline quantized by :func:`dmquant.quantize`."""
+    """Save a pipeline quantized by :func:`dmquant.quantize` with its run description."""
     from accelerate import PartialState
 
     state = PartialState()
-    if not state.is_main_process:  # under accelerate, the main process writes the run folder
-        state.wait_for_everyone()
-        return Path(out)
-    info = getattr(pipe, "dmquant", None)
-    if info is None:
-        raise DMQuantError("this pipeline was not quantized by dmquant: call dmquant.quantize(pipe, recipe) first")
-    _, denoiser, _ = find_denoiser(pipe)
-    run = {
-        "format": RUN_FORMAT, "version": RUN_VERSION, "dmquant_version": __version__,
-        "base_model": _portable(base_model), "recipe": info.config.name, "tag": info.config.tag,
-        "denoiser": info.denoiser, "adapter": info.adapter,
-        "quantized_layers": len(info.report.quantized), "excluded_layers": info.report.excluded,
-        "attention_modules": len(info.report.attention), "calibration": info.calibration,
-        "seconds": None if seconds is None else round(seconds, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    with atomic_folder(out, overwrite) as tmp:
-        save_recipe(info.config, tmp / "recipe.yaml")
-        save_quant_state(denoiser, tmp / "quant_state.safetensors")
-        (tmp / "run.json").write_text(json.dumps(run, indent=2))
-        (tmp / "summary.md").write_text(_summary(run))
+    if state.is_main_process:  # under accelerate, the main process writes the folder
+        info = getattr(pipe, "dmquant", None)
+        if info is None:
+            raise DMQuantError("this pipeline was not quantized by dmquant: call dmquant.quantize(pipe, recipe) first")
+        run = {
+            "format": RUN_FORMAT, "version": RUN_VERSION, "dmquant_version": __version__,
+            "base_model": _portable(base_model), "recipe": info.config.name, "tag": info.config.tag,
+            "denoiser": info.denoiser, "adapter": info.adapter,
+            "quantized_layers": len(info.report.quantized), "excluded_layers": info.report.excluded,
+            "attention_modules": len(info.report.attention), "calibration": info.calibration,
+            "seconds": None if seconds is None else round(seconds, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        extra = {"run.json": json.dumps(run, indent=2), "summary.md": _summary(run),
+                 "recipe.yaml": yaml.safe_dump(info.config.to_dict(), sort_keys=False)}
+        pipe.save_pretrained(out, overwrite=overwrite, extra_files=extra)
     state.wait_for_everyone()
     return Path(out)
 
@@ -93,30 +91,5 @@ def _summary(run: dict) -> str:
         f"- calibration: {calib.get('prompts', 0)} prompts, steps {calib.get('steps', [])} of "
         f"{calib.get('num_inference_steps', '-')}, {calib.get('denoiser_calls', 0)} denoiser calls",
         f"- time: {run['seconds']} s", "",
+        "Load it with `dmquant.load_quantized_pipeline(folder)` or `dmquant generate --model folder`.", "",
     ])
-
-
-def read_run(folder: str | Path) -> dict:
-    path = Path(folder) / "run.json"
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DMQuantError(f"{path} is missing or damaged ({exc}): calibrate the run again") from exc
-    if run.get("format") != RUN_FORMAT:
-        raise DMQuantError(f"{folder} is not a dmquant run folder: pass the --out folder of `dmquant calibrate`")
-    if int(run.get("version", 0)) > RUN_VERSION:
-        raise DMQuantError(f"{folder} was written by a newer dmquant (run format {run['version']}): upgrade dmquant")
-    return run
-
-
-def load_run(folder: str | Path, device: str = "cpu"):
-    """Rebuild the quantized pipeline of a run folder (base model + recipe + stored statistics)."""
-    folder = Path(folder)
-    run = read_run(folder)
-    pipe = load_pipeline(run["base_model"], device=device)
-    config = load_recipe(folder / "recipe.yaml")
-    info = apply_recipe(pipe, config)
-    info.calibration = run.get("calibration") or {}
-    _, denoiser, _ = find_denoiser(pipe)
-    load_quant_state(denoiser, folder / "quant_state.safetensors")
-    return pipe

@@ -11,7 +11,7 @@ from dmquant.config import load_recipe
 from dmquant.generate import generate_images, save_image_atomic
 from dmquant.loading import load_pipeline
 from dmquant.prompts import prompts_for_pipeline, read_prompt_file
-from dmquant.runs import atomic_folder, is_run_folder, load_run, save_run
+from dmquant.runs import check_output_folder, is_quantized_folder, save_run
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ def calibrate(job: CalibrateJob) -> Path:
     prompts = read_prompt_file(job.prompts) if job.prompts else None
     if job.max_prompts is not None and prompts:
         prompts = prompts[: job.max_prompts]
-    if Path(job.out).exists() and not job.overwrite:
-        atomic_folder(job.out).__enter__()  # raises the "exists" error before any work
+    check_output_folder(job.out, job.overwrite)  # before any work
     start = time.perf_counter()
     pipe = load_pipeline(job.model, device=job.device)
     if prompts is not None:
@@ -53,8 +52,12 @@ def calibrate(job: CalibrateJob) -> Path:
 
 
 def load_any(model: str, device: str = "cpu"):
-    """A run folder (quantized) or any model spec that :func:`load_pipeline` takes."""
-    return load_run(model, device) if is_run_folder(model) else load_pipeline(model, device=device)
+    """A saved quantized pipeline folder, or any model spec that :func:`load_pipeline` takes."""
+    if is_quantized_folder(model):
+        from dmquant.pipeline import load_quantized_pipeline
+
+        return load_quantized_pipeline(model, device=device)
+    return load_pipeline(model, device=device)
 
 
 def generate(model: str, prompt: str, out: str, num_inference_steps: int = 25, seed: int = 0,

@@ -37,7 +37,11 @@ def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tm
     code = run_cli("calibrate", "--model", sd_folder, "--recipe", "w8a8", "--prompts", prompts, "--out", out,
                    "--steps", 6, "--num-timesteps", 3, "--height", 16, "--width", 16, "--quiet")
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["quant_state.safetensors", "recipe.yaml", "run.json", "summary.md"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["model_index.json", "recipe.yaml", "run.json", "scheduler", "summary.md", "text_encoder",
+                     "tokenizer", "unet", "vae"]
+    assert sorted(p.name for p in (out / "unet").iterdir()) == [
+        "config.json", "dmquant_config.json", "dmquant_weights.safetensors"]
     run = json.loads((out / "run.json").read_text())
     assert run["tag"] == "W8A8" and run["calibration"]["prompts"] == 3 and run["calibration"]["steps"] == [0, 2, 5]
     assert run["quantized_layers"] == 79 and run["attention_modules"] == 8
@@ -110,7 +114,7 @@ def test_two_accelerate_processes_calibrate_like_one(tmp_path):
                              *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    one = load_file(str(tmp_path / "one" / "quant_state.safetensors"))
-    two = load_file(str(tmp_path / "two" / "quant_state.safetensors"))
-    assert one.keys() == two.keys() and len(one) > 20
+    one = load_file(str(tmp_path / "one" / "transformer" / "dmquant_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "transformer" / "dmquant_weights.safetensors"))
+    assert one.keys() == two.keys() and sum(k.endswith("input_scale") for k in one) > 10
     assert all(torch.equal(one[k], two[k]) for k in one)

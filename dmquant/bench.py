@@ -1,0 +1,122 @@
+"""Latency per denoising step and memory of a denoiser (``dmquant bench``), on synthetic inputs.
+
+Speed does not depend on the input values, so a step is timed on random latents of the model's
+own shape, with a classifier-free-guidance batch of 2 by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dmquant.errors import DMQuantError
+
+
+def denoiser_inputs(denoiser: torch.nn.Module, batch: int = 2, latent_size: int | None = None,
+                    text_tokens: int = 77, seed: int = 0) -> tuple[tuple, dict]:
+    """One step's ``(args, kwargs)`` for a UNet2DConditionModel, a DiT or a PixArt transformer."""
+    cfg = denoiser.config
+    size = latent_size or cfg.sample_size
+    g = torch.Generator().manual_seed(seed)
+    param = next(denoiser.parameters())
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(param.device, param.dtype)
+    t = torch.full((batch,), 500, dtype=torch.long)
+    name = type(denoiser).__name__
+    if name.startswith("UNet2DCondition"):
+        ctx = torch.randn(batch, text_tokens, cfg.cross_attention_dim, generator=g).to(x)
+        return (x, t), {"encoder_hidden_states": ctx}
+    if name == "DiTTransformer2DModel":
+        return (x,), {"timestep": t, "class_labels": torch.arange(batch) % 10}
+    if name == "PixArtTransformer2DModel":
+        ctx = torch.randn(batch, text_tokens, cfg.caption_channels, generator=g).to(x)
+        added = {"resolution": None, "aspect_ratio": None}
+        return (x,), {"encoder_hidden_states": ctx, "timestep": t, "added_cond_kwargs": added}
+    raise DMQuantError(f"dmquant bench does not know the inputs of {name}")
+
+
+@torch.no_grad()
+def time_step(denoiser: torch.nn.Module, inputs: tuple[tuple, dict], warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall-clock seconds of one denoiser call."""
+    args, kwargs = inputs
+    for _ in range(warmup):
+        denoiser(*args, **kwargs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        denoiser(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def peak_rss_while_loading(model: str, loader: str = "dmquant.workflows:load_any") -> dict:
+    """Load ``model`` with ``loader`` (``module:function``) in a fresh process; the load's peak RSS growth."""
+    module, function = loader.split(":")
+    code = (
+        "import importlib, json, resource, sys\n"
+        "import torch, diffusers  # imported before measuring: their memory is not the model's\n"
+        f"load = getattr(importlib.import_module({module!r}), {function!r})\n"
+        "page_kib = resource.getpagesize() // 1024\n"
+        "before = int(open('/proc/self/statm').read().split()[1]) * page_kib\n"
+        "model = load(sys.argv[1])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'before_kib': before, 'after_kib': after}))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise DMQuantError(f"loading {model} failed: {out.stderr.strip().splitlines()[-1]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"peak_rss_load_bytes": max(0, data["after_kib"] - data["before_kib"]) * 1024}
+
+
+def denoiser_weight_bytes(denoiser: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_model(model: str, batch: int = 2, latent_size: int | None = None, repeats: int = 3,
+                measure_load: bool = True) -> dict:
+    """Latency of one denoising step, and memory, of a model or saved quantized folder."""
+    from dmquant.models.adapters import find_denoiser
+    from dmquant.workflows import load_any
+
+    pipe = load_any(model)
+    _, denoiser, _ = find_denoiser(pipe)
+    inputs = denoiser_inputs(denoiser, batch, latent_size)
+    report = {"model": model, "batch": batch, "latent_size": inputs[0][0].shape[-1],
+              "threads": torch.get_num_threads(),
+              "seconds_per_step": round(time_step(denoiser, inputs, repeats=repeats), 4),
+              "denoiser_bytes": denoiser_weight_bytes(denoiser)}
+    if Path(model).is_dir():
+        report["folder_bytes"] = folder_bytes(model)
+    if measure_load:
+        report.update(peak_rss_while_loading(model))
+    return report
+
+
+def format_report(report: dict) -> str:
+    mib = 1 << 20
+    lines = [f"model            {report['model']}",
+             f"step latency     {report['seconds_per_step'] * 1000:.1f} ms  (batch {report['batch']}, "
+             f"{report['latent_size']}x{report['latent_size']} latents, {report['threads']} threads)",
+             f"denoiser memory  {report['denoiser_bytes'] / mib:.1f} MiB"]
+    if "folder_bytes" in report:
+        lines.append(f"on disk          {report['folder_bytes'] / mib:.1f} MiB (whole folder)")
+    if "peak_rss_load_bytes" in report:
+        lines.append(f"peak RSS (load)  {report['peak_rss_load_bytes'] / mib:.1f} MiB")
+    return "\n".join(lines)

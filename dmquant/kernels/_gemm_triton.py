@@ -1,0 +1,184 @@
+"""Triton kernels of the W4A8 / W4A4 linear (imported lazily: only when the Triton backend runs).
+
+``_act_quant_kernel`` (the prologue) reads the 16-bit activations once per row block: optional
+smoothing (x · 1/λ), the low-rank down projection x·L2ᵀ (16-bit inputs, FP32 accumulation) and the
+symmetric int8 quantization per token or per group of 64 (int4 values are held in int8).
+``_w4_gemm_kernel`` multiplies the int8 activations by the packed int4 weights group by group with
+int8 tensor-core math (int32 accumulation), applies the group scales in FP32, and in its epilogue
+adds the low-rank up projection (x·L2ᵀ)·L1ᵀ, the bias and the per-token activation scale.
+
+Each group's int32 accumulator starts at the bits of 1.5·2²³, so it reads as the FP32 number
+``1.5·2²³ + dot`` exactly (|dot| ≤ 64·128·8 < 2²²): one subtraction replaces an int→float conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dmquant.kernels._dispatch import launcher
+
+GROUP = 64
+PROLOGUE_BLOCK_M = 32
+
+
+@triton.jit
+def _act_quant_kernel(X, INV_SMOOTH, L2, XQ, XS, LR, M, K, R, stride_x, stride_l2, stride_lr,
+                      QMAX: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
+                      PER_GROUP: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_k = tl.arange(0, GROUP)
+    offs_r = tl.arange(0, R_PAD)
+    n_groups = K // GROUP
+    amax = tl.zeros([BLOCK_M], tl.float32)
+    lr = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+    for g in range(n_groups):
+        x = tl.load(X + offs_m[:, None] * stride_x + (g * GROUP + offs_k)[None, :], mask=m_ok[:, None],
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(INV_SMOOTH + g * GROUP + offs_k)[None, :]
+        if HAS_LORA:
+            l2 = tl.load(L2 + offs_r[None, :] * stride_l2 + (g * GROUP + offs_k)[:, None],
+                         mask=(offs_r < R)[None, :], other=0.0)
+            lr = tl.dot(x.to(L2.dtype.element_ty), l2, acc=lr)
+        if PER_GROUP:
+            g_amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-12)
+            xg = x * (QMAX / g_amax)[:, None]
+            q = tl.where(xg >= 0, xg + 0.5, xg - 0.5).to(tl.int8)
+            tl.store(XQ + offs_m[:, None] * K + (g * GROUP + offs_k)[None, :], q, mask=m_ok[:, None])
+            tl.store(XS + offs_m * n_groups + g, g_amax / QMAX, mask=m_ok)
+        else:
+            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+    if not PER_GROUP:
+        amax = tl.maximum(amax, 1e-12)
+        inv = QMAX / amax
+        for g in range(n_groups):
+            x = tl.load(X + offs_m[:, None] * stride_x + (g * GROUP + offs_k)[None, :], mask=m_ok[:, None],
+                        other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(INV_SMOOTH + g * GROUP + offs_k)[None, :]
+            xg = x * inv[:, None]
+            q = tl.where(xg >= 0, xg + 0.5, xg - 0.5).to(tl.int8)
+            tl.store(XQ + offs_m[:, None] * K + (g * GROUP + offs_k)[None, :], q, mask=m_ok[:, None])
+        tl.store(XS + offs_m, amax / QMAX, mask=m_ok)
+    if HAS_LORA:
+        tl.store(LR + offs_m[:, None] * stride_lr + offs_r[None, :], lr.to(LR.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit
+def _w4_gemm_kernel(XQ, XS, WP, WS, LR, L1, BIAS, OUT, M, N, K, R,
+                    stride_wsn, stride_wsg, stride_lr, stride_l1, stride_out,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, R_PAD: tl.constexpr,
+                    GROUP_M: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, PER_GROUP: tl.constexpr,
+                    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * num_n
+    first_m = (pid // per_band) * GROUP_M
+    band_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    n_groups = K // GROUP
+    x_ptrs = XQ + offs_m[:, None] * K + tl.arange(0, GROUP)[None, :]
+    w_ptrs = WP + offs_n[:, None] * (K // 2) + tl.arange(0, GROUP // 2)[None, :]
+    ws_ptrs = WS + offs_n * stride_wsn
+    xs_ptrs = XS + offs_m * n_groups
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in range(0, n_groups, GROUPS_PER_ITER):
+        for _j in tl.static_range(GROUPS_PER_ITER):
+            xq = tl.load(x_ptrs, mask=m_ok[:, None], other=0)
+            w32 = tl.load(w_ptrs, mask=n_ok[:, None], other=0).to(tl.int32)  # two nibbles per byte
+            w = tl.reshape(tl.join((w32 << 28) >> 28, (w32 << 24) >> 28), (BLOCK_N, GROUP)).to(tl.int8)
+            part = tl.dot(xq, tl.trans(w), acc=tl.full([BLOCK_M, BLOCK_N], 0x4B400000, tl.int32))
+            f = part.to(tl.float32, bitcast=True) - 12582912.0
+            ws = tl.load(ws_ptrs, mask=n_ok, other=0.0)
+            if PER_GROUP:
+                xs = tl.load(xs_ptrs, mask=m_ok, other=0.0)
+                acc += f * (xs[:, None] * ws[None, :])
+            else:
+                acc += f * ws[None, :]
+            x_ptrs += GROUP
+            w_ptrs += GROUP // 2
+            ws_ptrs += stride_wsg
+            xs_ptrs += 1
+    if not PER_GROUP:
+        acc = acc * tl.load(XS + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        lr = tl.load(LR + offs_m[:, None] * stride_lr + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        l1 = tl.load(L1 + offs_n[:, None] * stride_l1 + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(lr, tl.trans(l1), acc=acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gemm_configs():
+    shapes = [(128, 128, 8, 3, 1), (128, 64, 4, 4, 1), (64, 256, 8, 3, 1), (128, 64, 4, 3, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUPS_PER_ITER": gpi}, num_warps=w, num_stages=s)
+            for bm, bn, w, s, gpi in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    n_groups = named_args["K"] // GROUP
+    return [c for c in configs if n_groups % c.kwargs["GROUPS_PER_ITER"] == 0]
+
+
+_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "PER_GROUP", "HAS_LORA"],
+                              prune_configs_by={"early_config_prune": _prune})(_w4_gemm_kernel)
+
+
+def quantize_activations(x: torch.Tensor, qmax: int, per_group: bool, inv_smooth: torch.Tensor | None,
+                         lora_down: torch.Tensor | None):
+    """The prologue: ``(xq int8 [M, K], scales float32 [M] or [M, K/64], x·L2ᵀ [M, R] or None)``."""
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    xs = torch.empty((m, k // GROUP) if per_group else (m,), dtype=torch.float32, device=x.device)
+    r = 0 if lora_down is None else lora_down.shape[0]
+    lr = torch.empty(m, r, dtype=x.dtype, device=x.device) if r else xs
+    l2 = lora_down if r else xs
+    grid = (triton.cdiv(m, PROLOGUE_BLOCK_M),)
+    launcher(_act_quant_kernel, x.device)[grid](
+        x, inv_smooth if inv_smooth is not None else xs, l2, xq, xs, lr, m, k, r, x.stride(0),
+        l2.stride(0), lr.stride(0), QMAX=qmax, GROUP=GROUP, BLOCK_M=PROLOGUE_BLOCK_M, R_PAD=_r_pad(r),
+        PER_GROUP=per_group, HAS_SMOOTH=inv_smooth is not None, HAS_LORA=bool(r), num_warps=4)
+    return xq, xs, (lr if r else None)
+
+
+def w4_gemm(xq, xs, packed, scales, lr, lora_up, bias, out_dtype, *, block_m=32, block_n=32, groups_per_iter=1):
+    """The main kernel on prologue outputs; the ``block_*``/``groups_per_iter`` are used off CUDA (no autotuning)."""
+    m, k = xq.shape
+    n = packed.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    r = 0 if lr is None else lr.shape[1]
+    lr_t, l1 = (lr, lora_up) if r else (xs, xs)
+    args = (xq, xs, packed, scales, lr_t, l1, bias if bias is not None else xs, out, m, n, k, r,
+            scales.stride(0), scales.stride(1), lr_t.stride(0), l1.stride(0), out.stride(0))
+    consts = dict(GROUP=GROUP, R_PAD=_r_pad(r), GROUP_M=8, PER_GROUP=xs.ndim == 2, HAS_LORA=bool(r),
+                  HAS_BIAS=bias is not None)
+    if xq.is_cuda:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _gemm_tuned[grid](*args, **consts)
+    else:
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        launcher(_w4_gemm_kernel, xq.device)[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                   GROUPS_PER_ITER=groups_per_iter)
+    return out
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(max(r, 1)))

@@ -1,0 +1,176 @@
+"""CPU speed of one SD1.5 UNet denoising step: dmquant's integer path against FP32, BF16 and the peers.
+
+The UNet is the full SD1.5 architecture built from its config with random weights (speed does not
+depend on the values); 64x64 latents, batch 2 (classifier-free guidance), 77 text tokens. Every
+configuration runs in this one process, one after another, and is reported as a ratio to FP32:
+
+* fp32, bf16: the plain diffusers UNet, eager;
+* dmquant w8a8 / w4a8: calibrated on two synthetic steps (min-max ranges: speed does not depend on
+  them), frozen, so linear and conv layers run int8 x uint8 on oneDNN;
+* torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto W8A8 (qint8 weights and
+  activations, calibrated, frozen): eager, as their users run them.
+
+Then the GEMM alone at UNet shapes: fp32 ``F.linear`` against oneDNN int8 (quantize + GEMM +
+dequantize) and ``torch._int_mm`` (GEMM only); int8 VNNI does 4x the multiply-adds of fp32 per cycle.
+
+    pip install -e ".[bench]"
+    python eval/bench_speed.py [--repeats 3] [--only fp32,w8a8] [--latent-size 64] [--out eval/bench_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dmquant
+from dmquant.bench import denoiser_inputs, time_step
+from dmquant.models.full_size import sd15_unet
+
+SPEED_RECIPES = {
+    "w8a8": {"name": "w8a8-speed", "weights": {"bits": 8}, "activations": {"bits": 8},
+             "attention": {"bits": 8, "probs_bits": None}},
+    "w4a8": {"name": "w4a8-speed", "weights": {"bits": 4}, "activations": {"bits": 8},
+             "attention": {"bits": 8, "probs_bits": None}},
+}
+GEMM_SHAPES = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 640), (2048, 640, 5120),
+               (512, 1280, 1280), (4096, 1280, 1280)]
+
+
+def build(name: str, base: torch.nn.Module, calib_inputs):
+    if name == "fp32":
+        return base
+    if name == "bf16":
+        return copy.deepcopy(base).to(torch.bfloat16)
+    if name in SPEED_RECIPES:
+        model = copy.deepcopy(base)
+        dmquant.quantize(model, SPEED_RECIPES[name], calibration_data=calib_inputs, progress=False)
+        from dmquant.freeze import freeze_denoiser
+
+        freeze_denoiser(model)
+        return model
+    if name == "torchao-int8dyn":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        model = copy.deepcopy(base)
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        return model
+    if name == "quanto-w8a8":
+        from optimum.quanto import Calibration, freeze, qint8, quantize
+
+        model = copy.deepcopy(base)
+        quantize(model, weights=qint8, activations=qint8)
+        with Calibration(), torch.no_grad():
+            for args, kwargs in calib_inputs:
+                model(*args, **kwargs)
+        freeze(model)
+        return model
+    raise SystemExit(f"unknown configuration {name}")
+
+
+def bench_unet(names, repeats: int, latent_size: int) -> list[dict]:
+    base = sd15_unet()
+    inputs = denoiser_inputs(base, batch=2, latent_size=latent_size)
+    calib = [denoiser_inputs(base, batch=2, latent_size=latent_size, seed=s) for s in (1, 2)]
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        model = build(name, base, calib)
+        setup = time.perf_counter() - start
+        step_inputs = inputs
+        if name == "bf16":
+            step_inputs = ((inputs[0][0].bfloat16(), inputs[0][1]), {"encoder_hidden_states": inputs[1]["encoder_hidden_states"].bfloat16()})
+        seconds = time_step(model, step_inputs, warmup=1, repeats=repeats)
+        rows.append({"config": name, "seconds_per_step": round(seconds, 3), "setup_seconds": round(setup, 1)})
+        print(f"  {name:16s} {seconds:7.3f} s/step  (setup {setup:.0f} s)", flush=True)
+        if model is not base:
+            del model
+        gc.collect()
+    fp32 = next((r["seconds_per_step"] for r in rows if r["config"] == "fp32"), None)
+    for row in rows:
+        row["speedup_vs_fp32"] = round(fp32 / row["seconds_per_step"], 2) if fp32 else None
+    return rows
+
+
+def bench_gemm(repeats: int = 5) -> list[dict]:
+    rows = []
+    for m, k, n in GEMM_SHAPES:
+        rows.append(gemm_row(m, k, n, repeats))
+        r = rows[-1]
+        print(f"  gemm {m}x{k}x{n}: fp32 {r['fp32_gflops']} GFLOP/s, int8 {r['int8_gops']} GOP/s "
+              f"({r['int8_speedup']}x), _int_mm {r['int_mm_gops']} GOP/s ({r['int_mm_speedup']}x)", flush=True)
+    return rows
+
+
+def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
+    from dmquant.kernels import cpu_int8
+
+    x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
+    w_scale = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_scale[:, None]).to(torch.int8)
+    packed = cpu_int8.prepack_linear(w_q)
+    w_t = w_q.t().contiguous()
+    x_q8 = torch.randint(-128, 127, (m, k), dtype=torch.int8)
+
+    def fp32():
+        return F.linear(x, w)
+
+    def int8_full():
+        codes = cpu_int8.quantize_uint8(x, 0.02, 128)
+        return cpu_int8.int8_linear(codes, 0.02, 128, packed, w_scale)
+
+    def int_mm():
+        return torch._int_mm(x_q8, w_t)
+
+    t = {name: _median(fn, repeats) for name, fn in (("fp32", fp32), ("int8", int8_full), ("int_mm", int_mm))}
+    flops = 2 * m * k * n
+    return {"shape": [m, k, n], "fp32_gflops": round(flops / t["fp32"] / 1e9, 1),
+            "int8_gops": round(flops / t["int8"] / 1e9, 1), "int_mm_gops": round(flops / t["int_mm"] / 1e9, 1),
+            "int8_speedup": round(t["fp32"] / t["int8"], 2), "int_mm_speedup": round(t["fp32"] / t["int_mm"], 2)}
+
+
+def _median(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent-size", type=int, default=64)
+    parser.add_argument("--only", default="fp32,bf16,w8a8,w4a8,torchao-int8dyn,quanto-w8a8")
+    parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"SD1.5 UNet step, batch 2, {args.latent_size}x{args.latent_size} latents; {machine}", flush=True)
+    unet_rows = bench_unet(args.only.split(","), args.repeats, args.latent_size)
+    gemm_rows = [] if args.skip_gemm else bench_gemm()
+    print("\n| config | s / step | speed-up vs FP32 |\n|---|---|---|")
+    for r in unet_rows:
+        print(f"| {r['config']} | {r['seconds_per_step']:.3f} | {r['speedup_vs_fp32']}x |")
+    if gemm_rows:
+        print("\n| GEMM M×K×N | FP32 GFLOP/s | int8 GOP/s (quantize+GEMM+dequant) | speed-up | _int_mm GOP/s | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for r in gemm_rows:
+            m, k, n = r["shape"]
+            print(f"| {m}×{k}×{n} | {r['fp32_gflops']} | {r['int8_gops']} | {r['int8_speedup']}x | "
+                  f"{r['int_mm_gops']} | {r['int_mm_speedup']}x |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "unet": unet_rows, "gemm": gemm_rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

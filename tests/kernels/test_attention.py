@@ -1,0 +1,116 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmquant.kernels import int8_attention, int8_attention_reference
+from dmquant.kernels._dispatch import run_with_fallback
+from dmquant.kernels.attention import K_BLOCK, quantize_blocks, smooth_k
+
+
+def _qkv(b, h, n_q, n_kv, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g)
+    k = torch.randn(b, h, n_kv, d, generator=g)
+    k[..., :3] += 15.0 * torch.randn(3, generator=g)  # outlier channels, shared by the tokens
+    k[..., 5] *= 2.0  # and one with twice the spread
+    v = torch.randn(b, h, n_kv, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _metrics(out, exact):
+    out, exact = out.double().flatten(), exact.double().flatten()
+    cos = F.cosine_similarity(out, exact, dim=0).item()
+    return cos, ((out - exact).abs().sum() / exact.abs().sum()).item()
+
+
+SHAPES = [  # (batch, heads, queries, keys, head_dim)
+    (1, 2, 200, 200, 40),   # SD1.5-like head size, tail blocks on both sides
+    (2, 1, 130, 130, 64),
+    (1, 2, 150, 77, 72),    # cross-attention with few keys, PixArt head size
+    (1, 1, 65, 33, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_kernel_matches_exact_attention(shape):
+    b, h, n_q, n_kv, d = shape
+    q, k, v = _qkv(b, h, n_q, n_kv, d)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    out = int8_attention(q, k, v, backend="triton")
+    assert out.shape == exact.shape and out.dtype == q.dtype
+    cos, rel_l1 = _metrics(out, exact)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+    ref = int8_attention_reference(q, k, v)
+    assert (out - ref).abs().max().item() < 2e-3
+
+
+def test_torch_path_matches_exact_attention_fp16():
+    q, k, v = _qkv(2, 2, 300, 300, 64, dtype=torch.float16)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    out = int8_attention(q, k, v)  # CPU tensors: the torch path
+    assert out.dtype == torch.float16
+    cos, rel_l1 = _metrics(out, exact)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+
+
+def test_triton_fp16_inputs():
+    q, k, v = _qkv(1, 2, 140, 100, 40, dtype=torch.float16)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    cos, rel_l1 = _metrics(int8_attention(q, k, v, backend="triton"), exact)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+
+
+def test_k_quantization_kernel_is_exact():
+    from dmquant.kernels import _attention_triton
+
+    _, k, _ = _qkv(2, 2, 8, 150, 40)
+    kq, ks = _attention_triton.quantize_k(k, k.float().mean(dim=2).contiguous())
+    ref_q, ref_s = quantize_blocks(smooth_k(k), K_BLOCK)
+    assert kq.shape == (4, 192, 64) and ks.shape == (4, 3)
+    assert torch.equal(kq[:, :150, :40], ref_q.reshape(4, 150, 40))
+    assert torch.count_nonzero(kq[:, 150:]) == 0 and torch.count_nonzero(kq[..., 40:]) == 0
+    assert torch.equal(ks.repeat_interleave(K_BLOCK, dim=1)[:, :150], ref_s.reshape(4, 150))
+
+
+def test_smoothing_makes_channel_offsets_free():
+    q, k, v = _qkv(1, 2, 130, 90, 64, seed=1)
+    offset = 50.0 * torch.randn(64)
+    cos, rel_l1 = _metrics(int8_attention(q, k + offset, v, backend="triton"), int8_attention(q, k, v))
+    assert cos > 0.99999 and rel_l1 < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_key_bias_masks_keys(backend):
+    q, k, v = _qkv(2, 2, 100, 77, 64, seed=2)
+    keep = torch.ones(2, 77, dtype=torch.bool)
+    keep[0, 20:] = False
+    keep[1, 70:] = False
+    bias = torch.zeros(2, 77).masked_fill(~keep, float("-inf"))
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    cos, rel_l1 = _metrics(int8_attention(q, k, v, key_bias=bias, backend=backend), exact)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+
+
+def test_rejects_unsupported_head_dim():
+    q = torch.randn(1, 1, 4, 256)
+    with pytest.raises(ValueError):
+        int8_attention(q, q, q)
+
+
+def test_fallback_warns_once_and_uses_slow_path():
+    calls = []
+
+    def fast():
+        calls.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_with_fallback("test-kernel", "auto", fast, lambda: 7) == 7
+        assert run_with_fallback("test-kernel", "auto", fast, lambda: 8) == 8
+    assert len([w for w in caught if "test-kernel" in str(w.message)]) == 1
+    assert len(calls) == 1  # the failed kernel is not retried
+    with pytest.raises(RuntimeError):
+        run_with_fallback("test-kernel", "triton", fast, lambda: 7)
