@@ -79,13 +79,21 @@ class AttentionQuantConfig:
     """Quantization of the two attention matmuls: Q·Kᵀ (q, k) and softmax·V (probs, v).
 
     ``probs_bits=None`` keeps the softmax output in full precision (Q-Diffusion does so for SD).
+    ``kernel``: ``fake-quant`` simulates static per-tensor Q/K/V (and probability) quantizers
+    calibrated on data; ``int8`` runs the SageAttention-style kernel (smoothed K, per-block int8 Q·Kᵀ,
+    16-bit P·V; Triton on CUDA, its torch reference elsewhere), which needs no calibration.
     """
 
     bits: int = 8
     probs_bits: int | None = 8
     method: str = "minmax"
+    kernel: str = "fake-quant"
 
     def __post_init__(self) -> None:
+        _check_choice(self.kernel, ("fake-quant", "int8"), "attention.kernel")
+        if self.kernel == "int8" and (self.bits != 8 or self.probs_bits is not None):
+            raise DMQuantError("attention.kernel='int8' computes Q·Kᵀ in 8 bits and P·V in 16 bits: "
+                               "set attention.bits=8 and attention.probs_bits=null")
         check_bits(self.bits, "attention.bits")
         if self.probs_bits is not None:
             check_bits(self.probs_bits, "attention.probs_bits")
@@ -136,7 +144,7 @@ class QuantConfig:
     def needs_calibration_data(self) -> bool:
         """True when some activation range must be estimated from data."""
         static_acts = self.activations is not None and self.activations.static
-        return static_acts or self.attention is not None
+        return static_acts or (self.attention is not None and self.attention.kernel == "fake-quant")
 
     @property
     def tag(self) -> str:

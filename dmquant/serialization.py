@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 from dmquant import __version__
 from dmquant.config import QuantConfig
 from dmquant.errors import DMQuantError
-from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
 from dmquant.nn.int_layers import ActSpec, IntConv2d, IntLinear, freeze_layer
 from dmquant.nn.layers import _QuantLayer
-from dmquant.nn.wrap import _set_submodule, attention_modules
+from dmquant.nn.wrap import _set_submodule, attention_modules, quantize_attention
 from dmquant.quantizers.packed import QuantizedWeight
 
 FORMAT, FORMAT_VERSION = "dmquant-denoiser", 1
@@ -61,7 +60,7 @@ def save_quantized_denoiser(denoiser: torch.nn.Module, folder: str | Path, confi
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers, state = export_denoiser(denoiser)
-    attention = [n for n, m in attention_modules(denoiser) if hasattr(m, "dmq_quant")]
+    attention = [n for n, m in attention_modules(denoiser)] if config.attention is not None else []
     denoiser.save_config(folder)
     description = {"format": FORMAT, "version": FORMAT_VERSION, "dmquant_version": __version__,
                    "class_name": type(denoiser).__name__, "recipe": config.to_dict(),
@@ -102,9 +101,7 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
         _set_submodule(model, name, _empty_layer(entry))
     attention_config = QuantConfig.from_dict(description["recipe"]).attention
     for name in description.get("attention_modules", []):
-        attn = model.get_submodule(name)
-        attn.dmq_quant = AttentionQuantizers(attention_config)
-        attn.set_processor(QuantAttnProcessor())
+        quantize_attention(model.get_submodule(name), attention_config)
     state = _load_weights(folder / WEIGHTS_NAME)
     expected = set(model.state_dict())
     if set(state) != expected:
@@ -113,7 +110,8 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
                            f"unexpected {extra}): the folder is damaged or mixed; save it again")
     model.load_state_dict(state, strict=True, assign=True)
     for attn_name in description.get("attention_modules", []):
-        for q in model.get_submodule(attn_name).dmq_quant.quantizers():
+        quantizers = getattr(model.get_submodule(attn_name), "dmq_quant", None)
+        for q in quantizers.quantizers() if quantizers is not None else []:
             q.set_mode("quant")
     return model.eval().to(device)
 

@@ -130,3 +130,19 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         pipe.save_pretrained(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_attention_kernel_recipe_round_trips(tmp_path):
+    from dmquant.nn.int8_attention import Int8AttnProcessor
+
+    pipe = build_tiny_dit_pipeline()
+    reference = images(pipe, [5], {})
+    dmquant.quantize(pipe, "w8a8-sage", prompts=[1, 2], num_inference_steps=4, num_timesteps=2, progress=False)
+    processors = [m.processor for m in pipe.transformer.modules() if hasattr(m, "set_processor")]
+    assert processors and all(isinstance(p, Int8AttnProcessor) for p in processors)
+    quantized = images(pipe, [5], {})
+    pipe.save_pretrained(tmp_path / "q")
+    loaded = dmquant.load_quantized_pipeline(tmp_path / "q")
+    assert all(isinstance(m.processor, Int8AttnProcessor) for m in loaded.transformer.modules()
+               if hasattr(m, "set_processor"))
+    assert psnr(images(loaded, [5], {}), quantized) > 35.0 and psnr(quantized, reference) > 25.0

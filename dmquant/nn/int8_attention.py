@@ -29,8 +29,8 @@ class Int8AttnProcessor(AttentionProcessorBase):
         key_bias = key_bias_from_mask(attention_mask, query.shape[0], key.shape[2])
         supported = MIN_HEAD_DIM <= query.shape[-1] <= MAX_HEAD_DIM
         if not supported or (attention_mask is not None and key_bias is None):
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        return int8_attention(query, key, value, key_bias=key_bias, backend=self.backend)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        return int8_attention(query, key, value, scale=attn.scale, key_bias=key_bias, backend=self.backend)
 
 
 def key_bias_from_mask(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:

@@ -59,10 +59,20 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _wrap_attention(model: nn.Module, config: QuantConfig) -> list[str]:
     names = []
     for name, attn in attention_modules(model):
-        attn.dmq_quant = AttentionQuantizers(config.attention)
-        attn.set_processor(QuantAttnProcessor())
+        quantize_attention(attn, config.attention)
         names.append(name)
     return names
+
+
+def quantize_attention(attn: nn.Module, config) -> None:
+    """Give one diffusers attention module the processor (and quantizers) ``config`` asks for."""
+    if config.kernel == "int8":
+        from dmquant.nn.int8_attention import Int8AttnProcessor
+
+        attn.set_processor(Int8AttnProcessor())
+        return
+    attn.dmq_quant = AttentionQuantizers(config)
+    attn.set_processor(QuantAttnProcessor())
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
