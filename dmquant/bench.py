@@ -64,21 +64,30 @@ def peak_rss_while_loading(model: str, loader: str = "dmquant.workflows:load_any
     """Load ``model`` with ``loader`` (``module:function``) in a fresh process; the load's peak RSS growth."""
     module, function = loader.split(":")
     code = (
-        "import importlib, json, resource, sys\n"
+        "import importlib, json, sys\n"
         "import torch, diffusers  # imported before measuring: their memory is not the model's\n"
         f"load = getattr(importlib.import_module({module!r}), {function!r})\n"
-        "page_kib = resource.getpagesize() // 1024\n"
-        "before = int(open('/proc/self/statm').read().split()[1]) * page_kib\n"
+        "def status(key):  # VmRSS: now; VmHWM: peak of this address space (ru_maxrss survives exec)\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(key))\n"
+        "    return int(line.split()[1])\n"
+        "before = status('VmRSS:')\n"
         "model = load(sys.argv[1])\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps({'before_kib': before, 'after_kib': after}))\n"
+        "after = status('VmHWM:')\n"
+        "modules = [model] if isinstance(model, torch.nn.Module) else [c for c in model.components.values()\n"
+        "           if isinstance(c, torch.nn.Module)]\n"
+        "for m in modules:  # read every page of every tensor: memory-mapped weights become resident\n"
+        "    for t in m.state_dict().values():\n"
+        "        t.reshape(-1)[::512].sum()\n"
+        "touched = status('VmHWM:')\n"
+        "print(json.dumps({'before_kib': before, 'after_kib': after, 'touched_kib': touched}))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise DMQuantError(f"loading {model} failed: {out.stderr.strip().splitlines()[-1]}")
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"peak_rss_load_bytes": max(0, data["after_kib"] - data["before_kib"]) * 1024}
+    return {"peak_rss_load_bytes": max(0, data["after_kib"] - data["before_kib"]) * 1024,
+            "peak_rss_resident_bytes": max(0, data["touched_kib"] - data["before_kib"]) * 1024}
 
 
 def denoiser_weight_bytes(denoiser: torch.nn.Module) -> int:
@@ -120,3 +129,10 @@ def format_report(report: dict) -> str:
     if "peak_rss_load_bytes" in report:
         lines.append(f"peak RSS (load)  {report['peak_rss_load_bytes'] / mib:.1f} MiB")
     return "\n".join(lines)
+
+
+def load_diffusers_unet(folder: str):
+    """A plain diffusers UNet from a folder (the baseline loader of the memory benchmark)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder)
