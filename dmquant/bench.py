@@ -73,11 +73,11 @@ def peak_rss_while_loading(model: str, loader: str = "dmquant.workflows:load_any
         "before = status('VmRSS:')\n"
         "model = load(sys.argv[1])\n"
         "after = status('VmHWM:')\n"
-        "modules = [model] if isinstance(model, torch.nn.Module) else [c for c in model.components.values()\n"
-        "           if isinstance(c, torch.nn.Module)]\n"
-        "for m in modules:  # read every page of every tensor: memory-mapped weights become resident\n"
-        "    for t in m.state_dict().values():\n"
-        "        t.reshape(-1)[::512].sum()\n"
+        "parts = model.components.values() if hasattr(model, 'components') else [model]\n"
+        "tensors = [t for p in parts if isinstance(p, torch.nn.Module) for t in p.state_dict().values()]\n"
+        "tensors += [t for t in (model.values() if isinstance(model, dict) else []) if torch.is_tensor(t)]\n"
+        "for t in tensors:  # read every page of every tensor: memory-mapped weights become resident\n"
+        "    t.reshape(-1)[::512].sum()\n"
         "touched = status('VmHWM:')\n"
         "print(json.dumps({'before_kib': before, 'after_kib': after, 'touched_kib': touched}))\n"
     )
@@ -132,7 +132,12 @@ def format_report(report: dict) -> str:
 
 
 def load_diffusers_unet(folder: str):
-    """A plain diffusers UNet from a folder (the baseline loader of the memory benchmark)."""
+    """A plain diffusers UNet from a folder, in the dtype it was saved in (memory-benchmark baseline)."""
     from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
 
-    return UNet2DConditionModel.from_pretrained(folder)
+    path = next(Path(folder).glob("*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
+    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype)
