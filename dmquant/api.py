@@ -80,7 +80,12 @@ def quantize(
     info = apply_recipe(pipe, config)
     if config.needs_calibration_data and calibration_data is not None:
         _, denoiser, _ = find_denoiser(pipe)
-        info.calibration = {"denoiser_calls": observe_activations(denoiser, calibration_data, progress)}
+        calls = list(calibration_data)
+        info.calibration = {"denoiser_calls": observe_activations(denoiser, calls, progress)}
+        if config.reconstruction is not None:
+            from dmquant.calibration.reconstruct import reconstruct
+
+            info.calibration["reconstruction"] = reconstruct(denoiser, config, calls, progress=progress)
     elif config.needs_calibration_data:
         info.calibration = _calibrate_activations(pipe, info, prompts, calib_dir, progress, call_kwargs)
     return pipe
@@ -94,19 +99,64 @@ def _override(calib, steps, timesteps, batch_size, seed):
 
 def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, progress, call_kwargs) -> dict:
     _, denoiser, _ = find_denoiser(pipe)
-    c = info.config.calibration
-    steps = make_sampler(c.sampler, c.num_timesteps).select(c.num_inference_steps)
+    config = info.config
+    c = config.calibration
+    sampler = make_sampler(c.sampler, c.num_timesteps, c.seed)
+    steps_of = _StepsOf(sampler, c.num_inference_steps)
     start = time.perf_counter()
+    if config.time is not None:
+        set_time_keys(denoiser, pipe.scheduler, c.num_inference_steps)
+    param = next(denoiser.parameters())
+    rounds = c.sampler.rounds if c.sampler.kind == "progressive" else 0
     with shared_temp_dir() as tmp:
         folder = Path(calib_dir) if calib_dir is not None else tmp
         set_activation_mode(denoiser, "off")
         with _weights_full_precision(denoiser):
-            collect_denoiser_inputs(pipe, denoiser, prompts, steps, folder, c.num_inference_steps,
+            collect_denoiser_inputs(pipe, denoiser, prompts, steps_of, folder, c.num_inference_steps,
                                     c.batch_size, c.seed, progress, call_kwargs)
-        param = next(denoiser.parameters())
         calls = observe_activations(denoiser, CalibrationSet(folder).iter_calls(param.device, param.dtype), progress)
-    return {"prompts": len(prompts), "steps": steps, "num_inference_steps": c.num_inference_steps,
-            "denoiser_calls": calls, "seconds": round(time.perf_counter() - start, 2)}
+        for r in range(rounds):  # PCR: record again along the quantized model's own trajectory
+            folder = Path(tmp) / f"progressive-{r + 1}"
+            collect_denoiser_inputs(pipe, denoiser, prompts, steps_of, folder, c.num_inference_steps,
+                                    c.batch_size, c.seed, progress, call_kwargs)
+            calls = observe_activations(denoiser, CalibrationSet(folder).iter_calls(param.device, param.dtype),
+                                        progress)
+        observed = time.perf_counter() - start
+        recon = _reconstruct(denoiser, config, CalibrationSet(folder), param, progress)
+    return {"prompts": len(prompts), "steps": sorted(steps_of.seen), "num_inference_steps": c.num_inference_steps,
+            "sampler": c.sampler.kind, "progressive_rounds": rounds, "denoiser_calls": calls,
+            "seconds_observation": round(observed, 2), **recon,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+class _StepsOf:
+    """The sampler's steps for each prompt batch; remembers every step it handed out."""
+
+    def __init__(self, sampler, num_inference_steps: int):
+        self.sampler, self.n, self.seen = sampler, num_inference_steps, set()
+
+    def __call__(self, batch: int) -> list[int]:
+        steps = self.sampler.select(self.n, batch)
+        self.seen.update(steps)
+        return steps
+
+
+def set_time_keys(denoiser, scheduler, num_inference_steps: int) -> None:
+    """Time tables get one entry per timestep of the scheduler's run (the steps generation will visit)."""
+    from dmquant.nn.timestep import install_timestep_hook, scheduler_timesteps
+
+    copy = type(scheduler).from_config(scheduler.config)  # the pipeline's own scheduler keeps its state
+    install_timestep_hook(denoiser).set_keys(scheduler_timesteps(copy, num_inference_steps))
+
+
+def _reconstruct(denoiser, config: QuantConfig, calib: CalibrationSet, param, progress) -> dict:
+    if config.reconstruction is None:
+        return {}
+    from dmquant.calibration.reconstruct import reconstruct
+
+    start = time.perf_counter()
+    report = reconstruct(denoiser, config, calib.iter_calls(param.device, param.dtype), progress=progress)
+    return {"reconstruction": report, "seconds_reconstruction": round(time.perf_counter() - start, 2)}
 
 
 class _weights_full_precision:

@@ -20,7 +20,9 @@ RECIPE_DIRS = (
     Path(__file__).resolve().parent / "recipes",  # wheels ship a copy here
     Path(__file__).resolve().parent.parent / "pipelines",  # a source checkout
 )
-SAMPLERS = ("uniform",)
+SAMPLERS = ("uniform", "normal", "beta", "all", "progressive")
+TIME_MODES = ("step", "interval", "learned")
+RECONSTRUCTION_UNITS = ("layer", "block")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -101,10 +103,112 @@ class AttentionQuantConfig:
 
 
 @dataclass(frozen=True)
+class TimestepSamplerConfig:
+    """Which denoising steps feed calibration (diffusion time ``u = t / T``: 1 = pure noise, 0 = clean).
+
+    ``uniform``: evenly spaced steps (Q-Diffusion). ``normal``: ``u ~ Normal(mean, std)`` clipped to
+    [0, 1], drawn afresh for every prompt batch (PTQ4DM: mean 0.4, std 0.4); ``skew`` != 0 makes it a
+    skew-normal (shape ``skew``; > 0 leans towards noise). ``beta``: ``u ~ Beta(alpha, beta)``
+    (BitsFusion). ``all``: every step (TFMQ-DM's finite set). ``progressive``: uniform steps, then the
+    inputs are recorded again along the trajectory of the quantized model itself and the ranges
+    re-estimated on them (PCR), ``rounds`` times.
+    """
+
+    kind: str = "uniform"
+    mean: float = 0.4
+    std: float = 0.4
+    skew: float = 0.0
+    alpha: float = 2.0
+    beta: float = 2.0
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice(self.kind, SAMPLERS, "calibration.sampler.kind")
+        if not 0.0 <= float(self.mean) <= 1.0 or not float(self.std) > 0.0:
+            raise DMQuantError(f"calibration.sampler: mean={self.mean} must lie in [0, 1] and std={self.std} "
+                               "be positive (fractions of the training timesteps T, e.g. 0.4 and 0.4)")
+        if not (float(self.alpha) > 0 and float(self.beta) > 0):
+            raise DMQuantError(f"calibration.sampler: Beta(alpha={self.alpha}, beta={self.beta}) needs positive parameters")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise DMQuantError(f"calibration.sampler.rounds={self.rounds!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class TimeConditioningConfig:
+    """Activation ranges indexed by the timestep: a scale / zero-point table over the sampling steps.
+
+    ``step``: one entry per sampling step (TFMQ-DM); a step that calibration did not record takes the
+    nearest recorded one. ``interval``: ``num_intervals`` contiguous groups of steps share an entry
+    (TuneQDM). ``learned``: a small MLP over a Fourier embedding of ``t`` gives the range (TDQ), fitted
+    to the per-step ranges and evaluated for the scheduler's steps before generation. At inference a
+    timestep outside the table falls back to the nearest entry (warned once).
+    """
+
+    mode: str = "step"
+    num_intervals: int = 4
+    embedding_dim: int = 8
+    hidden_dim: int = 32
+    iterations: int = 300
+
+    def __post_init__(self) -> None:
+        _check_choice(self.mode, TIME_MODES, "time.mode")
+        for name in ("num_intervals", "embedding_dim", "hidden_dim", "iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DMQuantError(f"time.{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class SkipSplitConfig:
+    """Q-Diffusion shortcut splitting: the two parts of a UNet skip concatenation get their own quantizers."""
+
+    weights: bool = True
+    activations: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.weights or self.activations):
+            raise DMQuantError("split: set weights or activations to true (or drop the 'split' section)")
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """AdaRound learned rounding of weights, layer by layer or block by block (BRECQ).
+
+    Minimises the output error of each unit against the full-precision unit on calibration inputs,
+    plus a regulariser that drives the rounding variables to 0 or 1 (its exponent annealed from
+    ``beta_start`` to ``beta_end``). ``learn_act_scales`` learns the static activation scales in the
+    same loop (LSQ-style). ``num_samples`` recorded denoiser calls feed it.
+    """
+
+    unit: str = "block"
+    iterations: int = 200
+    learning_rate: float = 1e-2
+    act_learning_rate: float = 1e-3
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    learn_act_scales: bool = True
+    num_samples: int = 32
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _check_choice(self.unit, RECONSTRUCTION_UNITS, "reconstruction.unit")
+        for name in ("iterations", "num_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DMQuantError(f"reconstruction.{name}={value!r} must be a positive integer")
+        if not (self.learning_rate > 0 and self.act_learning_rate > 0 and self.reg_weight >= 0):
+            raise DMQuantError("reconstruction: learning rates must be positive and reg_weight >= 0")
+        if not (self.beta_start >= self.beta_end > 0 and 0 <= self.warmup < 1):
+            raise DMQuantError("reconstruction: need beta_start >= beta_end > 0 and 0 <= warmup < 1")
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Which denoiser inputs the calibration records."""
 
-    sampler: str = "uniform"
+    sampler: TimestepSamplerConfig | str = "uniform"
     num_timesteps: int = 8
     num_inference_steps: int = 25
     batch_size: int = 4
@@ -112,11 +216,21 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice(self.sampler, SAMPLERS, "calibration.sampler")
+        object.__setattr__(self, "sampler", _sampler_config(self.sampler))
         for name in ("num_timesteps", "num_inference_steps", "batch_size", "max_prompts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DMQuantError(f"calibration.{name}={value!r} must be a positive integer")
+
+
+def _sampler_config(value: Any) -> TimestepSamplerConfig:
+    if isinstance(value, TimestepSamplerConfig):
+        return value
+    if isinstance(value, str):
+        return TimestepSamplerConfig(kind=value)
+    if isinstance(value, dict):
+        return _build_section(TimestepSamplerConfig, value, "calibration.sampler")
+    raise DMQuantError(f"calibration.sampler must be a name ({', '.join(SAMPLERS)}) or a mapping, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +245,9 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     use_default_excludes: bool = True
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    time: TimeConditioningConfig | None = None
+    split: SkipSplitConfig | None = None
+    reconstruction: ReconstructionConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -139,6 +256,24 @@ class QuantConfig:
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise DMQuantError(f"{attr} must be a list of glob patterns on module names, got {value!r}")
             object.__setattr__(self, attr, tuple(value))
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        """Techniques that cannot be combined fail here, with the reason."""
+        static = self.activations is not None and self.activations.static
+        if self.time is not None and not static:
+            raise DMQuantError("time-conditioned ranges ('time') need static per-tensor activations: set "
+                               "activations.granularity='tensor', or drop the 'time' section")
+        if self.split is not None and self.split.activations and self.activations is None:
+            raise DMQuantError("split.activations=true but the recipe quantizes no activations: "
+                               "set split.activations=false or add an 'activations' section")
+        r = self.reconstruction
+        if r is not None and r.learn_act_scales and self.activations is not None and not static:
+            raise DMQuantError("reconstruction.learn_act_scales needs static activations (dynamic per-token "
+                               "ranges have no scale to learn): set it to false")
+        if (self.time is not None and self.time.mode == "learned" and r is not None and r.learn_act_scales):
+            raise DMQuantError("time.mode='learned' (TDQ) and reconstruction.learn_act_scales both set the "
+                               "activation ranges: keep one of them")
 
     @property
     def needs_calibration_data(self) -> bool:
@@ -170,6 +305,9 @@ class QuantConfig:
             "activations": ActQuantConfig,
             "attention": AttentionQuantConfig,
             "calibration": CalibrationConfig,
+            "time": TimeConditioningConfig,
+            "split": SkipSplitConfig,
+            "reconstruction": ReconstructionConfig,
         }
         for key, sub_cls in sections.items():
             if key in kwargs and kwargs[key] is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,8 +30,10 @@ class _StepRecorder:
         self.calls: list[tuple[tuple, dict]] = []
         self.index = 0
 
-    def reset(self) -> None:
+    def reset(self, steps: Sequence[int] | None = None) -> None:
         self.calls, self.index = [], 0
+        if steps is not None:
+            self.steps = set(steps)
 
     def __call__(self, module, args, kwargs):
         if self.index in self.steps:
@@ -67,7 +69,7 @@ def collect_denoiser_inputs(
     pipe,
     denoiser: torch.nn.Module,
     prompts: Sequence,
-    steps: Sequence[int],
+    steps: Sequence[int] | Callable[[int], Sequence[int]],
     out_dir: str | Path,
     num_inference_steps: int,
     batch_size: int = 4,
@@ -75,7 +77,11 @@ def collect_denoiser_inputs(
     progress: bool = True,
     call_kwargs: dict | None = None,
 ) -> Path:
-    """Run ``pipe`` over ``prompts`` and store the denoiser's inputs at ``steps`` under ``out_dir``."""
+    """Run ``pipe`` over ``prompts`` and store the denoiser's inputs at ``steps`` under ``out_dir``.
+
+    ``steps`` is a list of step indices, or a function of the batch index giving them (samplers that
+    draw steps afresh for every prompt batch).
+    """
     from accelerate import PartialState
 
     state = PartialState()
@@ -83,7 +89,8 @@ def collect_denoiser_inputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     cond_arg = conditioning_argument(pipe)
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    recorder = _StepRecorder(steps)
+    steps_of = steps if callable(steps) else (lambda _batch, fixed=list(steps): fixed)
+    recorder = _StepRecorder(steps_of(0))
     handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -92,14 +99,14 @@ def collect_denoiser_inputs(
         with state.split_between_processes(indexed) as mine:
             bar = tqdm(mine, desc="calibration: collecting denoiser inputs", disable=not progress or not state.is_main_process)
             for index, batch in bar:
-                recorder.reset()
+                recorder.reset(steps_of(index))
                 generator = torch.Generator("cpu").manual_seed(seed + index)
                 with torch.no_grad():
                     pipe(**{cond_arg: batch}, num_inference_steps=num_inference_steps,
                          generator=generator, output_type="latent", **(call_kwargs or {}))
                 if not recorder.calls:
                     raise DMQuantError(
-                        f"the denoiser was never called at steps {sorted(steps)} with {num_inference_steps} steps"
+                        f"the denoiser was never called at steps {sorted(recorder.steps)} with {num_inference_steps} steps"
                     )
                 save_calls(recorder.calls, out_dir / f"shard-{index:05d}.safetensors")
     finally:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from tqdm.auto import tqdm
 
-from dmquant.calibration.records import CalibrationSet
 from dmquant.nn.wrap import activation_quantizers, set_activation_mode
 
 
 @torch.no_grad()
-def observe_activations(denoiser: torch.nn.Module, calib: CalibrationSet, progress: bool = True) -> int:
-    """Estimate static activation ranges of ``denoiser`` on ``calib``; returns the number of calls replayed."""
-    param = next(denoiser.parameters())
+def observe_activations(denoiser: torch.nn.Module, calls: Iterable[tuple[tuple, dict]], progress: bool = True) -> int:
+    """Estimate static activation ranges of ``denoiser`` from ``(args, kwargs)`` calls; returns how many ran."""
     set_activation_mode(denoiser, "observe")
     count = 0
     try:
-        for args, kwargs in tqdm(calib.iter_calls(param.device, param.dtype),
+        for args, kwargs in tqdm(calls,
                                  desc="calibration: observing activations", disable=not progress):
             denoiser(*args, **kwargs)
             count += 1

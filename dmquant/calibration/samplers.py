@@ -1,10 +1,39 @@
-"""Timestep samplers: which denoising steps of a sampling run feed calibration."""
+"""Timestep samplers: which denoising steps of a sampling run feed calibration.
+
+Steps are indices ``0 .. n-1`` of a run of ``n`` steps (step 0 is the noisiest). Samplers that draw
+from a distribution work in diffusion time ``u = t / T`` (1 = pure noise, 0 = clean), mapped to the
+step ``round((1 - u) (n - 1))``, and draw afresh for every prompt batch (``batch`` seeds the draw),
+so over many batches the recorded steps follow the distribution. One interface: ``select(n, batch)``.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
+
+from dmquant.config import TimestepSamplerConfig
 from dmquant.errors import DMQuantError
+
+
+def _check_steps(num_inference_steps: int) -> None:
+    if num_inference_steps < 1:
+        raise DMQuantError("num_inference_steps must be at least 1")
+
+
+def steps_from_fractions(u: torch.Tensor, num_inference_steps: int) -> list[int]:
+    """Distinct step indices nearest to diffusion times ``u`` in [0, 1] (1 = the first, noisiest step)."""
+    steps = torch.round((1.0 - u.clamp(0.0, 1.0)) * (num_inference_steps - 1)).long()
+    return sorted(set(steps.tolist()))
+
+
+def skew_normal(n: int, mean: float, std: float, skew: float, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws of a skew-normal with location ``mean``, scale ``std`` and shape ``skew`` (0: normal)."""
+    delta = skew / math.sqrt(1.0 + skew * skew)
+    u0, u1 = torch.randn(2, n, generator=generator, dtype=torch.float64)
+    z = delta * u0.abs() + math.sqrt(1.0 - delta * delta) * u1
+    return mean + std * z
 
 
 @dataclass(frozen=True)
@@ -13,16 +42,89 @@ class UniformSampler:
 
     num_timesteps: int
 
-    def select(self, num_inference_steps: int) -> list[int]:
-        if num_inference_steps < 1:
-            raise DMQuantError("num_inference_steps must be at least 1")
+    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
+        _check_steps(num_inference_steps)
         k = min(self.num_timesteps, num_inference_steps)
         if k == 1:
             return [num_inference_steps - 1]
         return sorted({round(i * (num_inference_steps - 1) / (k - 1)) for i in range(k)})
 
 
-def make_sampler(name: str, num_timesteps: int):
-    if name == "uniform":
+@dataclass(frozen=True)
+class AllStepsSampler:
+    """Every step of the run (TFMQ-DM's finite set of timesteps)."""
+
+    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
+        _check_steps(num_inference_steps)
+        return list(range(num_inference_steps))
+
+
+@dataclass(frozen=True)
+class NormalSampler:
+    """``u ~ SkewNormal(mean, std, skew)`` clipped to [0, 1] (PTQ4DM: Normal(0.4, 0.4)), ``num_timesteps`` draws."""
+
+    num_timesteps: int
+    mean: float = 0.4
+    std: float = 0.4
+    skew: float = 0.0
+    seed: int = 0
+
+    def draw(self, n: int, batch: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + batch)
+        return skew_normal(n, self.mean, self.std, self.skew, gen).clamp(0.0, 1.0)
+
+    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
+        _check_steps(num_inference_steps)
+        return steps_from_fractions(self.draw(self.num_timesteps, batch), num_inference_steps)
+
+
+@dataclass(frozen=True)
+class BetaSampler:
+    """``u ~ Beta(alpha, beta)`` (BitsFusion), ``num_timesteps`` draws per prompt batch."""
+
+    num_timesteps: int
+    alpha: float = 2.0
+    beta: float = 2.0
+    seed: int = 0
+
+    def draw(self, n: int, batch: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + batch)
+        # torch.distributions takes no generator: Beta(a, b) = Ga / (Ga + Gb) from seeded gamma draws
+        a, b = _gamma(self.alpha, n, gen), _gamma(self.beta, n, gen)
+        return a / (a + b)
+
+    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
+        _check_steps(num_inference_steps)
+        return steps_from_fractions(self.draw(self.num_timesteps, batch), num_inference_steps)
+
+
+def _gamma(shape: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Gamma(shape, 1) draws from a seeded generator (Marsaglia-Tsang; shape < 1 boosted by U^(1/shape))."""
+    boost = shape < 1.0
+    d = (shape + 1.0 if boost else shape) - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(0, dtype=torch.float64)
+    while out.numel() < n:
+        x = torch.randn(2 * n, generator=generator, dtype=torch.float64)
+        u = torch.rand(2 * n, generator=generator, dtype=torch.float64)
+        v = (1.0 + c * x) ** 3
+        ok = (v > 0) & (torch.log(u.clamp_min(1e-300)) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        out = torch.cat([out, (d * v)[ok]])
+    out = out[:n]
+    if boost:
+        out = out * torch.rand(n, generator=generator, dtype=torch.float64) ** (1.0 / shape)
+    return out
+
+
+def make_sampler(config: TimestepSamplerConfig | str, num_timesteps: int, seed: int = 0):
+    """The sampler a recipe names (``progressive`` records uniform steps; the API re-records them)."""
+    config = TimestepSamplerConfig(kind=config) if isinstance(config, str) else config
+    if config.kind in ("uniform", "progressive"):
         return UniformSampler(num_timesteps)
-    raise DMQuantError(f"unknown timestep sampler {name!r}: use 'uniform'")
+    if config.kind == "all":
+        return AllStepsSampler()
+    if config.kind == "normal":
+        return NormalSampler(num_timesteps, config.mean, config.std, config.skew, seed)
+    if config.kind == "beta":
+        return BetaSampler(num_timesteps, config.alpha, config.beta, seed)
+    raise DMQuantError(f"unknown timestep sampler {config.kind!r}")

@@ -21,9 +21,27 @@ class DenoiserAdapter:
     class_names: tuple[str, ...]
     default_exclude: tuple[str, ...]
     timestep_argument: str = "timestep"
+    timestep_position: int = 1  # forward(sample, timestep, ...) in every diffusers denoiser we support
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.class_names
+
+    def read_timestep(self, args: tuple, kwargs: dict):
+        """The timestep argument of one denoiser call (keyword or positional)."""
+        if self.timestep_argument in kwargs:
+            return kwargs[self.timestep_argument]
+        if len(args) > self.timestep_position:
+            return args[self.timestep_position]
+        raise DMQuantError(f"the denoiser was called without its {self.timestep_argument!r} argument: "
+                           "time-conditioned quantizers cannot tell the step")
+
+    def concat_points(self, model: nn.Module) -> list[tuple[str, int]]:
+        """``(layer name, split index)`` of each layer that consumes a skip concatenation ``cat([h, skip])``.
+
+        The index is the number of channels of the first part (the upsampled features ``h``).
+        Only UNets have them; see :func:`unet_concat_points`.
+        """
+        return unet_concat_points(model) if self.name == "unet" else []
 
 
 UNET = DenoiserAdapter(
@@ -57,6 +75,42 @@ DIT = DenoiserAdapter(
 )
 
 ADAPTERS = (UNET, DIT)
+
+
+def _skip_channels(model: nn.Module) -> list[int]:
+    """Channels of the skip tensors a diffusers UNet pushes on the way down, in push order.
+
+    ``conv_in``'s output, then every down block's resnet outputs and its downsampler's output.
+    """
+    stack = [model.conv_in.out_channels]
+    for block in model.down_blocks:
+        stack += [r.out_channels for r in block.resnets]
+        stack += [d.out_channels for d in (getattr(block, "downsamplers", None) or [])]
+    return stack
+
+
+def unet_concat_points(model: nn.Module) -> list[tuple[str, int]]:
+    """Concatenations of a diffusers UNet's up blocks (``UpBlock2D``, ``CrossAttnUpBlock2D``, ...).
+
+    Each up-block resnet ``i`` gets ``cat([hidden, skip], dim=1)``, where ``skip`` is popped from the
+    down path's stack; its ``conv1`` and ``conv_shortcut`` consume that concatenation (``conv1`` after
+    GroupNorm and SiLU, which keep channels in place). The split index is ``in_channels - skip``.
+    """
+    if not all(hasattr(model, a) for a in ("conv_in", "down_blocks", "up_blocks")):
+        return []
+    stack, points = _skip_channels(model), []
+    for b, block in enumerate(model.up_blocks):
+        for i, resnet in enumerate(block.resnets):
+            if not stack:
+                raise DMQuantError(f"up_blocks.{b} takes more skips than the down path gives: unknown UNet layout")
+            split = resnet.in_channels - stack.pop()
+            if split <= 0:
+                raise DMQuantError(f"up_blocks.{b}.resnets.{i} does not consume a concatenation: unknown UNet layout")
+            prefix = f"up_blocks.{b}.resnets.{i}"
+            points.append((f"{prefix}.conv1", split))
+            if getattr(resnet, "conv_shortcut", None) is not None:
+                points.append((f"{prefix}.conv_shortcut", split))
+    return points
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 

@@ -88,19 +88,19 @@ class SDPAProcessor(AttentionProcessorBase):
 class AttentionQuantizers(nn.Module):
     """The activation quantizers of the two attention matmuls, attached to an ``Attention`` module."""
 
-    def __init__(self, config):
+    def __init__(self, config, time=None):
         super().__init__()
         from dmquant.config import ActQuantConfig
         from dmquant.quantizers.modules import ActQuantizer
 
         operand = ActQuantConfig(bits=config.bits, symmetric=True, granularity="tensor", method=config.method)
-        self.q = ActQuantizer(operand)
-        self.k = ActQuantizer(operand)
-        self.v = ActQuantizer(operand)
+        self.q = ActQuantizer(operand, time=time)
+        self.k = ActQuantizer(operand, time=time)
+        self.v = ActQuantizer(operand, time=time)
         self.probs = None
         if config.probs_bits is not None:
             probs = ActQuantConfig(bits=config.probs_bits, symmetric=False, granularity="tensor", method="minmax")
-            self.probs = ActQuantizer(probs, signed=False)
+            self.probs = ActQuantizer(probs, signed=False, time=time)
 
     def quantizers(self):
         return [m for m in (self.q, self.k, self.v, self.probs) if m is not None]

@@ -14,6 +14,8 @@ Both paths compute the same integers as the simulation; they differ only in floa
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,7 @@ from torch import nn
 from dmquant.formats import IntFormat
 from dmquant.kernels import cpu_int8
 from dmquant.nn.layers import QuantConv2d, QuantLinear, _QuantLayer
-from dmquant.quantizers.affine import fake_quant, qparams_from_range
+from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_from_range
 from dmquant.quantizers.granularity import from_rows, to_rows
 from dmquant.quantizers.packed import QuantizedWeight
 
@@ -74,10 +76,19 @@ class _IntLayer(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _input_codes(self, x: torch.Tensor):
-        """uint8 codes of ``x`` and their zero point (a signed grid is shifted by 128)."""
+        """uint8 codes of ``x`` and their zero point (a signed grid is shifted by 128).
+
+        Layers that read the same tensor with the same range (an attention's to_q, to_k, to_v)
+        share one quantization: the last result is kept with a weak reference to its input.
+        """
         shift = 128 if self.act.qmin < 0 else 0
         zero = int(self.input_zero_point.item()) + shift
-        codes = cpu_int8.quantize_uint8(x, float(self.input_scale), zero, self.act.qmin + shift, self.act.qmax + shift)
+        key = (float(self.input_scale), zero, self.act.qmin + shift, self.act.qmax + shift)
+        cached_input, version, cached_key, codes = _LAST_CODES
+        if cached_input is not None and cached_input() is x and version == x._version and cached_key == key:
+            return codes, zero
+        codes = cpu_int8.quantize_uint8(x, *key)
+        _LAST_CODES[:] = [weakref.ref(x), x._version, key, codes]
         return codes, zero
 
     def _fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +96,8 @@ class _IntLayer(nn.Module):
             return x
         fmt = _Grid(self.act.qmin, self.act.qmax)
         if self.act.static:
+            if x.dtype == torch.float32:
+                return fake_quant_inference(x, self.input_scale, self.input_zero_point, fmt)
             return fake_quant(x, self.input_scale, self.input_zero_point, fmt)
         rows = to_rows(x, "token", channel_dim=self.channel_dim)
         signed_fmt = IntFormat(self.act.bits, signed=self.act.qmin < 0)
@@ -93,6 +106,9 @@ class _IntLayer(nn.Module):
 
     def weight_nbytes(self) -> int:
         return self.qweight.nbytes()
+
+
+_LAST_CODES: list = [None, None, None, None]  # [weakref to input, its version, range, codes]
 
 
 class _Grid:

@@ -11,21 +11,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmquant.config import ActQuantConfig, WeightQuantConfig
-from dmquant.quantizers.modules import ActQuantizer, WeightQuantizer
+from dmquant.config import ActQuantConfig, TimeConditioningConfig, WeightQuantConfig
+from dmquant.quantizers.modules import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 
 
 class _QuantLayer(nn.Module):
     channel_dim: int = -1
 
-    def __init__(self, layer: nn.Module, weights: WeightQuantConfig, activations: ActQuantConfig | None):
+    def __init__(self, layer: nn.Module, weights: WeightQuantConfig, activations: ActQuantConfig | None,
+                 time: TimeConditioningConfig | None = None):
         super().__init__()
         self.weight = layer.weight
         self.bias = layer.bias
         self.weight_quantizer = WeightQuantizer(weights)
-        self.input_quantizer = None if activations is None else ActQuantizer(activations, self.channel_dim)
+        self.input_quantizer = None if activations is None else ActQuantizer(activations, self.channel_dim, time=time)
         self.quantize_weight = True
         self._cached_weight: torch.Tensor | None = None
+
+    @property
+    def split(self) -> int | None:
+        """The channel index where the input is a concatenation with its own quantizers, or None."""
+        for q in (self.weight_quantizer, self.input_quantizer):
+            if isinstance(q, (SplitWeightQuantizer, SplitActQuantizer)):
+                return q.split
+        return None
+
+    def split_quantizers(self, split: int, weights: bool = True, activations: bool = True) -> None:
+        """Give the two parts of the input (channels ``[:split]`` and ``[split:]``) their own quantizers."""
+        if weights:
+            self.weight_quantizer = SplitWeightQuantizer(self.weight_quantizer.config, split)
+            self._cached_weight = None
+        q = self.input_quantizer
+        if activations and q is not None:
+            parts = tuple(ActQuantizer(q.config, self.channel_dim, time=q.time) for _ in range(2))
+            self.input_quantizer = SplitActQuantizer(parts, split, self.channel_dim)
 
     def calibrate_weight(self) -> None:
         self.weight_quantizer.calibrate(self.weight.detach())
@@ -57,8 +76,9 @@ class _QuantLayer(nn.Module):
 class QuantLinear(_QuantLayer):
     channel_dim = -1
 
-    def __init__(self, layer: nn.Linear, weights: WeightQuantConfig, activations: ActQuantConfig | None):
-        super().__init__(layer, weights, activations)
+    def __init__(self, layer: nn.Linear, weights: WeightQuantConfig, activations: ActQuantConfig | None,
+                 time: TimeConditioningConfig | None = None):
+        super().__init__(layer, weights, activations, time)
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +91,9 @@ class QuantLinear(_QuantLayer):
 class QuantConv2d(_QuantLayer):
     channel_dim = 1
 
-    def __init__(self, layer: nn.Conv2d, weights: WeightQuantConfig, activations: ActQuantConfig | None):
-        super().__init__(layer, weights, activations)
+    def __init__(self, layer: nn.Conv2d, weights: WeightQuantConfig, activations: ActQuantConfig | None,
+                 time: TimeConditioningConfig | None = None):
+        super().__init__(layer, weights, activations, time)
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
@@ -96,10 +117,11 @@ def _bits(layer: _QuantLayer) -> str:
     return f"W{layer.weight_quantizer.config.bits}A{a}"
 
 
-def quant_twin(layer: nn.Module, weights: WeightQuantConfig, activations: ActQuantConfig | None) -> _QuantLayer:
+def quant_twin(layer: nn.Module, weights: WeightQuantConfig, activations: ActQuantConfig | None,
+               time: TimeConditioningConfig | None = None) -> _QuantLayer:
     """The quantized twin of a ``nn.Linear`` or ``nn.Conv2d`` (the twin shares its parameters)."""
     if isinstance(layer, nn.Linear):
-        return QuantLinear(layer, weights, activations)
+        return QuantLinear(layer, weights, activations, time)
     if isinstance(layer, nn.Conv2d):
-        return QuantConv2d(layer, weights, activations)
+        return QuantConv2d(layer, weights, activations, time)
     raise TypeError(f"no quantized twin for {type(layer).__name__}")

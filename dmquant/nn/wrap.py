@@ -13,6 +13,7 @@ from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
 from dmquant.nn.layers import _QuantLayer, quant_twin
 from dmquant.quantizers.granularity import check_group_size
+from dmquant.quantizers.modules import SplitActQuantizer
 
 
 @dataclass
@@ -20,6 +21,7 @@ class WrapReport:
     quantized: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)
+    split: dict[str, int] = field(default_factory=dict)
 
 
 def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
@@ -42,13 +44,30 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
             continue
         if config.weights.granularity == "group":
             check_group_size(layer.weight[0].numel(), config.weights.group_size, where=f"layer {name!r}")
-        _set_submodule(model, name, quant_twin(layer, config.weights, config.activations))
+        _set_submodule(model, name, quant_twin(layer, config.weights, config.activations, config.time))
         report.quantized.append(name)
     if config.attention is not None:
         report.attention = _wrap_attention(model, config)
     if not report.quantized:
         raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
+    if config.split is not None:
+        report.split = split_concatenations(model, config, adapter)
+    if config.time is not None:
+        from dmquant.nn.timestep import install_timestep_hook
+
+        install_timestep_hook(model, adapter)
     return report
+
+
+def split_concatenations(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapter) -> dict[str, int]:
+    """Split quantizers on the wrapped layers that consume a skip concatenation (the adapter finds them)."""
+    done = {}
+    for name, split in adapter.concat_points(model):
+        layer = model.get_submodule(name)
+        if isinstance(layer, _QuantLayer):
+            layer.split_quantizers(split, config.split.weights, config.split.activations)
+            done[name] = split
+    return done
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -59,19 +78,19 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _wrap_attention(model: nn.Module, config: QuantConfig) -> list[str]:
     names = []
     for name, attn in attention_modules(model):
-        quantize_attention(attn, config.attention)
+        quantize_attention(attn, config.attention, config.time)
         names.append(name)
     return names
 
 
-def quantize_attention(attn: nn.Module, config) -> None:
+def quantize_attention(attn: nn.Module, config, time=None) -> None:
     """Give one diffusers attention module the processor (and quantizers) ``config`` asks for."""
     if config.kernel == "int8":
         from dmquant.nn.int8_attention import Int8AttnProcessor
 
         attn.set_processor(Int8AttnProcessor())
         return
-    attn.dmq_quant = AttentionQuantizers(config)
+    attn.dmq_quant = AttentionQuantizers(config, time)
     attn.set_processor(QuantAttnProcessor())
 
 
@@ -89,7 +108,9 @@ def activation_quantizers(model: nn.Module):
     """Every activation quantizer of the wrapped denoiser (layer inputs and attention operands)."""
     out = []
     for module in model.modules():
-        if isinstance(module, _QuantLayer) and module.input_quantizer is not None:
+        if isinstance(module, _QuantLayer) and isinstance(module.input_quantizer, SplitActQuantizer):
+            out.extend(module.input_quantizer.parts)
+        elif isinstance(module, _QuantLayer) and module.input_quantizer is not None:
             out.append(module.input_quantizer)
         elif isinstance(module, AttentionQuantizers):
             out.extend(module.quantizers())

@@ -8,11 +8,15 @@ stages can learn scales and rounding.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from dmquant.formats import IntFormat
 
 _EPS = 1e-12
+_FUSED_QUANTIZE = hasattr(torch, "quantize_per_tensor")
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
 
 
 def qparams_from_range(
@@ -59,6 +63,17 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: In
     """Quantize then dequantize, differentiable (straight-through estimator)."""
     q = torch.clamp(round_ste(x / scale) + zero.detach(), fmt.qmin, fmt.qmax)
     return (q - zero.detach()) * scale
+
+
+def fake_quant_inference(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """:func:`fake_quant` with one scale and no gradients, fast on the CPU for full 8-bit grids
+    (PyTorch's vectorised quantize/dequantize; a signed grid is shifted into uint8). That kernel may
+    round a value lying exactly between two levels the other way: the two agree to one step, and
+    almost everywhere exactly. Other grids use :func:`fake_quant`."""
+    if fmt.qmax - fmt.qmin != 255 or x.dtype != torch.float32 or not _FUSED_QUANTIZE:
+        return fake_quant(x, scale, zero, fmt)
+    zero_u8 = int(zero) - fmt.qmin
+    return torch.quantize_per_tensor(x, float(scale), zero_u8, torch.quint8).dequantize()
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
