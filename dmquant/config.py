@@ -267,6 +267,9 @@ class QuantConfig:
         if self.split is not None and self.split.activations and self.activations is None:
             raise DMQuantError("split.activations=true but the recipe quantizes no activations: "
                                "set split.activations=false or add an 'activations' section")
+        if self.split is not None and not self.split.weights and self.weights.granularity == "group":
+            raise DMQuantError("split.weights=false with weights.granularity='group': the groups of a split "
+                               "layer's two parts would straddle the cut; split the weights too (split.weights=true)")
         r = self.reconstruction
         if r is not None and r.learn_act_scales and self.activations is not None and not static:
             raise DMQuantError("reconstruction.learn_act_scales needs static activations (dynamic per-token "

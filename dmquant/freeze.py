@@ -11,9 +11,13 @@ from dmquant.nn.wrap import _set_submodule, quant_layers
 
 def freeze_denoiser(denoiser: torch.nn.Module) -> int:
     """Replace every simulated quantized layer by its frozen twin, in place; returns how many."""
+    from dmquant.nn.timestep import install_timestep_hook, time_tables
+
     layers = quant_layers(denoiser)
     for name, layer in layers:
         _set_submodule(denoiser, name, freeze_layer(layer))
+    if time_tables(denoiser):  # the frozen layers read the same timestep state
+        install_timestep_hook(denoiser)
     return len(layers)
 
 

@@ -17,12 +17,14 @@ from safetensors.torch import load_file, save_file
 from dmquant import __version__
 from dmquant.config import QuantConfig
 from dmquant.errors import DMQuantError
-from dmquant.nn.int_layers import ActSpec, IntConv2d, IntLinear, freeze_layer
+from dmquant.nn.int_layers import ActSpec, IntConv2d, IntLinear, IntSplitLayer, freeze_layer
 from dmquant.nn.layers import _QuantLayer
 from dmquant.nn.wrap import _set_submodule, attention_modules, quantize_attention
 from dmquant.quantizers.packed import QuantizedWeight
 
-FORMAT, FORMAT_VERSION = "dmquant-denoiser", 1
+# version 2: layer entries of type "split" (two parts of a skip concatenation) and activation
+# timestep tables ("act": {..., "table": K}); version 1 folders have neither and load unchanged.
+FORMAT, FORMAT_VERSION = "dmquant-denoiser", 2
 CONFIG_NAME, WEIGHTS_NAME = "dmquant_config.json", "dmquant_weights.safetensors"
 
 
@@ -32,6 +34,9 @@ def is_quantized_denoiser_folder(folder: str | Path) -> bool:
 
 def _layer_entry(layer) -> dict:
     frozen = freeze_layer(layer) if isinstance(layer, _QuantLayer) else layer
+    if isinstance(frozen, IntSplitLayer):
+        parts = [_layer_entry(p)[0] for p in frozen.parts]
+        return {"type": "split", "split": frozen.split, "channel_dim": frozen.channel_dim, "parts": parts}, frozen
     entry = {"type": "conv2d" if isinstance(frozen, IntConv2d) else "linear",
              "weight": frozen.qweight.spec(), "bias": frozen.bias is not None,
              "act": None if frozen.act is None else frozen.act.spec()}
@@ -45,7 +50,9 @@ def export_denoiser(denoiser: torch.nn.Module) -> tuple[dict, dict[str, torch.Te
     layers, state = {}, {}
     skip_prefixes = []
     for name, module in denoiser.named_modules():
-        if isinstance(module, (_QuantLayer, IntLinear, IntConv2d)):
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue  # the parts of a frozen split layer
+        if isinstance(module, (_QuantLayer, IntLinear, IntConv2d, IntSplitLayer)):
             entry, frozen = _layer_entry(module)
             layers[name] = entry
             skip_prefixes.append(name + ".")
@@ -99,9 +106,9 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
         model = cls.from_config(cls.load_config(str(folder)))
     for name, entry in description["layers"].items():
         _set_submodule(model, name, _empty_layer(entry))
-    attention_config = QuantConfig.from_dict(description["recipe"]).attention
+    recipe = QuantConfig.from_dict(description["recipe"])
     for name in description.get("attention_modules", []):
-        quantize_attention(model.get_submodule(name), attention_config)
+        quantize_attention(model.get_submodule(name), recipe.attention, recipe.time)
     state = _load_weights(folder / WEIGHTS_NAME)
     expected = set(model.state_dict())
     if set(state) != expected:
@@ -113,7 +120,17 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
         quantizers = getattr(model.get_submodule(attn_name), "dmq_quant", None)
         for q in quantizers.quantizers() if quantizers is not None else []:
             q.set_mode("quant")
+    _connect_time_tables(model)
     return model.eval().to(device)
+
+
+def _connect_time_tables(model: torch.nn.Module) -> None:
+    """Give a loaded model with timestep tables its timestep hook; the tables must agree on the steps."""
+    from dmquant.nn.timestep import install_timestep_hook, sync_keys_from_tables, time_tables
+
+    if time_tables(model):
+        install_timestep_hook(model)
+        sync_keys_from_tables(model)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -126,6 +143,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _empty_layer(entry: dict):
+    if entry["type"] == "split":
+        parts = tuple(_empty_layer(p) for p in entry["parts"])
+        return IntSplitLayer(parts, entry["split"], entry["channel_dim"])
     qweight = QuantizedWeight.from_spec(entry["weight"], device="meta")
     out = qweight.shape[0]
     bias = torch.empty(out, device="meta") if entry["bias"] else None

@@ -22,6 +22,8 @@ class DenoiserAdapter:
     default_exclude: tuple[str, ...]
     timestep_argument: str = "timestep"
     timestep_position: int = 1  # forward(sample, timestep, ...) in every diffusers denoiser we support
+    block_types: tuple[str, ...] = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock",
+                                    "Downsample2D", "Upsample2D")  # units of block reconstruction (BRECQ)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.class_names
@@ -34,6 +36,16 @@ class DenoiserAdapter:
             return args[self.timestep_position]
         raise DMQuantError(f"the denoiser was called without its {self.timestep_argument!r} argument: "
                            "time-conditioned quantizers cannot tell the step")
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The outermost modules of ``block_types``, in execution order (BRECQ's reconstruction units)."""
+        found: list[tuple[str, nn.Module]] = []
+        for name, module in model.named_modules():
+            if module is model or type(module).__name__ not in self.block_types:
+                continue
+            if not any(name.startswith(outer + ".") for outer, _ in found):
+                found.append((name, module))
+        return found
 
     def concat_points(self, model: nn.Module) -> list[tuple[str, int]]:
         """``(layer name, split index)`` of each layer that consumes a skip concatenation ``cat([h, skip])``.

@@ -10,6 +10,11 @@ packed int4), the bias, and the input's static scale and zero point. Paths, chos
   as in simulation and the weight is dequantized on the fly, so memory stays low-bit.
 
 Both paths compute the same integers as the simulation; they differ only in float rounding.
+
+Time-conditioned inputs store tables ``input_scale``/``input_zero_point`` of shape ``[K]`` beside
+``input_timesteps`` ``[K]`` and read the current step's entry from the denoiser's timestep state (the
+same lookup as the simulation). A layer fed by a skip concatenation with split quantizers freezes to
+:class:`IntSplitLayer`: two frozen layers on the two channel parts, outputs added.
 """
 
 from __future__ import annotations
@@ -25,23 +30,29 @@ from dmquant.kernels import cpu_int8
 from dmquant.nn.layers import QuantConv2d, QuantLinear, _QuantLayer
 from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_from_range
 from dmquant.quantizers.granularity import from_rows, to_rows
+from dmquant.quantizers.modules import SplitActQuantizer, SplitWeightQuantizer, split_channels
 from dmquant.quantizers.packed import QuantizedWeight
 
 
 class ActSpec:
     """How a frozen layer's input is quantized: ``static`` (stored scale) or ``token`` (dynamic)."""
 
-    def __init__(self, bits: int, qmin: int, qmax: int, granularity: str, symmetric: bool):
+    def __init__(self, bits: int, qmin: int, qmax: int, granularity: str, symmetric: bool, table: int = 0):
         self.bits, self.qmin, self.qmax = int(bits), int(qmin), int(qmax)
         self.granularity, self.symmetric = granularity, bool(symmetric)
+        self.table = int(table)  # entries of the timestep table; 0: one static scale
 
     @classmethod
     def from_quantizer(cls, q) -> ActSpec:
-        return cls(q.config.bits, q.fmt.qmin, q.fmt.qmax, q.config.granularity, q.config.symmetric)
+        table = q.scale.numel() if q.config.static and q.scale.ndim == 1 else 0
+        return cls(q.config.bits, q.fmt.qmin, q.fmt.qmax, q.config.granularity, q.config.symmetric, table)
 
     def spec(self) -> dict:
-        return {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "granularity": self.granularity,
+        spec = {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "granularity": self.granularity,
                 "symmetric": self.symmetric}
+        if self.table:
+            spec["table"] = self.table
+        return spec
 
     @property
     def static(self) -> bool:
@@ -56,10 +67,37 @@ class _IntLayer(nn.Module):
         self.qweight = qweight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.act = act
+        self.time_state = None
+        shape = (act.table,) if act is not None and act.table else ()
         if act is not None and act.static:
-            self.register_buffer("input_scale", torch.empty((), device=device))
-            self.register_buffer("input_zero_point", torch.empty((), device=device))
+            self.register_buffer("input_scale", torch.empty(shape, device=device))
+            self.register_buffer("input_zero_point", torch.empty(shape, device=device))
+        if act is not None and act.table:
+            self.register_buffer("input_timesteps", torch.empty(shape, device=device))
         self._packed = None
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.act is not None and self.act.table > 0
+
+    @property
+    def timesteps(self) -> torch.Tensor | None:
+        return self.input_timesteps if self.time_conditioned else None
+
+    def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input's scale and zero point in force now (the current step's entry for a table)."""
+        if not self.time_conditioned:
+            return self.input_scale, self.input_zero_point
+        if self.time_state is None:
+            from dmquant.errors import DMQuantError
+
+            raise DMQuantError("a frozen time-conditioned layer has no timestep source: load the model with "
+                               "dmquant.load_quantized_denoiser, which installs the timestep hook")
+        index = self.time_state.current_index()
+        return self.input_scale[index], self.input_zero_point[index]
+
+    def _packed_key(self):
+        return self.time_state.current_index() if self.time_conditioned else None
 
     @property
     def integer_path(self) -> bool:
@@ -76,29 +114,31 @@ class _IntLayer(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _input_codes(self, x: torch.Tensor):
-        """uint8 codes of ``x`` and their zero point (a signed grid is shifted by 128).
+        """uint8 codes of ``x``, their scale and zero point (a signed grid is shifted by 128).
 
         Layers that read the same tensor with the same range (an attention's to_q, to_k, to_v)
         share one quantization: the last result is kept with a weak reference to its input.
         """
         shift = 128 if self.act.qmin < 0 else 0
-        zero = int(self.input_zero_point.item()) + shift
-        key = (float(self.input_scale), zero, self.act.qmin + shift, self.act.qmax + shift)
+        scale, zero_point = self._qparams()
+        zero = int(zero_point.item()) + shift
+        key = (float(scale), zero, self.act.qmin + shift, self.act.qmax + shift)
         cached_input, version, cached_key, codes = _LAST_CODES
         if cached_input is not None and cached_input() is x and version == x._version and cached_key == key:
-            return codes, zero
+            return codes, key[0], zero
         codes = cpu_int8.quantize_uint8(x, *key)
         _LAST_CODES[:] = [weakref.ref(x), x._version, key, codes]
-        return codes, zero
+        return codes, key[0], zero
 
     def _fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None:
             return x
         fmt = _Grid(self.act.qmin, self.act.qmax)
         if self.act.static:
+            scale, zero = self._qparams()
             if x.dtype == torch.float32:
-                return fake_quant_inference(x, self.input_scale, self.input_zero_point, fmt)
-            return fake_quant(x, self.input_scale, self.input_zero_point, fmt)
+                return fake_quant_inference(x, scale, zero, fmt)
+            return fake_quant(x, scale, zero, fmt)
         rows = to_rows(x, "token", channel_dim=self.channel_dim)
         signed_fmt = IntFormat(self.act.bits, signed=self.act.qmin < 0)
         scale, zero = qparams_from_range(rows.amin(1), rows.amax(1), signed_fmt, self.act.symmetric)
@@ -126,9 +166,9 @@ class IntLinear(_IntLayer):
             return F.linear(self._fake_quant_input(x), self.qweight.dequantize(x.dtype), _cast(self.bias, x))
         if self._packed is None:
             self._packed = cpu_int8.prepack_linear(self.qweight.int8())
-        codes, zero = self._input_codes(x)
+        codes, scale, zero = self._input_codes(x)
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        y = cpu_int8.int8_linear(codes, float(self.input_scale), zero, self._packed, self.qweight.channel_scales(),
+        y = cpu_int8.int8_linear(codes, scale, zero, self._packed, self.qweight.channel_scales(),
                                  self.bias, out_dtype)
         return y.to(x.dtype)
 
@@ -149,12 +189,15 @@ class IntConv2d(_IntLayer):
         geo = (self.stride, self.padding, self.dilation, self.groups)
         if not self.integer_path:
             return F.conv2d(self._fake_quant_input(x), self.qweight.dequantize(x.dtype), _cast(self.bias, x), *geo)
-        codes, zero = self._input_codes(x)
+        codes, scale, zero = self._input_codes(x)
         if self._packed is None:
-            self._packed = cpu_int8.prepack_conv2d(self.qweight.int8(), self.qweight.channel_scales(),
-                                                   float(self.input_scale), zero, *geo)
+            self._packed = {}
+        key = self._packed_key()  # oneDNN packs the conv with its input scale: one pack per table entry
+        if key not in self._packed:
+            self._packed[key] = cpu_int8.prepack_conv2d(self.qweight.int8(), self.qweight.channel_scales(),
+                                                        scale, zero, *geo)
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        y = cpu_int8.int8_conv2d(codes, float(self.input_scale), zero, self._packed, self.qweight.channel_scales(),
+        y = cpu_int8.int8_conv2d(codes, scale, zero, self._packed[key], self.qweight.channel_scales(),
                                  self.bias, *geo, out_dtype=out_dtype)
         return y.to(x.dtype)
 
@@ -163,8 +206,31 @@ def _cast(t, like):
     return None if t is None else t.to(like.dtype)
 
 
-def freeze_layer(layer: _QuantLayer) -> _IntLayer:
+class IntSplitLayer(nn.Module):
+    """A frozen layer whose input is a concatenation ``[x1, x2]`` quantized in two parts (shortcut split).
+
+    ``y = part0(x1) + part1(x2)``: each part holds its own low-bit weight (the input-channel slice) and
+    input quantization; only ``part0`` has the bias. For a zero-padded conv this equals the conv of the
+    concatenation with the split quantizers.
+    """
+
+    def __init__(self, parts: tuple[_IntLayer, _IntLayer], split: int, channel_dim: int):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.split, self.channel_dim = int(split), int(channel_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = split_channels(x, self.split, self.channel_dim)
+        return self.parts[0](a) + self.parts[1](b)
+
+    def weight_nbytes(self) -> int:
+        return sum(p.weight_nbytes() for p in self.parts)
+
+
+def freeze_layer(layer: _QuantLayer) -> _IntLayer | IntSplitLayer:
     """The frozen (integer-storage) twin of a calibrated simulation layer."""
+    if layer.split is not None:
+        return _freeze_split(layer)
     qweight = QuantizedWeight.from_quantizer(layer.weight.detach(), layer.weight_quantizer)
     q = layer.input_quantizer
     act = None if q is None else ActSpec.from_quantizer(q)
@@ -179,6 +245,40 @@ def freeze_layer(layer: _QuantLayer) -> _IntLayer:
     else:
         raise TypeError(type(layer).__name__)
     if act is not None and act.static:
-        frozen.input_scale = q.scale.detach().float().reshape(()).clone()
-        frozen.input_zero_point = q.zero_point.detach().float().reshape(()).clone()
+        shape = (act.table,) if act.table else ()
+        frozen.input_scale = q.scale.detach().float().reshape(shape).clone()
+        frozen.input_zero_point = q.zero_point.detach().float().reshape(shape).clone()
+    if act is not None and act.table:
+        frozen.input_timesteps = q.timesteps.detach().float().clone()
     return frozen
+
+
+def _freeze_split(layer: _QuantLayer) -> IntSplitLayer:
+    """Freeze each channel part as its own layer (weight slice, its quantizers; bias on the first part)."""
+    split = layer.split
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    w_parts = split_channels(layer.weight.detach(), split, 1)
+    frozen = []
+    for i, w in enumerate(w_parts):
+        base = _plain_like(layer, w, layer.bias if i == 0 else None)
+        twin = type(layer)(base, layer.weight_quantizer.config, None)
+        twin.weight_quantizer = wq.parts[i] if isinstance(wq, SplitWeightQuantizer) else wq  # tensor/channel scales
+        if isinstance(aq, SplitActQuantizer):
+            twin.input_quantizer = aq.parts[i]
+        elif aq is not None:
+            twin.input_quantizer = aq
+        frozen.append(freeze_layer(twin))
+    return IntSplitLayer(tuple(frozen), split, layer.channel_dim)
+
+
+def _plain_like(layer: _QuantLayer, weight: torch.Tensor, bias) -> nn.Module:
+    """A plain nn.Linear / nn.Conv2d with ``layer``'s geometry and the given weight slice."""
+    if isinstance(layer, QuantLinear):
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        base = nn.Conv2d(weight.shape[1] * layer.groups, weight.shape[0], layer.kernel_size, layer.stride,
+                         layer.padding, layer.dilation, layer.groups, bias=bias is not None, device="meta")
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        base.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return base

@@ -26,6 +26,7 @@ class _QuantLayer(nn.Module):
         self.weight_quantizer = WeightQuantizer(weights)
         self.input_quantizer = None if activations is None else ActQuantizer(activations, self.channel_dim, time=time)
         self.quantize_weight = True
+        self.weight_override = None  # a function giving the weight to use (reconstruction sets it)
         self._cached_weight: torch.Tensor | None = None
 
     @property
@@ -52,6 +53,8 @@ class _QuantLayer(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with: fake-quantized (cached outside training) or as is."""
+        if self.weight_override is not None:
+            return self.weight_override()
         if not self.quantize_weight:
             return self.weight
         if self.training or torch.is_grad_enabled() and self.weight.requires_grad:

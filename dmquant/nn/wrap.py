@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -120,3 +121,22 @@ def activation_quantizers(model: nn.Module):
 def set_activation_mode(model: nn.Module, mode: str) -> None:
     for quantizer in activation_quantizers(model):
         quantizer.set_mode(mode)
+
+
+@contextmanager
+def full_precision(model: nn.Module):
+    """Within the block a wrapped (simulated) denoiser computes in full precision; modes are restored after."""
+    quantizers = activation_quantizers(model)
+    layers = [layer for _, layer in quant_layers(model)]
+    modes, flags = [q.mode for q in quantizers], [layer.quantize_weight for layer in layers]
+    for q in quantizers:
+        q.mode = "off"
+    for layer in layers:
+        layer.quantize_weight = False
+    try:
+        yield model
+    finally:
+        for q, mode in zip(quantizers, modes):
+            q.mode = mode
+        for layer, flag in zip(layers, flags):
+            layer.quantize_weight = flag

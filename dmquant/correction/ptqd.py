@@ -1,0 +1,273 @@
+"""PTQD-style noise correction.
+
+The quantized denoiser's output is ``ε̂ = ε + Δ`` with ``Δ = k_t·ε + μ_t + Δ'``: a part correlated
+with the full-precision prediction (slope ``k_t``), a per-channel bias ``μ_t`` and an uncorrelated
+residual ``Δ'`` of variance ``σ_t²``. Per sampling step, these are fitted from paired outputs of
+the quantized and full-precision denoiser on the quantized model's own trajectory. At sampling time:
+
+* the prediction is corrected: ``ε̃ = (ε̂ − μ_t) / (1 + k_t)`` (any scheduler: a forward hook on the
+  denoiser output, epsilon channels only);
+* for stochastic samplers (DDIM with eta > 0, DDPM) the residual, which enters the next latent as
+  ``λ_t·Δ'/(1 + k_t)``, replaces part of the injected noise: the noise std becomes
+  ``sqrt(max(0, s_t² − λ_t²·σ_t²/(1 + k_t)²))`` instead of ``s_t``. Other schedulers keep their
+  noise (the correction of ``ε`` still applies).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmquant.errors import DMQuantError
+
+
+@dataclass
+class NoiseCorrectionStats:
+    """Per-step statistics: ``timesteps [T]``, slope ``k [T]``, bias ``mu [T, C]``, residual variance ``var [T]``."""
+
+    timesteps: torch.Tensor
+    k: torch.Tensor
+    mu: torch.Tensor
+    var: torch.Tensor
+
+    def index(self, timestep) -> int:
+        t = int(timestep.reshape(-1)[0].item()) if torch.is_tensor(timestep) else int(timestep)
+        hits = (self.timesteps == t).nonzero()
+        if hits.numel() == 0:
+            raise DMQuantError(
+                f"noise-correction statistics were fitted for the timesteps {self.timesteps.tolist()[:6]}... "
+                f"({len(self.timesteps)} steps) and do not contain timestep {t}: generate with the same "
+                "scheduler and number of steps, or fit the correction again for this schedule"
+            )
+        return int(hits[0, 0])
+
+    def save(self, path) -> None:
+        save_file({"timesteps": self.timesteps, "k": self.k, "mu": self.mu, "var": self.var}, str(path))
+
+    @classmethod
+    def load(cls, path) -> NoiseCorrectionStats:
+        try:
+            data = load_file(str(path))
+            return cls(data["timesteps"], data["k"], data["mu"], data["var"])
+        except Exception as exc:
+            raise DMQuantError(f"noise-correction statistics {path} are missing or damaged ({exc})") from exc
+
+    @classmethod
+    def identity(cls, timesteps, channels: int) -> NoiseCorrectionStats:
+        n = len(timesteps)
+        return cls(torch.as_tensor(timesteps).long(), torch.zeros(n), torch.zeros(n, channels), torch.zeros(n))
+
+
+class _Accumulator:
+    """Sums for the per-step, per-channel regression ``Δ = k·ε + μ_c``."""
+
+    def __init__(self, channels: int):
+        z = lambda: torch.zeros(channels, dtype=torch.float64)  # noqa: E731
+        self.n, self.se, self.sd, self.see, self.sed, self.sdd = z(), z(), z(), z(), z(), z()
+
+    def add(self, eps: torch.Tensor, delta: torch.Tensor) -> None:
+        e = eps.double().transpose(0, 1).reshape(eps.shape[1], -1)
+        d = delta.double().transpose(0, 1).reshape(delta.shape[1], -1)
+        self.n += e.shape[1]
+        self.se += e.sum(1)
+        self.sd += d.sum(1)
+        self.see += (e * e).sum(1)
+        self.sed += (e * d).sum(1)
+        self.sdd += (d * d).sum(1)
+
+    def fit(self) -> tuple[float, torch.Tensor, float]:
+        cee = self.see - self.se**2 / self.n
+        ced = self.sed - self.se * self.sd / self.n
+        cdd = self.sdd - self.sd**2 / self.n
+        k = float(ced.sum() / cee.sum()) if float(cee.sum()) > 0 else 0.0
+        mu = (self.sd - k * self.se) / self.n
+        var = float(((cdd - 2 * k * ced + k * k * cee).sum() / self.n.sum()).clamp_min(0))
+        return k, mu.float(), var
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, (tuple, list)) else output.sample
+
+
+class _PairedRecorder:
+    """Forward hook: at every denoiser call, also run the full-precision model on the same input."""
+
+    def __init__(self, channels: int, full_precision):
+        self.channels, self.full_precision = channels, full_precision
+        self.acc: dict[int, _Accumulator] = {}
+        self.busy = False
+
+    def __call__(self, module, args, kwargs, output):
+        if self.busy:
+            return None
+        self.busy = True
+        try:
+            with self.full_precision(module):
+                reference = _output_tensor(module(*args, **kwargs))
+        finally:
+            self.busy = False
+        quantized = _output_tensor(output)
+        c = self.channels
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = int(t.reshape(-1)[0]) if torch.is_tensor(t) else int(t)
+        self.acc.setdefault(t, _Accumulator(c)).add(reference[:, :c].float(), (quantized - reference)[:, :c].float())
+        return None
+
+
+def fit_noise_correction(pipe, prompts, num_inference_steps: int, batch_size: int = 8, seed: int = 0,
+                         progress: bool = True, **call_kwargs) -> NoiseCorrectionStats:
+    """Fit per-step ``k``, ``μ`` and residual variance on the quantized pipeline's own trajectories."""
+    from tqdm.auto import tqdm
+
+    from dmquant.calibration.collect import conditioning_argument
+    from dmquant.models.adapters import find_denoiser
+    from dmquant.nn.wrap import full_precision
+
+    _, denoiser, _ = find_denoiser(pipe)
+    channels = int(denoiser.config.in_channels)
+    recorder = _PairedRecorder(channels, full_precision)
+    handle = denoiser.register_forward_hook(recorder, with_kwargs=True)
+    cond = conditioning_argument(pipe)
+    try:
+        batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        for i, batch in enumerate(tqdm(batches, desc="noise correction: paired FP/quantized runs",
+                                       disable=not progress)):
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            with torch.no_grad():
+                pipe(**{cond: batch}, num_inference_steps=num_inference_steps, generator=generator,
+                     output_type="latent", **call_kwargs)
+    finally:
+        handle.remove()
+    timesteps = sorted(recorder.acc, reverse=True)
+    fits = [recorder.acc[t].fit() for t in timesteps]
+    return NoiseCorrectionStats(torch.tensor(timesteps).long(), torch.tensor([f[0] for f in fits]),
+                                torch.stack([f[1] for f in fits]), torch.tensor([f[2] for f in fits]))
+
+
+class NoiseCorrection:
+    """The correction hooked onto one pipeline: output hook on the denoiser, patched ``scheduler.step``."""
+
+    def __init__(self, pipe, stats: NoiseCorrectionStats, absorb_variance: bool = True):
+        from dmquant.models.adapters import find_denoiser
+
+        self.pipe, self.stats, self.absorb_variance = pipe, stats, absorb_variance
+        _, self.denoiser, _ = find_denoiser(pipe)
+        self.channels = stats.mu.shape[1]
+        self.handle = self.denoiser.register_forward_hook(self._correct_output, with_kwargs=True)
+        self.scheduler = pipe.scheduler
+        self._patch_scheduler()
+
+    def _correct_output(self, module, args, kwargs, output):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        i = self.stats.index(t)
+        eps = _output_tensor(output)[:, : self.channels]
+        mu = self.stats.mu[i].to(eps)[None, :, None, None] if eps.ndim == 4 else self.stats.mu[i].to(eps)
+        eps.sub_(mu).div_(1.0 + float(self.stats.k[i]))
+        return output
+
+    def residual_std(self, timestep) -> float:
+        i = self.stats.index(timestep)
+        return math.sqrt(float(self.stats.var[i])) / (1.0 + float(self.stats.k[i]))
+
+    def _patch_scheduler(self) -> None:
+        kind = type(self.scheduler).__name__
+        if not self.absorb_variance or kind not in ("DDIMScheduler", "DDPMScheduler"):
+            if self.absorb_variance:
+                warnings.warn(f"noise correction: {kind} keeps its injected noise (only DDIM and DDPM absorb the "
+                              "residual variance); the prediction is still corrected", stacklevel=3)
+            return
+        original = self.scheduler.step
+        wrapper = _ddim_step if kind == "DDIMScheduler" else _ddpm_step
+        correction = self
+
+        def step(scheduler, model_output, timestep, sample, *args, **kwargs):
+            return wrapper(correction, original, model_output, timestep, sample, *args, **kwargs)
+
+        step.__signature__ = _signature_of(original)
+        self.scheduler.step = types.MethodType(step, self.scheduler)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.scheduler.__dict__.pop("step", None)
+
+
+def _signature_of(method):
+    import inspect
+
+    return inspect.signature(method)
+
+
+def _ddim_coefficients(scheduler, timestep: int, eta: float) -> tuple[float, float]:
+    """``(s_t, λ_t)``: injected noise std and the coefficient of ε in the next latent (DDIM)."""
+    prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = float(scheduler.alphas_cumprod[timestep])
+    a_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+    s_t = eta * math.sqrt(float(scheduler._get_variance(timestep, prev)))
+    lam = math.sqrt(max(0.0, 1 - a_prev - s_t**2)) - math.sqrt(a_prev * (1 - a_t) / a_t)
+    return s_t, lam
+
+
+def _reduced_std(s_t: float, lam: float, residual_std: float) -> float:
+    return math.sqrt(max(0.0, s_t**2 - (lam * residual_std) ** 2))
+
+
+def _ddim_step(correction, original, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output=False,
+               generator=None, variance_noise=None, return_dict: bool = True):
+    t = int(timestep)
+    if eta > 0:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        s_t, lam = _ddim_coefficients(correction.scheduler, t, eta)
+        if variance_noise is None:
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                          dtype=model_output.dtype)
+        if s_t > 0:
+            variance_noise = variance_noise * (_reduced_std(s_t, lam, correction.residual_std(t)) / s_t)
+        generator = None
+    return original(model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
+                    generator=generator, variance_noise=variance_noise, return_dict=return_dict)
+
+
+def _ddpm_step(correction, original, model_output, timestep, sample, generator=None, return_dict: bool = True):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler, t = correction.scheduler, int(timestep)
+    state = generator.get_state() if generator is not None else torch.random.get_rng_state()
+    out = original(model_output, timestep, sample, generator=generator, return_dict=True)
+    prev_t = scheduler.previous_timestep(t)
+    if t == 0 or scheduler.variance_type not in ("fixed_small", "fixed_small_log"):
+        return out if return_dict else (out.prev_sample, out.pred_original_sample)
+    replay = torch.Generator(model_output.device).set_state(state) if generator is not None else None
+    if replay is None:
+        torch.random.set_rng_state(state)
+    z = randn_tensor(model_output.shape, generator=replay, device=model_output.device, dtype=model_output.dtype)
+    a_t = float(scheduler.alphas_cumprod[t])
+    a_prev = float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0 else float(scheduler.one)
+    beta_t = 1 - a_t / a_prev
+    s_t = math.sqrt(float(scheduler._get_variance(t)))
+    lam = -(math.sqrt(a_prev) * beta_t / (1 - a_t)) * math.sqrt(1 - a_t) / math.sqrt(a_t)
+    prev = out.prev_sample - (s_t - _reduced_std(s_t, lam, correction.residual_std(t))) * z
+    if not return_dict:
+        return prev, out.pred_original_sample
+    out.prev_sample = prev
+    return out
+
+
+def apply_noise_correction(pipe, stats: NoiseCorrectionStats, absorb_variance: bool = True) -> NoiseCorrection:
+    """Hook the correction onto ``pipe`` (remove it with ``.remove()``); returns the handle."""
+    remove_noise_correction(pipe)
+    correction = NoiseCorrection(pipe, stats, absorb_variance)
+    object.__setattr__(pipe, "_dmquant_noise_correction", correction)
+    return correction
+
+
+def remove_noise_correction(pipe) -> None:
+    correction = getattr(pipe, "_dmquant_noise_correction", None)
+    if correction is not None:
+        correction.remove()
+        object.__setattr__(pipe, "_dmquant_noise_correction", None)
