@@ -60,7 +60,7 @@ def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def peak_rss_while_loading(model: str, loader: str = "dmquant.workflows:load_any") -> dict:
+def peak_rss_while_loading(model: str, loader: str = "dmquant.loading:load_pipeline") -> dict:
     """Load ``model`` with ``loader`` (``module:function``) in a fresh process; the load's peak RSS growth."""
     module, function = loader.split(":")
     code = (
@@ -102,9 +102,9 @@ def bench_model(model: str, batch: int = 2, latent_size: int | None = None, repe
                 measure_load: bool = True) -> dict:
     """Latency of one denoising step, and memory, of a model or saved quantized folder."""
     from dmquant.models.adapters import find_denoiser
-    from dmquant.workflows import load_any
+    from dmquant.loading import load_pipeline
 
-    pipe = load_any(model)
+    pipe = load_pipeline(model)
     _, denoiser, _ = find_denoiser(pipe)
     inputs = denoiser_inputs(denoiser, batch, latent_size)
     report = {"model": model, "batch": batch, "latent_size": inputs[0][0].shape[-1],

@@ -28,7 +28,8 @@ def known_names() -> list[str]:
 
 
 def load_pipeline(spec: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A ready diffusers pipeline for ``spec`` (zoo name, tiny random model, local folder or hub id)."""
+    """A ready diffusers pipeline for ``spec``: zoo name, tiny random model, local folder (a saved
+    quantized pipeline loads as its quantized twin class), or hub id."""
     text = str(spec)
     if text in TINY_NAMES:
         pipe = build_tiny_pipeline(text)
@@ -54,6 +55,10 @@ def load_pipeline(spec: str | Path, device: str = "cpu", dtype: torch.dtype | No
 def _from_folder(folder: Path):
     from diffusers import DiffusionPipeline
 
+    from dmquant.pipeline import load_quantized_pipeline, quantized_denoiser_attribute
+
+    if (folder / "model_index.json").is_file() and quantized_denoiser_attribute(folder) is not None:
+        return load_quantized_pipeline(folder)
     if not (folder / "model_index.json").is_file():
         raise DMQuantError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json): "

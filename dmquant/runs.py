@@ -22,12 +22,6 @@ from dmquant.errors import DMQuantError
 RUN_FORMAT, RUN_VERSION = "dmquant-run", 1
 
 
-def is_quantized_folder(path: str | Path) -> bool:
-    from dmquant.pipeline import quantized_denoiser_attribute
-
-    return Path(path).is_dir() and quantized_denoiser_attribute(Path(path)) is not None
-
-
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False):
     """Yield a temporary folder that becomes ``out`` only if the block finishes without error."""

@@ -11,7 +11,7 @@ from dmquant.config import load_recipe
 from dmquant.generate import generate_images, save_image_atomic
 from dmquant.loading import load_pipeline
 from dmquant.prompts import prompts_for_pipeline, read_prompt_file
-from dmquant.runs import check_output_folder, is_quantized_folder, save_run
+from dmquant.runs import check_output_folder, save_run
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,10 @@ def calibrate(job: CalibrateJob) -> Path:
     return save_run(pipe, job.out, job.model, seconds=time.perf_counter() - start, overwrite=job.overwrite)
 
 
-def load_any(model: str, device: str = "cpu"):
-    """A saved quantized pipeline folder, or any model spec that :func:`load_pipeline` takes."""
-    if is_quantized_folder(model):
-        from dmquant.pipeline import load_quantized_pipeline
-
-        return load_quantized_pipeline(model, device=device)
-    return load_pipeline(model, device=device)
-
-
 def generate(model: str, prompt: str, out: str, num_inference_steps: int = 25, seed: int = 0,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
              device: str = "cpu") -> Path:
-    pipe = load_any(model, device)
+    pipe = load_pipeline(model, device=device)
     kwargs = {k: v for k, v in dict(height=height, width=width).items() if v is not None}
     image = generate_images(pipe, [prompt], num_inference_steps, seed, guidance_scale, **kwargs)[0]
     return save_image_atomic(image, out)
