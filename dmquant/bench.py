@@ -101,8 +101,8 @@ def peak_rss_bytes() -> int:
 def bench_model(model: str, batch: int = 2, latent_size: int | None = None, repeats: int = 3,
                 measure_load: bool = True) -> dict:
     """Latency of one denoising step, and memory, of a model or saved quantized folder."""
-    from dmquant.models.adapters import find_denoiser
     from dmquant.loading import load_pipeline
+    from dmquant.models.adapters import find_denoiser
 
     pipe = load_pipeline(model)
     _, denoiser, _ = find_denoiser(pipe)
