@@ -49,12 +49,42 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="generate with fixed seeds and measure CLIP score, FID, PSNR/SSIM vs a reference")
+    p.add_argument("--model", required=True, help="quantized folder, zoo name, local diffusers folder, or hub id")
+    p.add_argument("--reference", help="the model to compare with (same seeds): e.g. the full-precision one")
+    p.add_argument("--prompts", required=True, help="prompt file, one prompt per line (image i uses prompt i)")
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, report.md, images/")
+    p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--clip-model", default="auto", help="open_clip 'name:pretrained' or local-dir:PATH; auto: "
+                   "the zoo judge for zoo prompts, else ViT-L-14:openai")
+    p.add_argument("--fid-features", default="auto", help="inception, or a CLIP spec; auto as for --clip-model")
+    p.add_argument("--real-images", help="folder of real images for FID")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="quantize the zoo's tiny-shapes-sd at W8A8 and W4A8, evaluate against FP")
+    p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
+    p.add_argument("--recipes", default="w8a8,w4a8", help="comma-separated recipe names")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmquant", description="Post-training quantization for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_calibrate(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
     sub.add_parser("recipes", help="list the built-in recipes")
     return parser
 
@@ -80,6 +110,24 @@ def _run(args: argparse.Namespace) -> None:
 
         report = bench_model(args.model, args.batch, args.latent_size, args.repeats)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
+    elif args.command == "evaluate":
+        from dmquant.metrics.evaluation import evaluate
+        from dmquant.metrics.generation import GenerationConfig
+
+        generation = GenerationConfig(args.num_inference_steps, args.guidance_scale, args.seed, args.batch_size,
+                                      progress=not args.quiet)
+        metrics = evaluate(args.model, args.prompts, args.num_images, args.out, args.reference, config=generation,
+                           clip_model=args.clip_model, fid_features=args.fid_features,
+                           real_images=args.real_images, device=args.device)
+        keys = ("clip_score", "fid", "psnr_vs_reference", "ssim_vs_reference", "seconds")
+        print(" ".join(f"{k}={metrics.get(k)}" for k in keys))
+        print(f"wrote {args.out}/metrics.json, grid.png, report.md")
+    elif args.command == "demo":
+        from dmquant.demo import DemoConfig, format_table, run_demo
+
+        config = DemoConfig(recipes=tuple(args.recipes.split(",")), num_images=args.num_images,
+                            num_inference_steps=args.num_inference_steps, out=args.out, progress=not args.quiet)
+        print(format_table(run_demo(config)))
     elif args.command == "recipes":
         from dmquant.config import list_recipes, load_recipe
 
