@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from dmquant.config import WeightQuantConfig
+from dmquant.errors import DMQuantError
+from dmquant.quantizers.affine import sqnr_db
+from dmquant.quantizers.modules import WeightQuantizer
+from dmquant.quantizers.outliers import hadamard, smoothing_factors, svd_split
+
+
+def test_smoothing_leaves_the_output_unchanged_and_balances_ranges():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, 3] *= 50  # an outlier channel
+    w = torch.randn(16, 32, generator=g)
+    s = smoothing_factors(x.abs().amax(0), w, alpha=0.5)
+    assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), rtol=1e-4, atol=1e-3)
+    before = x.abs().amax(0).max() / x.abs().amax(0).median()
+    after = (x / s).abs().amax(0).max() / (x / s).abs().amax(0).median()
+    assert after < before / 4
+
+
+def test_hadamard_is_orthogonal_and_rotation_preserves_the_output():
+    for n in (8, 40, 320):
+        h = hadamard(n, seed=1)
+        assert torch.allclose(h @ h.t(), torch.eye(n), atol=1e-5)
+    x, w = torch.randn(10, 320), torch.randn(7, 320)
+    h = hadamard(320)
+    assert torch.allclose((x @ h) @ (w @ h).t(), x @ w.t(), rtol=1e-4, atol=1e-3)
+    with pytest.raises(DMQuantError, match="even dimension"):
+        hadamard(15)
+
+
+def test_rotation_spreads_an_outlier_channel():
+    x = torch.randn(256, 64)
+    x[:, 5] *= 40
+    rotated = x @ hadamard(64)
+    assert rotated.abs().max() < x.abs().max() / 3
+
+
+def test_svd_split_is_exact_without_quantization_and_reduces_4bit_error():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g) * 3  # strong low-rank part
+    w = low + 0.1 * torch.randn(64, 128, generator=g)
+    l1, l2, r = svd_split(w, 8)
+    assert l1.shape == (64, 8) and l2.shape == (8, 128)
+    assert torch.allclose(l1 @ l2 + r, w, atol=1e-5)
+    q = WeightQuantizer(WeightQuantConfig(bits=4, granularity="group", group_size=64))
+    q.calibrate(w)
+    plain = sqnr_db(w, q(w))
+    q.calibrate(r)
+    with_branch = sqnr_db(w, l1 @ l2 + q(r))
+    assert with_branch > plain + 10.0
+
+
+def test_rank_larger_than_the_layer_is_an_error():
+    with pytest.raises(DMQuantError, match="rank=65 is larger than this layer allows"):
+        svd_split(torch.randn(64, 128), 65)
