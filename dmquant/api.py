@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs, shared_temp_dir
+from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs, process_state, shared_temp_dir
 from dmquant.calibration.observe import observe_activations
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
@@ -125,7 +125,7 @@ def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, pro
         recon = _reconstruct(denoiser, config, CalibrationSet(folder), param, progress)
     return {"prompts": len(prompts), "steps": sorted(steps_of.seen), "num_inference_steps": c.num_inference_steps,
             "sampler": c.sampler.kind, "progressive_rounds": rounds, "denoiser_calls": calls,
-            "seconds_observation": round(observed, 2), **recon,
+            "seconds_observation": round(observed, 2), **recon, "processes": process_state().num_processes,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -176,3 +176,12 @@ class _weights_full_precision:
 
 def _attach(pipe, info: QuantizationInfo) -> None:
     object.__setattr__(pipe, "dmquant", info)
+
+
+def precompute_time_tables(pipe, num_inference_steps: int) -> int:
+    """TDQ (``time.mode: learned``): compute the activation ranges for the steps of a run of
+    ``num_inference_steps`` with the pipeline's scheduler, before generating; returns the quantizers updated."""
+    from dmquant.nn.timestep import precompute_learned_tables
+
+    _, denoiser, _ = find_denoiser(pipe)
+    return precompute_learned_tables(denoiser, pipe.scheduler, num_inference_steps)

@@ -46,9 +46,9 @@ def check_output_folder(out: str | Path, overwrite: bool) -> None:
 
 def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = None, overwrite: bool = False) -> Path:
     """Save a pipeline quantized by :func:`dmquant.quantize` with its run description."""
-    from accelerate import PartialState
+    from dmquant.calibration.collect import process_state
 
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:  # under accelerate, the main process writes the folder
         info = getattr(pipe, "dmquant", None)
         if info is None:

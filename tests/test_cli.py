@@ -110,10 +110,14 @@ def test_two_accelerate_processes_calibrate_like_one(tmp_path):
               "--steps", "4", "--batch-size", "1", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "dmquant.cli",
+    # on a machine without GPUs, --multi_gpu starts 2 torchrun processes that form a gloo group
+    # (accelerate's --cpu would start a single process here)
+    result = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "dmquant.cli",
                              *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    runs = [json.loads((tmp_path / name / "run.json").read_text())["calibration"] for name in ("one", "two")]
+    assert [r["processes"] for r in runs] == [1, 2]
     one = load_file(str(tmp_path / "one" / "transformer" / "dmquant_weights.safetensors"))
     two = load_file(str(tmp_path / "two" / "transformer" / "dmquant_weights.safetensors"))
     assert one.keys() == two.keys() and sum(k.endswith("input_scale") for k in one) > 10

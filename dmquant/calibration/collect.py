@@ -41,6 +41,15 @@ class _StepRecorder:
         self.index += 1
 
 
+def process_state():
+    """accelerate's process state. On the CPU it must be created with ``cpu=True`` for the processes of
+    ``accelerate launch --multi_gpu`` / ``torchrun`` to form a (gloo) group; the first call decides."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def conditioning_argument(pipe) -> str:
     """The name of the pipeline's conditioning argument: ``prompt`` or ``class_labels``."""
     params = inspect.signature(pipe.__call__).parameters
@@ -82,9 +91,7 @@ def collect_denoiser_inputs(
     ``steps`` is a list of step indices, or a function of the batch index giving them (samplers that
     draw steps afresh for every prompt batch).
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cond_arg = conditioning_argument(pipe)
@@ -118,10 +125,9 @@ def collect_denoiser_inputs(
 @contextmanager
 def shared_temp_dir(prefix: str = "dmquant-calib-") -> Iterator[Path]:
     """A temporary folder that every accelerate process sees (made by the main process, then shared)."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    state = process_state()
     path = [tempfile.mkdtemp(prefix=prefix) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(path)

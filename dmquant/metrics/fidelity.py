@@ -1,0 +1,71 @@
+"""Fidelity of images to a reference generated with identical seeds: PSNR, SSIM (torchmetrics), LPIPS.
+
+Images are compared in [0, 1] (data range 1). PSNR is computed per image and averaged (an identical
+pair gives +inf); SSIM uses torchmetrics' Gaussian 11x11 window (smaller for images under 11 px) and
+is averaged over images. LPIPS needs torchvision backbone weights, which cannot be downloaded offline:
+it is reported when they are in the torch hub cache, else None.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from dmquant.errors import DMQuantError
+from dmquant.metrics.images import as_uint8_batch, check_same_shape
+
+
+def _pair(images, reference, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = as_uint8_batch(images), as_uint8_batch(reference)
+    check_same_shape(a, b, what)
+    if len(a) == 0:
+        raise DMQuantError(f"{what} of an empty image set")
+    to_t = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).double().div(255.0)  # noqa: E731
+    return to_t(a), to_t(b)
+
+
+def psnr(images, reference) -> float:
+    """Mean over images of 10 log10(1 / MSE) with pixels in [0, 1]; +inf when every pair is identical."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = _pair(images, reference, "PSNR")
+    per_image = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return float(per_image.mean())
+
+
+def ssim(images, reference) -> float:
+    """Mean SSIM (torchmetrics, Gaussian window 11, sigma 1.5, data range 1)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = _pair(images, reference, "SSIM")
+    kernel = 11 if min(a.shape[-2:]) >= 11 else (min(a.shape[-2:]) // 2) * 2 - 1
+    return float(structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=kernel))
+
+
+def lpips_available(net: str = "alex") -> bool:
+    """True when LPIPS' backbone weights are in the torch hub cache (they cannot be downloaded offline)."""
+    names = {"alex": "alexnet-owt-", "vgg": "vgg16-", "squeeze": "squeezenet1_1-"}
+    ckpt = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return os.path.isdir(ckpt) and any(f.startswith(names[net]) for f in os.listdir(ckpt))
+
+
+def lpips(images, reference, net: str = "alex") -> float | None:
+    """Mean LPIPS (torchmetrics) or None when the backbone weights are not available offline."""
+    if not lpips_available(net):
+        return None
+    from torchmetrics.functional.image import learned_perceptual_image_patch_similarity
+
+    a, b = _pair(images, reference, "LPIPS")
+    return float(learned_perceptual_image_patch_similarity(a.float(), b.float(), net_type=net, normalize=True))
+
+
+def fidelity_metrics(images, reference) -> dict[str, float | None]:
+    """PSNR, SSIM and (when available) LPIPS of ``images`` against ``reference``."""
+    value = psnr(images, reference)
+    return {
+        "psnr_vs_reference": value if np.isfinite(value) else float("inf"),
+        "ssim_vs_reference": ssim(images, reference),
+        "lpips_vs_reference": lpips(images, reference),
+    }

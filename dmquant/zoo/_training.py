@@ -1,0 +1,85 @@
+"""Small helpers shared by the zoo's training scripts (seeding, schedules, logging, saving)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def base_parser(description: str, steps: int, batch_size: int, lr: float, seed: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the budget is 2 cores)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-every", type=int, default=50)
+    return p
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_tensor_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class Logger:
+    """Prints a line every few steps with a running mean of the loss; keeps the last mean."""
+
+    def __init__(self, name: str, total: int, every: int) -> None:
+        self.name, self.total, self.every = name, total, every
+        self.start = time.time()
+        self.window: list[float] = []
+        self.last_mean = float("nan")
+
+    def step(self, step: int, loss: float, **extra: float) -> None:
+        self.window.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            self.last_mean = float(np.mean(self.window))
+            self.window = []
+            more = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
+            print(
+                f"[{self.name}] step {step + 1}/{self.total} loss {self.last_mean:.5f} {more} "
+                f"({time.time() - self.start:.0f}s)",
+                flush=True,
+            )
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.start
+
+
+def write_train_log(folder: Path, name: str, args: argparse.Namespace, logger: Logger, **extra) -> None:
+    record = {
+        "model": name,
+        "final_loss": logger.last_mean,
+        "seconds": round(logger.seconds, 1),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "torch": torch.__version__,
+        **extra,
+    }
+    (folder / "train_log.json").write_text(json.dumps(record, indent=2) + "\n")

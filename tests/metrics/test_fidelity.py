@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import pytest
+
+from dmquant.errors import DMQuantError
+from dmquant.metrics.fidelity import fidelity_metrics, lpips, lpips_available, psnr, ssim
+
+
+def _images(seed=0, n=4, size=32):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_psnr_of_identical_images_is_inf_and_ssim_is_one():
+    a = _images()
+    assert psnr(a, a.copy()) == math.inf
+    assert ssim(a, a.copy()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_psnr_of_known_noise_matches_closed_form():
+    a = np.full((3, 32, 32, 3), 128, dtype=np.uint8)
+    sign = np.where(np.random.default_rng(1).random(a.shape) < 0.5, -1, 1)
+    b = (a.astype(int) + 8 * sign).astype(np.uint8)  # every pixel off by exactly 8/255
+    assert psnr(b, a) == pytest.approx(20 * math.log10(255 / 8), abs=1e-5)
+    # per-image mean: images with different MSE average their PSNRs, not their MSEs
+    c = b.copy()
+    c[1] = (a[1].astype(int) + 4 * sign[1]).astype(np.uint8)
+    expected = (2 * 20 * math.log10(255 / 8) + 20 * math.log10(255 / 4)) / 3
+    assert psnr(c, a) == pytest.approx(expected, abs=1e-5)
+
+
+def test_ssim_drops_with_noise():
+    a = _images(2)
+    noisy = np.clip(a.astype(int) + np.random.default_rng(3).integers(-40, 41, a.shape), 0, 255).astype(np.uint8)
+    assert 0.0 < ssim(noisy, a) < 0.99
+
+
+def test_mismatched_sizes_raise():
+    with pytest.raises(DMQuantError, match="shapes"):
+        psnr(_images(size=32), _images(size=16))
+    with pytest.raises(DMQuantError, match="mismatched sizes"):
+        psnr([np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)], _images(n=2))
+
+
+def test_lpips_reports_none_without_weights():
+    a = _images(n=2)
+    value = lpips(a, a)
+    assert (value is None) == (not lpips_available())
+    assert set(fidelity_metrics(a, a)) == {"psnr_vs_reference", "ssim_vs_reference", "lpips_vs_reference"}

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+import dmquant
+from dmquant.errors import DMQuantError
+from dmquant.metrics.generation import GenerationConfig, generate
+from dmquant.zoo import data
+from dmquant.zoo.configs import WEIGHTS_DIR
+from dmquant.zoo.judge import attribute_accuracy
+
+SD_HELDOUT_SHAPE_FLOOR = 0.45  # a regression guard (32 images, 10 steps); the acceptance numbers are in eval/zoo_accuracy.json
+FAST = GenerationConfig(num_inference_steps=10, guidance_scale=5.0, seed=0, batch_size=16, progress=False)
+
+
+def test_list_and_unknown_name():
+    assert dmquant.zoo.list() == ["tiny-shapes-clip", "tiny-shapes-dit", "tiny-shapes-sd"]
+    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-sd"):
+        dmquant.zoo.load("tiny-shapes-xl")
+
+
+def test_weights_are_safetensors_and_small():
+    files = [f for f in WEIGHTS_DIR.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    for name in dmquant.zoo.list():
+        assert list((WEIGHTS_DIR / name).rglob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return dmquant.zoo.load("tiny-shapes-sd")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return dmquant.zoo.load("tiny-shapes-clip")
+
+
+def test_sd_is_a_real_stable_diffusion_pipeline(sd):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(sd, StableDiffusionPipeline)
+    assert isinstance(sd.vae, AutoencoderKL) and isinstance(sd.unet, UNet2DConditionModel)
+    assert isinstance(sd.text_encoder, CLIPTextModel) and isinstance(sd.tokenizer, CLIPTokenizer)
+    assert sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size
+    with torch.no_grad():
+        lat = sd.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert lat.shape == (1, 4, 8, 8)
+    assert sd.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_sd_generation_is_deterministic(sd):
+    cfg = GenerationConfig(num_inference_steps=4, batch_size=2, progress=False)
+    a = generate(sd, ["a large red circle at the top left on a black background"] * 2, cfg, distributed=False)
+    b = generate(sd, ["a large red circle at the top left on a black background"] * 2, cfg, distributed=False)
+    assert a.shape == (2, 32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a[0], a[1])
+
+
+def test_judge_reads_shape_and_color_of_ground_truth(judge):
+    caps = data.sample_captions(48, seed=21, split="heldout")
+    truth = np.stack([data.render(data.parse_caption(c), i) for i, c in enumerate(caps)])
+    acc = attribute_accuracy(judge, truth, caps)
+    assert acc["shape"] >= 0.9 and acc["color"] >= 0.95
+    acc = attribute_accuracy(judge, truth, caps, marginal=True)
+    assert acc["shape"] >= 0.9 and acc["color"] >= 0.95
+
+
+def test_sd_follows_heldout_prompts(sd, judge):
+    caps = data.sample_captions(32, seed=22, split="heldout")
+    images = generate(sd, caps, FAST, distributed=False)
+    acc = attribute_accuracy(judge, images, caps)
+    assert acc["color"] >= 0.8 and acc["shape"] >= SD_HELDOUT_SHAPE_FLOOR, acc
+
+
+def test_dit_follows_its_labels(judge):
+    from diffusers import DiTPipeline
+
+    dit = dmquant.zoo.load("tiny-shapes-dit")
+    assert isinstance(dit, DiTPipeline) and len(dit.labels) == 24
+    assert "yellow circle" not in dit.labels and "red circle" in dit.labels  # held-out pairs have no class
+    caps = data.sample_captions(32, seed=23, split="train")
+    images = generate(dit, caps, FAST, distributed=False)
+    acc = attribute_accuracy(judge, images, caps, marginal=True)  # the DiT is not told size/position/background
+    assert acc["color"] >= 0.8 and acc["shape"] >= 0.55, acc
