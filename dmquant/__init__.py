@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "quantize": ("dmquant.api", "quantize"),
+    "precompute_time_tables": ("dmquant.api", "precompute_time_tables"),
     "QuantConfig": ("dmquant.config", "QuantConfig"),
     "load_recipe": ("dmquant.config", "load_recipe"),
     "list_recipes": ("dmquant.config", "list_recipes"),

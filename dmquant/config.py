@@ -177,7 +177,8 @@ class ReconstructionConfig:
     Minimises the output error of each unit against the full-precision unit on calibration inputs,
     plus a regulariser that drives the rounding variables to 0 or 1 (its exponent annealed from
     ``beta_start`` to ``beta_end``). ``learn_act_scales`` learns the static activation scales in the
-    same loop (LSQ-style). ``num_samples`` recorded denoiser calls feed it.
+    same loop (LSQ-style; ``act_learning_rate`` is relative to each scale). ``num_samples`` recorded
+    denoiser calls feed it.
     """
 
     unit: str = "block"

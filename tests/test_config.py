@@ -20,7 +20,7 @@ def test_recipe_round_trips_through_yaml(tmp_path):
 
 
 def test_unknown_recipe_names_the_known_ones():
-    with pytest.raises(DMQuantError, match="unknown recipe 'w3a3'.*w4a16, w4a8, w8a8"):
+    with pytest.raises(DMQuantError, match="unknown recipe 'w3a3'.*w4a16, w4a8, .*w8a8"):
         load_recipe("w3a3")
 
 

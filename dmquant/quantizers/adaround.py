@@ -1,0 +1,45 @@
+"""AdaRound: learned rounding of weights (up or down per weight), as functions on tensors.
+
+``W_soft = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)`` with the rectified sigmoid
+``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``; the regulariser ``sum(1 - |2 h(V) - 1|^beta)``
+pushes every ``h`` to 0 or 1, after which ``h`` is hardened (``V >= 0`` rounds up).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def init_rounding(w_over_s: torch.Tensor) -> torch.Tensor:
+    """``V`` such that ``h(V)`` equals the fractional part of ``W / s`` (AdaRound starts at the weights)."""
+    rest = (w_over_s - torch.floor(w_over_s)).clamp(0.01, 0.99)
+    return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+
+
+def soft_round_weight(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, fmt,
+                      hard: bool = False) -> torch.Tensor:
+    """Dequantized weight rows with learned rounding ``h(V)`` (``hard``: 0/1 by the sign of ``V``)."""
+    h = (v >= 0).to(rows.dtype) if hard else rectified_sigmoid(v)
+    q = torch.clamp(torch.floor(rows / scale) + h + zero, fmt.qmin, fmt.qmax)
+    return (q - zero) * scale
+
+
+def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+
+
+def annealed_beta(step: int, total: int, warmup: float, start: float, end: float) -> float | None:
+    """The regulariser's exponent at ``step`` (None during warm-up: no regularisation yet)."""
+    begin = int(warmup * total)
+    if step < begin:
+        return None
+    progress = (step - begin) / max(1, total - begin)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(progress * math.pi))

@@ -1,0 +1,171 @@
+"""The time dimension end to end on tiny random pipelines: time tables and split quantizers through
+calibration, freezing and save/load; reconstruction; the timestep hook with CFG batches and DiT."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dmquant
+from dmquant.calibration.collect import collect_denoiser_inputs
+from dmquant.calibration.records import CalibrationSet
+from dmquant.errors import DMQuantError
+from dmquant.generate import generate_images
+from dmquant.models.adapters import UNET, find_denoiser
+from dmquant.models.tiny import build_tiny_dit_pipeline, build_tiny_sd_pipeline
+from dmquant.nn.int_layers import IntSplitLayer
+from dmquant.quantizers.affine import sqnr_db
+
+SD_KW = {"height": 16, "width": 16}
+TIME_SPLIT = {"weights": {"bits": 4, "method": "mse"}, "activations": {"bits": 8},
+              "attention": {"bits": 8, "probs_bits": None}, "time": {"mode": "step"}, "split": {},
+              "calibration": {"sampler": "all"}}
+
+
+def images(pipe, prompts, steps=6):
+    kw = SD_KW if "prompt" in pipe.__call__.__code__.co_varnames else {}
+    return np.stack([np.asarray(i, dtype=np.float64) for i in generate_images(pipe, prompts, steps, 0, **kw)])
+
+
+def psnr(a, b):
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_adapter_finds_every_skip_concatenation():
+    unet = build_tiny_sd_pipeline().unet
+    seen = []
+    import diffusers.models.unets.unet_2d_blocks as blocks
+
+    real_cat = torch.cat
+
+    def spy(tensors, dim=0, **kw):
+        if dim == 1 and len(tensors) == 2:
+            seen.append(tensors[0].shape[1])
+        return real_cat(tensors, dim=dim, **kw)
+
+    blocks.torch.cat = spy
+    try:
+        with torch.no_grad():
+            unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 3, 32))
+    finally:
+        blocks.torch.cat = real_cat
+    conv1 = [split for name, split in UNET.concat_points(unet) if name.endswith("conv1")]
+    assert conv1 == seen and len(seen) == sum(len(b.resnets) for b in unet.up_blocks)
+
+
+@pytest.fixture(scope="module")
+def time_split_sd(tmp_path_factory):
+    pipe = build_tiny_sd_pipeline()
+    reference = images(pipe, ["a white disk"])
+    dmquant.quantize(pipe, TIME_SPLIT, prompts=["a red circle", "a blue square"], num_inference_steps=6,
+                     progress=False, **SD_KW)
+    folder = tmp_path_factory.mktemp("time") / "q"
+    simulated = images(pipe, ["a white disk"])
+    pipe.save_pretrained(folder)
+    return pipe, folder, reference, simulated
+
+
+def test_time_tables_and_split_survive_freeze_and_save_load(time_split_sd):
+    pipe, folder, reference, simulated = time_split_sd
+    assert psnr(simulated, reference) > 25.0
+    assert pipe.dmquant.report.split and pipe.dmquant.calibration["steps"] == list(range(6))
+    description = json.loads((folder / "unet" / "dmquant_config.json").read_text())
+    assert description["version"] == 2
+    entry = description["layers"]["up_blocks.0.resnets.0.conv1"]
+    assert entry["type"] == "split" and entry["parts"][0]["act"]["table"] == 6
+    loaded = dmquant.load_quantized_pipeline(folder)
+    assert any(isinstance(m, IntSplitLayer) for m in loaded.unet.modules())
+    assert psnr(images(loaded, ["a white disk"]), simulated) > 35.0  # integer path vs simulation
+
+
+def test_unseen_schedule_warns_once_and_bad_tables_fail(time_split_sd, tmp_path):
+    _, folder, _, _ = time_split_sd
+    loaded = dmquant.load_quantized_pipeline(folder)
+    with pytest.warns(UserWarning, match="not in the calibrated schedule"):
+        images(loaded, ["a white disk"], steps=9)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    weights = bad / "unet" / "dmquant_weights.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("input_timesteps"))
+    state[key] = state[key] + 5.0
+    save_file(state, str(weights))
+    with pytest.raises(DMQuantError, match="timestep tables .* disagree"):
+        dmquant.load_quantized_pipeline(bad)
+
+
+def test_version_1_folders_still_load(tmp_path):
+    pipe = build_tiny_sd_pipeline()
+    dmquant.quantize(pipe, "w4a16")
+    pipe.save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "unet" / "dmquant_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 1}))
+    assert dmquant.load_quantized_pipeline(tmp_path / "q").dmquant.frozen
+
+
+def test_dit_time_tables_with_guidance_batches():
+    pipe = build_tiny_dit_pipeline()
+    reference = images(pipe, [5])
+    recipe = {**TIME_SPLIT, "time": {"mode": "interval", "num_intervals": 2}, "split": None,
+              "calibration": {"sampler": {"kind": "beta"}}}
+    dmquant.quantize(pipe, recipe, prompts=[1, 2], num_inference_steps=6, num_timesteps=4, progress=False)
+    q = pipe.transformer.transformer_blocks[0].ff.net[2].input_quantizer
+    assert q.scale.shape == (6,) and len(set(q.scale.tolist())) <= 2
+    assert psnr(images(pipe, [5]), reference) > 25.0
+
+
+def test_progressive_sampler_records_the_quantized_trajectory():
+    pipe = build_tiny_sd_pipeline()
+    recipe = {**TIME_SPLIT, "time": None, "split": None, "calibration": {"sampler": {"kind": "progressive"}}}
+    dmquant.quantize(pipe, recipe, prompts=["a red circle"], num_inference_steps=4, num_timesteps=2,
+                     progress=False, **SD_KW)
+    assert pipe.dmquant.calibration["progressive_rounds"] == 1
+
+
+def held_out(pipe, tmp_path):
+    _, denoiser, _ = find_denoiser(pipe)
+    collect_denoiser_inputs(pipe, denoiser, ["a yellow star"], [1, 3], tmp_path, 5, progress=False,
+                            call_kwargs=SD_KW)
+    calls = list(CalibrationSet(tmp_path).iter_calls())
+    with torch.no_grad():
+        return calls, [denoiser(*a, **k)[0] for a, k in calls]
+
+
+@pytest.mark.parametrize("unit", ["layer", "block"])
+def test_reconstruction_lowers_the_error_on_held_out_inputs(unit, tmp_path):
+    sqnr = {}
+    for name, recon in (("rtn", None), ("learned", {"unit": unit, "iterations": 30, "num_samples": 4,
+                                                    "learn_act_scales": unit == "block"})):
+        pipe = build_tiny_sd_pipeline()
+        calls, refs = held_out(pipe, tmp_path / name)
+        recipe = {"weights": {"bits": 3}, "activations": {"bits": 8}, "reconstruction": recon}
+        dmquant.quantize(pipe, recipe, prompts=["a red circle", "a blue square"], num_inference_steps=5,
+                         num_timesteps=3, progress=False, **SD_KW)
+        with torch.no_grad():
+            outs = [pipe.unet(*a, **k)[0] for a, k in calls]
+        sqnr[name] = np.mean([sqnr_db(r, o) for r, o in zip(refs, outs)])
+    assert sqnr["learned"] > sqnr["rtn"] + 0.5
+
+
+def test_learned_tables_precomputed_for_another_schedule():
+    import warnings
+
+    pipe = build_tiny_sd_pipeline()
+    recipe = {**TIME_SPLIT, "time": {"mode": "learned", "iterations": 50}, "split": None}
+    dmquant.quantize(pipe, recipe, prompts=["a red circle"], num_inference_steps=4, progress=False, **SD_KW)
+    assert dmquant.precompute_time_tables(pipe, 7) > 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images(pipe, ["a white disk"], steps=7)
+    assert not [w for w in caught if "calibrated schedule" in str(w.message)]  # every step is in the tables
+    plain = build_tiny_sd_pipeline()
+    dmquant.quantize(plain, {**TIME_SPLIT, "split": None}, prompts=["a red circle"], num_inference_steps=4,
+                     progress=False, **SD_KW)
+    with pytest.raises(DMQuantError, match="no learned"):
+        dmquant.precompute_time_tables(plain, 7)
