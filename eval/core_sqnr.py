@@ -42,7 +42,7 @@ def measure(model: str, recipe: str) -> list[float]:
 def main() -> None:
     print("| model | recipe | SQNR step 3 (dB) | SQNR step 6 (dB) |\n|---|---|---|---|")
     for model in CASES:
-        for recipe in ("w8a8", "w4a8", "w4a16"):
+        for recipe in ("w8a8", "w4a8-rtn", "w4a16"):
             values = measure(model, recipe)
             print(f"| {model} | {recipe} | {values[0]:.1f} | {values[1]:.1f} |")
 

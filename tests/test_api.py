@@ -60,7 +60,7 @@ def test_w4a16_sqnr_at_least_20db(kind, tmp_path):
 
 def test_w4a8_is_worse_than_w8a8_but_usable(tmp_path):
     _, s8 = sqnr_after_quantize("sd", "w8a8", tmp_path / "a")
-    _, s4 = sqnr_after_quantize("sd", "w4a8", tmp_path / "b")
+    _, s4 = sqnr_after_quantize("sd", "w4a8-rtn", tmp_path / "b")  # w4a8 adds reconstruction (slower)
     assert 15.0 < s4 < s8
 
 

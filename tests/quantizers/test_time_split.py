@@ -120,3 +120,12 @@ def test_learned_table_is_recomputed_for_new_timesteps():
     step, _ = table_quantizer("step")
     with pytest.raises(DMQuantError, match="only time.mode='learned'"):
         step.retable(torch.tensor([1.0]))
+
+
+def test_shipped_time_recipes():
+    from dmquant.config import load_recipe
+
+    assert load_recipe("w8a8-time").time.mode == "step" and load_recipe("w8a8-time").calibration.sampler.kind == "all"
+    qd = load_recipe("w4a8-qdiffusion")
+    assert qd.split is not None and qd.reconstruction.unit == "block"
+    assert load_recipe("w4a8").reconstruction == qd.reconstruction and load_recipe("w4a8-rtn").reconstruction is None
