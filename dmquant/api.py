@@ -15,6 +15,7 @@ from dmquant.config import QuantConfig, load_recipe
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import (
     WrapReport,
+    full_precision,
     quant_layers,
     set_activation_mode,
     wrap_denoiser,
@@ -111,7 +112,7 @@ def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, pro
     with shared_temp_dir() as tmp:
         folder = Path(calib_dir) if calib_dir is not None else tmp
         set_activation_mode(denoiser, "off")
-        with _weights_full_precision(denoiser):
+        with full_precision(denoiser):
             collect_denoiser_inputs(pipe, denoiser, prompts, steps_of, folder, c.num_inference_steps,
                                     c.batch_size, c.seed, progress, call_kwargs)
         calls = observe_activations(denoiser, CalibrationSet(folder).iter_calls(param.device, param.dtype), progress)
@@ -157,21 +158,6 @@ def _reconstruct(denoiser, config: QuantConfig, calib: CalibrationSet, param, pr
     start = time.perf_counter()
     report = reconstruct(denoiser, config, calib.iter_calls(param.device, param.dtype), progress=progress)
     return {"reconstruction": report, "seconds_reconstruction": round(time.perf_counter() - start, 2)}
-
-
-class _weights_full_precision:
-    """Context in which the wrapped layers compute with their full-precision weights."""
-
-    def __init__(self, denoiser):
-        self.layers = [layer for _, layer in quant_layers(denoiser)]
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.quantize_weight = False
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.quantize_weight = True
 
 
 def _attach(pipe, info: QuantizationInfo) -> None:

@@ -128,15 +128,16 @@ def full_precision(model: nn.Module):
     """Within the block a wrapped (simulated) denoiser computes in full precision; modes are restored after."""
     quantizers = activation_quantizers(model)
     layers = [layer for _, layer in quant_layers(model)]
-    modes, flags = [q.mode for q in quantizers], [layer.quantize_weight for layer in layers]
+    modes = [q.mode for q in quantizers]
+    flags = [(layer.quantize_weight, getattr(layer, "weight_override", None)) for layer in layers]
     for q in quantizers:
         q.mode = "off"
     for layer in layers:
-        layer.quantize_weight = False
+        layer.quantize_weight, layer.weight_override = False, None
     try:
         yield model
     finally:
         for q, mode in zip(quantizers, modes):
             q.mode = mode
-        for layer, flag in zip(layers, flags):
-            layer.quantize_weight = flag
+        for layer, (flag, override) in zip(layers, flags):
+            layer.quantize_weight, layer.weight_override = flag, override
