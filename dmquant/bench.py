@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,10 +91,6 @@ def peak_rss_while_loading(model: str, loader: str = "dmquant.loading:load_pipel
 
 def denoiser_weight_bytes(denoiser: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in denoiser.state_dict().values())
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_model(model: str, batch: int = 2, latent_size: int | None = None, repeats: int = 3,

@@ -16,11 +16,9 @@ from dmquant.models.tiny import TINY_NAMES, build_tiny_pipeline
 
 
 def zoo_names() -> list[str]:
-    try:
-        from dmquant import zoo
-    except ImportError:
-        return []
-    return list(zoo.list()) if hasattr(zoo, "list") else []
+    from dmquant import zoo
+
+    return zoo.list()
 
 
 def known_names() -> list[str]:

@@ -11,7 +11,7 @@ from dmquant.errors import DMQuantError
 def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise DMQuantError(f"prompt file {path} does not exist: pass a text file with one prompt per line")
+        raise DMQuantError(f"prompt file not found: {path}: pass a text file with one prompt per line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
@@ -23,18 +23,25 @@ def prompts_for_pipeline(pipe, prompts: list[str]) -> list:
     """Strings for text pipelines; class ids for class-conditioned ones (integers or label names)."""
     if conditioning_argument(pipe) != "class_labels":
         return list(prompts)
-    return [_class_id(pipe, p) for p in prompts]
+    return [class_id(pipe, p) for p in prompts]
 
 
-def _class_id(pipe, prompt) -> int:
+def class_id(pipe, prompt) -> int:
+    """Class id for a class-conditioned pipeline (DiT): an integer, or a label of ``pipe.labels``
+    (exact, else the longest label the prompt contains: "a large red circle at the top" -> "red circle")."""
     if isinstance(prompt, int):
         return prompt
     text = str(prompt).strip()
     if text.lstrip("-").isdigit():
         return int(text)
-    try:
-        return int(pipe.get_label_ids(text)[0])
-    except (ValueError, KeyError, AttributeError) as exc:
+    labels: dict[str, int] = getattr(pipe, "labels", None) or {}
+    if text in labels:
+        return int(labels[text])
+    padded = f" {text.lower()} "
+    hits = [label for label in labels if f" {label.lower()} " in padded]
+    if not hits:
         raise DMQuantError(
-            f"{text!r} is not a class of this class-conditioned pipeline: use an integer class id or a label name"
-        ) from exc
+            f"prompt {text!r} names none of the class-conditioned pipeline's labels "
+            f"(e.g. {', '.join(list(labels)[:5])}): use an integer class id or a label name"
+        )
+    return int(labels[max(hits, key=len)])

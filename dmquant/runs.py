@@ -8,6 +8,7 @@ Folders are written atomically: into a temporary sibling, then renamed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -31,9 +32,12 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            os.replace(out, old)  # the previous folder stays until the new one is in place
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -61,7 +61,7 @@ def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tm
      (["--recipe", "BITS9"], "weights.bits=9"),
      (["--recipe", "GROUP48"], "group_size=48 does not divide"),
      (["--prompts", "EMPTY"], "has no prompts"),
-     (["--prompts", "MISSING"], "does not exist"),
+     (["--prompts", "MISSING"], "prompt file not found"),
      (["--model", "someone/not-a-cached-model"], "huggingface-cli download"),
      (["--model", "NOT_A_PIPELINE"], "not a diffusers pipeline folder")],
 )

@@ -132,10 +132,14 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_attention_kernel_recipe_round_trips(tmp_path):
+def test_int8_attention_kernel_recipe_round_trips(tmp_path, monkeypatch):
+    import dmquant.nn.int8_attention as int8_module
     from dmquant.nn.int8_attention import Int8AttnProcessor
 
-    pipe = build_tiny_dit_pipeline()
+    calls = []
+    kernel = int8_module.int8_attention
+    monkeypatch.setattr(int8_module, "int8_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    pipe = build_tiny_dit_pipeline(attention_head_dim=40)  # the kernel takes head_dim 40..128
     reference = images(pipe, [5], {})
     dmquant.quantize(pipe, "w8a8-sage", prompts=[1, 2], num_inference_steps=4, num_timesteps=2, progress=False)
     processors = [m.processor for m in pipe.transformer.modules() if hasattr(m, "set_processor")]
@@ -146,3 +150,4 @@ def test_int8_attention_kernel_recipe_round_trips(tmp_path):
     assert all(isinstance(m.processor, Int8AttnProcessor) for m in loaded.transformer.modules()
                if hasattr(m, "set_processor"))
     assert psnr(images(loaded, [5], {}), quantized) > 35.0 and psnr(quantized, reference) > 25.0
+    assert len(calls) >= 2 * 4 * 2  # 2 blocks x 4 steps x (quantized + loaded) ran the int8 kernel

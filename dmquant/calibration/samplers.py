@@ -59,6 +59,11 @@ class AllStepsSampler:
         return list(range(num_inference_steps))
 
 
+def _generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of one prompt batch's draws (a new draw per batch, reproducible from ``seed``)."""
+    return torch.Generator().manual_seed(seed * 100_003 + batch)
+
+
 @dataclass(frozen=True)
 class NormalSampler:
     """``u ~ SkewNormal(mean, std, skew)`` clipped to [0, 1] (PTQ4DM: Normal(0.4, 0.4)), ``num_timesteps`` draws."""
@@ -70,7 +75,7 @@ class NormalSampler:
     seed: int = 0
 
     def draw(self, n: int, batch: int = 0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + batch)
+        gen = _generator(self.seed, batch)
         return skew_normal(n, self.mean, self.std, self.skew, gen).clamp(0.0, 1.0)
 
     def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
@@ -88,7 +93,7 @@ class BetaSampler:
     seed: int = 0
 
     def draw(self, n: int, batch: int = 0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + batch)
+        gen = _generator(self.seed, batch)
         # torch.distributions takes no generator: Beta(a, b) = Ga / (Ga + Gb) from seeded gamma draws
         a, b = _gamma(self.alpha, n, gen), _gamma(self.beta, n, gen)
         return a / (a + b)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,8 +170,9 @@ def evaluate(
 def _write_outputs(out_dir: Path, metrics: dict, images, ref_images, real, prompts: Sequence[str]) -> None:
     from PIL import Image
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    from dmquant.runs import atomic_folder
+
+    with atomic_folder(out_dir, overwrite=True) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         Image.fromarray(side_by_side_grid(images, ref_images)).save(tmp / "grid.png")
         save_pngs(images, tmp / "images" / "evaluated")
@@ -183,16 +182,6 @@ def _write_outputs(out_dir: Path, metrics: dict, images, ref_images, real, promp
             save_pngs(real, tmp / "images" / "real")
         (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(_report(metrics), encoding="utf-8")
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _fmt(v) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from dmquant.errors import DMQuantError
 from dmquant.metrics.images import as_uint8_batch
+from dmquant.prompts import class_id, read_prompt_file
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,9 @@ class GenerationConfig:
 
 
 def read_prompts(path: str | Path, num_images: int | None = None) -> list[str]:
-    """Prompts of a text file, one per line; blank lines and lines starting with '#' are skipped.
-
-    With ``num_images``, the first ``num_images`` prompts (DMQuantError if the file has fewer).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DMQuantError(f"prompt file not found: {path}")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    """Prompts of a text file (:func:`dmquant.prompts.read_prompt_file`); with ``num_images``, the first
+    ``num_images`` prompts (DMQuantError if the file has fewer)."""
+    prompts = read_prompt_file(path)
     if num_images is not None:
         check_enough_prompts(prompts, num_images, str(path))
         prompts = prompts[:num_images]
@@ -79,20 +74,7 @@ def _is_class_conditional(pipe: Any) -> bool:
     return "class_labels" in inspect.signature(pipe.__call__).parameters
 
 
-def prompt_to_class(pipe: Any, prompt: str) -> int:
-    """Class id for a class-conditional pipeline (DiT): the exact label, else the longest label the
-    prompt contains (so "a large red circle at the top" -> "red circle")."""
-    labels: dict[str, int] = getattr(pipe, "labels", {}) or {}
-    if prompt in labels:
-        return labels[prompt]
-    text = f" {prompt.lower()} "
-    hits = [lab for lab in labels if f" {lab.lower()} " in text]
-    if not hits:
-        raise DMQuantError(
-            f"prompt {prompt!r} names none of the class-conditional pipeline's labels "
-            f"(e.g. {', '.join(list(labels)[:5])})"
-        )
-    return labels[max(hits, key=len)]
+prompt_to_class = class_id  # the one mapping of prompts to DiT classes lives in dmquant.prompts
 
 
 def _run_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: GenerationConfig) -> np.ndarray:

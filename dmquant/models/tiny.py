@@ -72,13 +72,13 @@ def _eval_mode(pipe):
     return pipe
 
 
-def build_tiny_dit_pipeline(seed: int = 0):
+def build_tiny_dit_pipeline(seed: int = 0, attention_head_dim: int = 16):
     """A random-weight class-conditioned DiTPipeline on 8×8×4 latents (patch 2, 2 blocks)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        num_attention_heads=2, attention_head_dim=attention_head_dim, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
     )
     scheduler = DDIMScheduler(clip_sample=False)
