@@ -9,9 +9,11 @@ from pathlib import Path
 
 from dmquant.calibration.collect import check_prompts, collect_denoiser_inputs, process_state, shared_temp_dir
 from dmquant.calibration.observe import observe_activations
+from dmquant.calibration.outliers import prepare_outlier_branches
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
 from dmquant.config import QuantConfig, load_recipe
+from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import (
     WrapReport,
@@ -32,17 +34,26 @@ class QuantizationInfo:
     report: WrapReport
     calibration: dict = field(default_factory=dict)
     frozen: bool = False
+    outliers: dict = field(default_factory=dict)
+    correction: object | None = None  # NoiseCorrectionStats when the recipe has 'correction'
 
 
-def apply_recipe(pipe, recipe) -> QuantizationInfo:
-    """Wrap the pipeline's denoiser for ``recipe`` and quantize its weights (no activation statistics)."""
+def apply_recipe(pipe, recipe, progress: bool = False) -> QuantizationInfo:
+    """Wrap the pipeline's denoiser for ``recipe`` and quantize its weights (no activation statistics).
+
+    Rotation and the low-rank branch are attached here; smoothing, which needs activation
+    statistics, is attached by :func:`quantize` during calibration.
+    """
     config = load_recipe(recipe)
     attr, denoiser, adapter = find_denoiser(pipe)
     report = wrap_denoiser(denoiser, config, adapter)
     for _, layer in quant_layers(denoiser):
         layer.calibrate_weight()
+    outliers = {}
+    if config.has_outlier_branch and config.smoothing is None:
+        outliers = prepare_outlier_branches(denoiser, config, progress=progress)
     set_activation_mode(denoiser, "quant" if not config.needs_calibration_data else "off")
-    info = QuantizationInfo(config, attr, adapter.name, report)
+    info = QuantizationInfo(config, attr, adapter.name, report, outliers=outliers)
     _attach(pipe, info)
     from dmquant.pipeline import make_quantized
 
@@ -78,10 +89,15 @@ def quantize(
     find_denoiser(pipe)  # fail early on pipelines without a denoiser
     if config.needs_calibration_data and calibration_data is None:
         prompts = check_prompts(pipe, prompts)[: config.calibration.max_prompts]
-    info = apply_recipe(pipe, config)
+    if config.correction is not None and calibration_data is not None:
+        raise DMQuantError("noise correction ('correction') is fitted on sampling runs of the pipeline: pass "
+                           "prompts instead of calibration_data, or drop the 'correction' section")
+    info = apply_recipe(pipe, config, progress=progress)
     if config.needs_calibration_data and calibration_data is not None:
         _, denoiser, _ = find_denoiser(pipe)
         calls = list(calibration_data)
+        if config.smoothing is not None:
+            info.outliers = prepare_outlier_branches(denoiser, config, calls, progress)
         info.calibration = {"denoiser_calls": observe_activations(denoiser, calls, progress)}
         if config.reconstruction is not None:
             from dmquant.calibration.reconstruct import reconstruct
@@ -89,7 +105,26 @@ def quantize(
             info.calibration["reconstruction"] = reconstruct(denoiser, config, calls, progress=progress)
     elif config.needs_calibration_data:
         info.calibration = _calibrate_activations(pipe, info, prompts, calib_dir, progress, call_kwargs)
+    if config.correction is not None:
+        info.calibration["correction"] = _fit_correction(pipe, info, prompts, progress, call_kwargs)
     return pipe
+
+
+def _fit_correction(pipe, info: QuantizationInfo, prompts, progress, call_kwargs) -> dict:
+    """Fit the recipe's noise correction on the quantized pipeline's own runs and hook it on."""
+    from dmquant.correction.ptqd import apply_noise_correction, fit_noise_correction
+
+    c, steps = info.config.correction, info.config.calibration.num_inference_steps
+    start = time.perf_counter()
+    stats = fit_noise_correction(pipe, list(prompts[: c.num_prompts]), steps, batch_size=c.batch_size,
+                                 seed=info.config.calibration.seed, progress=progress, **call_kwargs)
+    if c.method == "bias":
+        stats = stats.bias_only()
+    info.correction = stats
+    apply_noise_correction(pipe, stats, absorb_variance=c.absorb_variance and c.method == "ptqd")
+    return {"method": c.method, "prompts": min(len(prompts), c.num_prompts), "num_inference_steps": steps,
+            "k_mean": round(float(stats.k.mean()), 5), "residual_std_mean": round(float(stats.var.sqrt().mean()), 5),
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _override(calib, steps, timesteps, batch_size, seed):
@@ -115,6 +150,9 @@ def _calibrate_activations(pipe, info: QuantizationInfo, prompts, calib_dir, pro
         with full_precision(denoiser):
             collect_denoiser_inputs(pipe, denoiser, prompts, steps_of, folder, c.num_inference_steps,
                                     c.batch_size, c.seed, progress, call_kwargs)
+        if config.smoothing is not None:
+            info.outliers = prepare_outlier_branches(
+                denoiser, config, CalibrationSet(folder).iter_calls(param.device, param.dtype), progress)
         calls = observe_activations(denoiser, CalibrationSet(folder).iter_calls(param.device, param.dtype), progress)
         for r in range(rounds):  # PCR: record again along the quantized model's own trajectory
             folder = Path(tmp) / f"progressive-{r + 1}"

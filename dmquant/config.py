@@ -57,19 +57,24 @@ class WeightQuantConfig:
 
 @dataclass(frozen=True)
 class ActQuantConfig:
-    """How layer inputs are quantized: static per tensor (calibrated) or dynamic per token."""
+    """How layer inputs are quantized: static per tensor (calibrated), or dynamic per token or per
+    group of ``group_size`` channels of each token (computed on the fly, as the W4A4 kernel does)."""
 
     bits: int = 8
     symmetric: bool = False
     granularity: str = "tensor"
     method: str = "minmax"
     percentile: float = 99.99
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "activations.bits")
-        _check_choice(self.granularity, ("tensor", "token"), "activations.granularity")
+        _check_choice(self.granularity, ("tensor", "token", "group"), "activations.granularity")
         _check_choice(self.method, RANGE_METHODS, "activations.method")
         _check_percentile(self.percentile)
+        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise DMQuantError("activations.granularity='group' needs activations.group_size, a positive integer "
+                               "(e.g. 32 or 64)")
 
     @property
     def static(self) -> bool:
@@ -206,6 +211,93 @@ class ReconstructionConfig:
 
 
 @dataclass(frozen=True)
+class SmoothingConfig:
+    """SmoothQuant-style migration of activation outliers into the weights, per input channel.
+
+    ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` from calibration statistics; the layer computes
+    ``Q(x / s) · Q(W · s)``. ``alpha: null`` searches ``alpha`` per layer over ``search_grid``,
+    minimising the quantized layer's output error on a sample of its calibration inputs.
+    Linear layers and convolutions with ``groups=1`` (any kernel size) can take it; other layers
+    are left unsmoothed (reported).
+    """
+
+    alpha: float | None = 0.5
+    search_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    sample_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "search_grid", tuple(float(a) for a in self.search_grid))
+        for a in ((self.alpha,) if self.alpha is not None else ()) + self.search_grid:
+            if not 0.0 <= float(a) <= 1.0:
+                raise DMQuantError(f"smoothing alpha {a} must lie in [0, 1] (0.5 is SmoothQuant's default)")
+        if not self.search_grid:
+            raise DMQuantError("smoothing.search_grid is empty: give at least one alpha, e.g. [0.3, 0.5, 0.7]")
+        if not isinstance(self.sample_tokens, int) or self.sample_tokens < 1:
+            raise DMQuantError(f"smoothing.sample_tokens={self.sample_tokens!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """A randomized Hadamard rotation of each layer's input channels (QuaRot-style), folded into the
+    weights offline: ``Q(x·H) · Q(W·H)ᵀ``. Needs an even channel count; ``seed`` picks the signs."""
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise DMQuantError(f"rotation.seed={self.seed!r} must be a non-negative integer")
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """SVDQuant's low-rank branch: ``W ≈ L1·L2 + R`` from the SVD of the (smoothed) weight; ``L1``,
+    ``L2`` stay in 16-bit (``dtype``), only the residual ``R`` is quantized.
+
+    A layer gets ``min(rank, floor(max_fraction · min(out, in)))``: small layers, where the requested
+    rank would keep most of the weight in 16-bit, get a smaller branch (reported, never an error).
+    """
+
+    rank: int = 32
+    max_fraction: float = 0.5
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise DMQuantError(f"low_rank.rank={self.rank!r} must be a non-negative integer (e.g. 32)")
+        if not 0.0 < float(self.max_fraction) <= 1.0:
+            raise DMQuantError(f"low_rank.max_fraction={self.max_fraction} must lie in (0, 1]")
+        _check_choice(self.dtype, ("float16", "bfloat16", "float32"), "low_rank.dtype")
+
+
+CORRECTION_METHODS = ("ptqd", "bias")
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Noise correction in the sampler, fitted on paired full-precision / quantized denoiser outputs.
+
+    ``ptqd``: per step, the error's part correlated with the prediction (slope ``k_t``), its
+    per-channel mean ``mu_t`` and residual variance (absorbed by DDIM with eta > 0 and DDPM when
+    ``absorb_variance``). ``bias``: per step, only the per-channel mean error ``mu_t`` is removed
+    (step-wise bias correction, StepbaQ / TAC-Diffusion style). ``num_prompts`` calibration prompts
+    are sampled with the pipeline's scheduler for ``calibration.num_inference_steps`` steps;
+    generation must use the same scheduler and number of steps.
+    """
+
+    method: str = "ptqd"
+    absorb_variance: bool = True
+    num_prompts: int = 16
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, CORRECTION_METHODS, "correction.method")
+        for name in ("num_prompts", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DMQuantError(f"correction.{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Which denoiser inputs the calibration records."""
 
@@ -249,6 +341,10 @@ class QuantConfig:
     time: TimeConditioningConfig | None = None
     split: SkipSplitConfig | None = None
     reconstruction: ReconstructionConfig | None = None
+    smoothing: SmoothingConfig | None = None
+    rotation: RotationConfig | None = None
+    low_rank: LowRankConfig | None = None
+    correction: CorrectionConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -275,6 +371,9 @@ class QuantConfig:
         if r is not None and r.learn_act_scales and self.activations is not None and not static:
             raise DMQuantError("reconstruction.learn_act_scales needs static activations (dynamic per-token "
                                "ranges have no scale to learn): set it to false")
+        if self.smoothing is not None and self.activations is None:
+            raise DMQuantError("smoothing moves activation outliers into the weights, but the recipe quantizes no "
+                               "activations: drop 'smoothing' (or use low_rank alone for weight-only recipes)")
         if (self.time is not None and self.time.mode == "learned" and r is not None and r.learn_act_scales):
             raise DMQuantError("time.mode='learned' (TDQ) and reconstruction.learn_act_scales both set the "
                                "activation ranges: keep one of them")
@@ -283,7 +382,14 @@ class QuantConfig:
     def needs_calibration_data(self) -> bool:
         """True when some activation range must be estimated from data."""
         static_acts = self.activations is not None and self.activations.static
-        return static_acts or (self.attention is not None and self.attention.kernel == "fake-quant")
+        return (static_acts or (self.attention is not None and self.attention.kernel == "fake-quant")
+                or self.smoothing is not None or self.correction is not None)
+
+    @property
+    def has_outlier_branch(self) -> bool:
+        """True when layers get an input transform (smoothing, rotation) or a low-rank branch."""
+        return self.smoothing is not None or self.rotation is not None or (
+            self.low_rank is not None and self.low_rank.rank > 0)
 
     @property
     def tag(self) -> str:
@@ -291,9 +397,7 @@ class QuantConfig:
         return f"W{self.weights.bits}A{a}"
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["include"], data["exclude"] = list(self.include), list(self.exclude)
-        return data
+        return _lists(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
@@ -312,11 +416,24 @@ class QuantConfig:
             "time": TimeConditioningConfig,
             "split": SkipSplitConfig,
             "reconstruction": ReconstructionConfig,
+            "smoothing": SmoothingConfig,
+            "rotation": RotationConfig,
+            "low_rank": LowRankConfig,
+            "correction": CorrectionConfig,
         }
         for key, sub_cls in sections.items():
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = _build_section(sub_cls, kwargs[key], key)
         return cls(**kwargs)
+
+
+def _lists(value: Any) -> Any:
+    """Tuples as lists, recursively (YAML's safe dumper and JSON agree on lists)."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _build_section(cls: type, data: Any, key: str):

@@ -16,6 +16,9 @@ def generate_images(pipe, prompts: list, num_inference_steps: int = 25, seed: in
     kwargs = dict(call_kwargs)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
+    from dmquant.correction.ptqd import check_correction_schedule
+
+    check_correction_schedule(pipe, num_inference_steps)
     cond = prompts_for_pipeline(pipe, list(prompts))
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():

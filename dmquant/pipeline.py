@@ -40,6 +40,8 @@ class QuantizedPipelineMixin:
                     save_quantized_denoiser(denoiser, tmp / name, info.config)
                 elif component is not None and hasattr(component, "save_pretrained"):
                     component.save_pretrained(tmp / name)
+            if getattr(info, "correction", None) is not None:
+                info.correction.save(tmp / CORRECTION_NAME)
             for filename, text in (extra_files or {}).items():
                 (tmp / filename).write_text(text)
         return Path(save_directory)
@@ -54,7 +56,27 @@ class QuantizedPipelineMixin:
         denoiser = load_quantized_denoiser(folder / attr, device=device)
         pipe = super().from_pretrained(str(folder), **{attr: denoiser}, **kwargs)
         _attach_loaded_info(pipe, folder / attr)
+        _load_correction(pipe, folder)
         return pipe.to(device)
+
+
+CORRECTION_NAME = "dmquant_correction.safetensors"
+
+
+def _load_correction(pipe, folder: Path) -> None:
+    """Hook the saved noise correction (recipes with 'correction') back onto the loaded pipeline."""
+    from dmquant.correction.ptqd import NoiseCorrectionStats, apply_noise_correction
+
+    correction = pipe.dmquant.config.correction
+    path = folder / CORRECTION_NAME
+    if correction is None:
+        return
+    if not path.is_file():
+        raise DMQuantError(f"{path} is missing: the recipe has noise correction but the folder lacks its "
+                           "statistics; save the quantized pipeline again")
+    stats = NoiseCorrectionStats.load(path)
+    pipe.dmquant.correction = stats
+    apply_noise_correction(pipe, stats, absorb_variance=correction.absorb_variance and correction.method == "ptqd")
 
 
 def _set_base_class_name(model_index: Path, cls: type) -> None:

@@ -63,6 +63,7 @@ def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = Non
             "denoiser": info.denoiser, "adapter": info.adapter,
             "quantized_layers": len(info.report.quantized), "excluded_layers": info.report.excluded,
             "attention_modules": len(info.report.attention), "calibration": info.calibration,
+            "outliers": info.outliers,
             "seconds": None if seconds is None else round(seconds, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -88,6 +89,19 @@ def _summary(run: dict) -> str:
         f"- quantized attention modules: {run['attention_modules']}",
         f"- calibration: {calib.get('prompts', 0)} prompts, steps {calib.get('steps', [])} of "
         f"{calib.get('num_inference_steps', '-')}, {calib.get('denoiser_calls', 0)} denoiser calls",
+        *_outlier_lines(run.get("outliers") or {}, calib.get("correction")),
         f"- time: {run['seconds']} s", "",
         "Load it with `dmquant.load_quantized_pipeline(folder)` or `dmquant generate --model folder`.", "",
     ])
+
+
+def _outlier_lines(outliers: dict, correction: dict | None) -> list[str]:
+    lines = []
+    if outliers:
+        lines.append(f"- outlier branches: {outliers['layers']} layers (smoothed {outliers['smoothed']}, rotated "
+                     f"{outliers['rotated']}, low-rank {outliers['low_rank']}, rank capped on {outliers['rank_capped']}); "
+                     f"{outliers['branch_bytes'] / 2**20:.2f} MiB of branch tensors")
+    if correction:
+        lines.append(f"- noise correction: {correction['method']} fitted on {correction['prompts']} prompts at "
+                     f"{correction['num_inference_steps']} steps (generate with that step count)")
+    return lines

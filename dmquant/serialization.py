@@ -17,14 +17,17 @@ from safetensors.torch import load_file, save_file
 from dmquant import __version__
 from dmquant.config import QuantConfig
 from dmquant.errors import DMQuantError
-from dmquant.nn.int_layers import ActSpec, IntConv2d, IntLinear, IntSplitLayer, freeze_layer
+from dmquant.nn.int_layers import ActSpec, IntConv2d, IntLinear, IntOutlierLayer, IntSplitLayer, freeze_layer
 from dmquant.nn.layers import _QuantLayer
+from dmquant.nn.outlier import OutlierBranch
 from dmquant.nn.wrap import _set_submodule, attention_modules, quantize_attention
 from dmquant.quantizers.packed import QuantizedWeight
 
 # version 2: layer entries of type "split" (two parts of a skip concatenation) and activation
-# timestep tables ("act": {..., "table": K}); version 1 folders have neither and load unchanged.
-FORMAT, FORMAT_VERSION = "dmquant-denoiser", 2
+# timestep tables ("act": {..., "table": K}); version 3: entries of type "outlier" (smoothing,
+# rotation, low-rank branch around an inner entry) and per-group dynamic activations. Older
+# folders load unchanged.
+FORMAT, FORMAT_VERSION = "dmquant-denoiser", 3
 CONFIG_NAME, WEIGHTS_NAME = "dmquant_config.json", "dmquant_weights.safetensors"
 
 
@@ -34,6 +37,10 @@ def is_quantized_denoiser_folder(folder: str | Path) -> bool:
 
 def _layer_entry(layer) -> dict:
     frozen = freeze_layer(layer) if isinstance(layer, _QuantLayer) else layer
+    if isinstance(frozen, IntOutlierLayer):
+        inner = _layer_entry(frozen.inner)[0]
+        return {"type": "outlier", "branch": frozen.branch.spec(), "channel_dim": frozen.channel_dim,
+                "inner": inner}, frozen
     if isinstance(frozen, IntSplitLayer):
         parts = [_layer_entry(p)[0] for p in frozen.parts]
         return {"type": "split", "split": frozen.split, "channel_dim": frozen.channel_dim, "parts": parts}, frozen
@@ -52,7 +59,7 @@ def export_denoiser(denoiser: torch.nn.Module) -> tuple[dict, dict[str, torch.Te
     for name, module in denoiser.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue  # the parts of a frozen split layer
-        if isinstance(module, (_QuantLayer, IntLinear, IntConv2d, IntSplitLayer)):
+        if isinstance(module, (_QuantLayer, IntLinear, IntConv2d, IntSplitLayer, IntOutlierLayer)):
             entry, frozen = _layer_entry(module)
             layers[name] = entry
             skip_prefixes.append(name + ".")
@@ -143,6 +150,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _empty_layer(entry: dict):
+    if entry["type"] == "outlier":
+        branch = OutlierBranch.from_spec(entry["branch"], device="meta")
+        return IntOutlierLayer(_empty_layer(entry["inner"]), branch, entry["channel_dim"])
     if entry["type"] == "split":
         parts = tuple(_empty_layer(p) for p in entry["parts"])
         return IntSplitLayer(parts, entry["split"], entry["channel_dim"])

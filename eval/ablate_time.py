@@ -117,6 +117,16 @@ def reference_images(model: str, n: int, weights: str):
 
 
 def run_one(model: str, bits: str, variant: str, n: int, calib_prompts: int) -> dict:
+    config = recipe_for(bits, variant, calib_prompts)
+    label = "recipe_" + Path(variant.split(":", 1)[1]).stem if variant.startswith("recipe:") else variant
+    return run_config(model, config, variant, label, n, calib_prompts)
+
+
+def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int, calib_prompts: int,
+               fid: bool = False, out: Path = OUT) -> dict:
+    """Quantize the zoo model with ``config``, generate ``n`` images by the protocol, measure; cached
+    in <out>/<model>-<weights>-<bits>-<label>-<n>.json (eval/ablation by default). ``fid``: add the FID (judge features)
+    against the procedural ground truth of the prompts, and that of the FP images."""
     from dmquant.metrics.clip_score import ZOO_CLIP, compute_clip_score
     from dmquant.metrics.fidelity import fidelity_metrics
 
@@ -124,9 +134,7 @@ def run_one(model: str, bits: str, variant: str, n: int, calib_prompts: int) -> 
     pipe = dmquant.zoo.load(MODELS[model])
     if fingerprint(model) != weights:
         raise RuntimeError(f"the {model} zoo weights changed while loading: run again")
-    config = recipe_for(bits, variant, calib_prompts)
-    label = "recipe_" + Path(variant.split(":", 1)[1]).stem if variant.startswith("recipe:") else variant
-    path = OUT / f"{model}-{weights}-{config.tag}-{label}-{n}.json"
+    path = out / f"{model}-{weights}-{config.tag}-{label}-{n}.json"
     if path.is_file():
         return json.loads(path.read_text())
     ref = reference_images(model, n, weights)
@@ -141,10 +149,25 @@ def run_one(model: str, bits: str, variant: str, n: int, calib_prompts: int) -> 
               "num_images": n, "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, ZOO_CLIP, "cpu"),
               "clip_score_fp": compute_clip_score(ref, prompts, ZOO_CLIP, "cpu"),
-              **fidelity_metrics(images, ref), "calibration": _jsonable(pipe.dmquant.calibration)}
-    OUT.mkdir(exist_ok=True)
+              **fidelity_metrics(images, ref), "calibration": _jsonable(pipe.dmquant.calibration),
+              "outliers": {k: v for k, v in pipe.dmquant.outliers.items() if k not in ("alpha", "left_out")}}
+    if fid:
+        from dmquant.metrics.evaluation import render_prompts
+        from dmquant.metrics.fid import compute_fid
+
+        real = render_prompts(prompts)
+        result["fid"] = compute_fid(images, real, ZOO_CLIP)
+        result["fid_fp"] = compute_fid(ref, real, ZOO_CLIP)
+    out.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def current_rows(out: Path) -> list[dict]:
+    """The cached results in ``out`` that were measured on the current zoo weights."""
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    current = {m: fingerprint(m) for m in MODELS}
+    return [r for r in rows if r.get("weights") == current[r["model"]]]
 
 
 def _jsonable(value):
@@ -240,9 +263,7 @@ def main() -> None:
         plot_ranges(ROOT / "time_ranges.png")
         return
     if args.table:
-        rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
-        current = {m: fingerprint(m) for m in MODELS}
-        print(table([r for r in rows if r.get("weights") == current[r["model"]]]))
+        print(table(current_rows(OUT)))
         return
     for model in args.models.split(","):
         for bits in args.bits.split(","):

@@ -85,6 +85,26 @@ def test_bad_input_exits_2_with_one_clear_line(args, message, sd_folder, prompts
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_outlier_and_correction_recipe_from_the_cli(sd_folder, prompts, tmp_path, capsys):
+    recipe = tmp_path / "w4a4c.yaml"
+    recipe.write_text("weights: {bits: 4, granularity: group, group_size: 16}\n"
+                      "activations: {bits: 4, symmetric: true, granularity: group, group_size: 16}\n"
+                      "smoothing: {alpha: 0.5}\nlow_rank: {rank: 4}\ncorrection: {method: ptqd, num_prompts: 2}\n")
+    out = tmp_path / "run"
+    assert run_cli("calibrate", "--model", sd_folder, "--recipe", recipe, "--prompts", prompts, "--out", out,
+                   "--steps", 5, "--num-timesteps", 2, "--height", 16, "--width", 16, "--quiet") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["outliers"]["layers"] == run["quantized_layers"] == run["outliers"]["smoothed"]
+    assert run["calibration"]["correction"]["prompts"] == 2 and (out / "dmquant_correction.safetensors").is_file()
+    assert "noise correction: ptqd" in (out / "summary.md").read_text()
+    common = ["--prompt", "a red circle", "--height", 16, "--width", 16]
+    assert run_cli("generate", "--model", out, "--out", tmp_path / "ok.png", "--steps", 5, *common) == 0
+    capsys.readouterr()
+    assert run_cli("generate", "--model", out, "--out", tmp_path / "bad.png", "--steps", 7, *common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "same scheduler and number of steps" in err[0] and not (tmp_path / "bad.png").exists()
+
+
 def test_existing_output_folder_is_not_overwritten(sd_folder, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -12,15 +12,19 @@ def test_shipped_recipes_load_and_tag():
     assert w4a16.activations is None and not w4a16.needs_calibration_data
 
 
-def test_recipe_round_trips_through_yaml(tmp_path):
-    config = load_recipe("w4a8")
+@pytest.mark.parametrize("name", ["w4a8", "w4a4-svd", "w4a8-ptqd"])
+def test_recipe_round_trips_through_yaml(tmp_path, name):
+    config = load_recipe(name)
     save_recipe(config, tmp_path / "r.yaml")
     again = load_recipe(tmp_path / "r.yaml")
     assert again == config
+    searched = QuantConfig.from_dict({**config.to_dict(), "smoothing": {"alpha": None, "search_grid": [0.3, 0.6]}})
+    save_recipe(searched, tmp_path / "s.yaml")
+    assert load_recipe(tmp_path / "s.yaml") == searched
 
 
 def test_unknown_recipe_names_the_known_ones():
-    with pytest.raises(DMQuantError, match="unknown recipe 'w3a3'.*w4a16, w4a8, .*w8a8"):
+    with pytest.raises(DMQuantError, match="unknown recipe 'w3a3'.*w4a16, .*w4a8, .*w8a8"):
         load_recipe("w3a3")
 
 

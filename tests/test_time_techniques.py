@@ -16,6 +16,7 @@ from dmquant.models.adapters import UNET, find_denoiser
 from dmquant.models.tiny import build_tiny_dit_pipeline, build_tiny_sd_pipeline
 from dmquant.nn.int_layers import IntSplitLayer
 from dmquant.quantizers.affine import sqnr_db
+from dmquant.serialization import FORMAT_VERSION
 
 SD_KW = {"height": 16, "width": 16}
 TIME_SPLIT = {"weights": {"bits": 4, "method": "mse"}, "activations": {"bits": 8},
@@ -72,7 +73,7 @@ def test_time_tables_and_split_survive_freeze_and_save_load(time_split_sd):
     assert psnr(simulated, reference) > 25.0
     assert pipe.dmquant.report.split and pipe.dmquant.calibration["steps"] == list(range(6))
     description = json.loads((folder / "unet" / "dmquant_config.json").read_text())
-    assert description["version"] == 2
+    assert description["version"] == FORMAT_VERSION == 3
     entry = description["layers"]["up_blocks.0.resnets.0.conv1"]
     assert entry["type"] == "split" and entry["parts"][0]["act"]["table"] == 6
     loaded = dmquant.load_quantized_pipeline(folder)

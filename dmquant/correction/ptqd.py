@@ -34,6 +34,7 @@ class NoiseCorrectionStats:
     k: torch.Tensor
     mu: torch.Tensor
     var: torch.Tensor
+    mean_error: torch.Tensor | None = None  # [T, C] plain mean of the error (fitted stats only)
 
     def index(self, timestep) -> int:
         t = int(timestep.reshape(-1)[0].item()) if torch.is_tensor(timestep) else int(timestep)
@@ -57,6 +58,15 @@ class NoiseCorrectionStats:
         except Exception as exc:
             raise DMQuantError(f"noise-correction statistics {path} are missing or damaged ({exc})") from exc
 
+    def bias_only(self) -> NoiseCorrectionStats:
+        """Step-wise bias correction (StepbaQ / TAC-Diffusion style): the mean error of each step and
+        channel, without the slope and the variance. Its ``mu`` is refitted as the plain mean error."""
+        if self.mean_error is None:
+            raise DMQuantError("these noise-correction statistics carry no mean error (loaded from a file?): "
+                               "fit them again with fit_noise_correction")
+        return NoiseCorrectionStats(self.timesteps, torch.zeros_like(self.k), self.mean_error.clone(),
+                                    torch.zeros_like(self.var), self.mean_error)
+
     @classmethod
     def identity(cls, timesteps, channels: int) -> NoiseCorrectionStats:
         n = len(timesteps)
@@ -79,6 +89,9 @@ class _Accumulator:
         self.see += (e * e).sum(1)
         self.sed += (e * d).sum(1)
         self.sdd += (d * d).sum(1)
+
+    def mean_error(self) -> torch.Tensor:
+        return (self.sd / self.n).float()
 
     def fit(self) -> tuple[float, torch.Tensor, float]:
         cee = self.see - self.se**2 / self.n
@@ -146,7 +159,8 @@ def fit_noise_correction(pipe, prompts, num_inference_steps: int, batch_size: in
     timesteps = sorted(recorder.acc, reverse=True)
     fits = [recorder.acc[t].fit() for t in timesteps]
     return NoiseCorrectionStats(torch.tensor(timesteps).long(), torch.tensor([f[0] for f in fits]),
-                                torch.stack([f[1] for f in fits]), torch.tensor([f[2] for f in fits]))
+                                torch.stack([f[1] for f in fits]), torch.tensor([f[2] for f in fits]),
+                                torch.stack([recorder.acc[t].mean_error() for t in timesteps]))
 
 
 class NoiseCorrection:
@@ -264,6 +278,22 @@ def apply_noise_correction(pipe, stats: NoiseCorrectionStats, absorb_variance: b
     correction = NoiseCorrection(pipe, stats, absorb_variance)
     object.__setattr__(pipe, "_dmquant_noise_correction", correction)
     return correction
+
+
+def check_correction_schedule(pipe, num_inference_steps: int) -> None:
+    """Fail before sampling (not midway) when ``pipe`` carries a noise correction fitted for other steps."""
+    correction = getattr(pipe, "_dmquant_noise_correction", None)
+    if correction is None:
+        return
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    wanted = {int(t) for t in scheduler.timesteps}
+    fitted = {int(t) for t in correction.stats.timesteps}
+    if not wanted <= fitted:
+        raise DMQuantError(
+            f"this pipeline's noise correction was fitted for {len(fitted)} steps of {type(pipe.scheduler).__name__} "
+            f"and cannot correct a {num_inference_steps}-step run: generate with the same scheduler and number of "
+            f"steps ({len(fitted)}), or fit the correction again for this schedule")
 
 
 def remove_noise_correction(pipe) -> None:

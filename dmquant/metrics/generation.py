@@ -94,6 +94,10 @@ def generate_shard(
     """{global index: uint8 image} for the batches of ``rank``."""
     from tqdm.auto import tqdm
 
+    from dmquant.correction.ptqd import check_correction_schedule
+
+    check_correction_schedule(pipe, cfg.num_inference_steps)
+
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     batches = shard_batches(len(prompts), cfg.batch_size, rank, world_size)

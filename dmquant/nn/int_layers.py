@@ -19,6 +19,7 @@ same lookup as the simulation). A layer fed by a skip concatenation with split q
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -28,8 +29,9 @@ from torch import nn
 from dmquant.formats import IntFormat
 from dmquant.kernels import cpu_int8
 from dmquant.nn.layers import QuantConv2d, QuantLinear, _QuantLayer
+from dmquant.nn.outlier import OutlierBranch, apply_branch
 from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_from_range
-from dmquant.quantizers.granularity import from_rows, to_rows
+from dmquant.quantizers.granularity import dynamic_rows, from_dynamic_rows
 from dmquant.quantizers.modules import SplitActQuantizer, SplitWeightQuantizer, split_channels
 from dmquant.quantizers.packed import QuantizedWeight
 
@@ -37,21 +39,26 @@ from dmquant.quantizers.packed import QuantizedWeight
 class ActSpec:
     """How a frozen layer's input is quantized: ``static`` (stored scale) or ``token`` (dynamic)."""
 
-    def __init__(self, bits: int, qmin: int, qmax: int, granularity: str, symmetric: bool, table: int = 0):
+    def __init__(self, bits: int, qmin: int, qmax: int, granularity: str, symmetric: bool, table: int = 0,
+                 group_size: int | None = None):
         self.bits, self.qmin, self.qmax = int(bits), int(qmin), int(qmax)
         self.granularity, self.symmetric = granularity, bool(symmetric)
         self.table = int(table)  # entries of the timestep table; 0: one static scale
+        self.group_size = None if group_size is None else int(group_size)  # granularity 'group' only
 
     @classmethod
     def from_quantizer(cls, q) -> ActSpec:
         table = q.scale.numel() if q.config.static and q.scale.ndim == 1 else 0
-        return cls(q.config.bits, q.fmt.qmin, q.fmt.qmax, q.config.granularity, q.config.symmetric, table)
+        return cls(q.config.bits, q.fmt.qmin, q.fmt.qmax, q.config.granularity, q.config.symmetric, table,
+                   q.config.group_size if q.config.granularity == "group" else None)
 
     def spec(self) -> dict:
         spec = {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "granularity": self.granularity,
                 "symmetric": self.symmetric}
         if self.table:
             spec["table"] = self.table
+        if self.group_size is not None:
+            spec["group_size"] = self.group_size
         return spec
 
     @property
@@ -139,10 +146,10 @@ class _IntLayer(nn.Module):
             if x.dtype == torch.float32:
                 return fake_quant_inference(x, scale, zero, fmt)
             return fake_quant(x, scale, zero, fmt)
-        rows = to_rows(x, "token", channel_dim=self.channel_dim)
+        rows = dynamic_rows(x, self.act.granularity, self.act.group_size, self.channel_dim)
         signed_fmt = IntFormat(self.act.bits, signed=self.act.qmin < 0)
         scale, zero = qparams_from_range(rows.amin(1), rows.amax(1), signed_fmt, self.act.symmetric)
-        return from_rows(fake_quant(rows, scale[:, None], zero[:, None], fmt), x, "token", self.channel_dim)
+        return from_dynamic_rows(fake_quant(rows, scale[:, None], zero[:, None], fmt), x, self.channel_dim)
 
     def weight_nbytes(self) -> int:
         return self.qweight.nbytes()
@@ -227,8 +234,69 @@ class IntSplitLayer(nn.Module):
         return sum(p.weight_nbytes() for p in self.parts)
 
 
-def freeze_layer(layer: _QuantLayer) -> _IntLayer | IntSplitLayer:
+def fused_int4_supported(inner: nn.Module, branch: OutlierBranch | None) -> bool:
+    """Whether :func:`dmquant.kernels.int4_linear` computes this layer in one kernel: a linear layer
+    with int4 weights in groups of 64 (symmetric), 4- or 8-bit symmetric activations quantized on the
+    fly per token or per group of 64, and a branch without rotation (smoothing and low rank fuse)."""
+    from dmquant.kernels.int4 import GROUP_SIZE
+
+    if not isinstance(inner, IntLinear) or (branch is not None and branch.rotation_seed is not None):
+        return False
+    q, a = inner.qweight, inner.act
+    weight_ok = (q.bits == 4 and q.packing == "int4x2" and q.symmetric and q.granularity == "group"
+                 and q.group_size == GROUP_SIZE)
+    act_ok = (a is not None and not a.static and a.symmetric and a.bits in (4, 8) and a.qmin < 0
+              and (a.granularity == "token" or a.group_size == GROUP_SIZE))
+    return weight_ok and act_ok
+
+
+def fused_int4_forward(inner: IntLinear, branch: OutlierBranch | None, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The layer (and its smoothing and low-rank branch) as one call of the fused W4A4/W4A8 GEMM."""
+    from dmquant.kernels.gemm import int4_linear
+
+    q, a = inner.qweight, inner.act
+    low_rank = branch is not None and branch.rank > 0
+    return int4_linear(x, q.qdata, q.scale.reshape(q.shape[0], -1), act_bits=a.bits,
+                       act_group=a.group_size if a.granularity == "group" else None,
+                       smooth=branch.smooth if branch is not None else None,
+                       lora_down=branch.lora_down if low_rank else None,
+                       lora_up=branch.lora_up if low_rank else None, bias=inner.bias, backend=backend)
+
+
+class IntOutlierLayer(nn.Module):
+    """A frozen layer behind an outlier branch: ``inner(T(x)) + low_rank(T(x))`` (see
+    :mod:`dmquant.nn.outlier`); ``inner`` holds the low-bit residual weight.
+
+    On CUDA, a layer the fused kernel supports (:func:`fused_int4_supported`) runs as one
+    :func:`dmquant.kernels.int4_linear` call (Triton; its torch path if Triton fails, with a
+    warning). ``fused_backend`` forces it elsewhere (``"torch"``, ``"triton"``) or off (``"off"``).
+    """
+
+    def __init__(self, inner: nn.Module, branch: OutlierBranch, channel_dim: int):
+        super().__init__()
+        self.inner, self.branch, self.channel_dim = inner, branch, int(channel_dim)
+        self.fused_backend: str | None = None  # None: the fused kernel on CUDA only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = self.fused_backend or ("auto" if x.is_cuda else "off")
+        if backend != "off" and fused_int4_supported(self.inner, self.branch):
+            return fused_int4_forward(self.inner, self.branch, x, backend)
+        return apply_branch(self.branch, self.inner, x, self.channel_dim)
+
+    def weight_nbytes(self) -> int:
+        return self.inner.weight_nbytes() + self.branch.nbytes()
+
+
+def freeze_layer(layer: _QuantLayer) -> _IntLayer | IntSplitLayer | IntOutlierLayer:
     """The frozen (integer-storage) twin of a calibrated simulation layer."""
+    if layer.outlier is not None:
+        branch = layer.outlier
+        layer.outlier = None
+        try:
+            inner = freeze_layer(layer)
+        finally:
+            layer.outlier = branch
+        return IntOutlierLayer(inner, copy.deepcopy(branch), layer.channel_dim)
     if layer.split is not None:
         return _freeze_split(layer)
     qweight = QuantizedWeight.from_quantizer(layer.weight.detach(), layer.weight_quantizer)

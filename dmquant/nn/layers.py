@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmquant.config import ActQuantConfig, TimeConditioningConfig, WeightQuantConfig
+from dmquant.nn.outlier import OutlierBranch, apply_branch
 from dmquant.quantizers.modules import ActQuantizer, SplitActQuantizer, SplitWeightQuantizer, WeightQuantizer
 
 
@@ -28,6 +29,26 @@ class _QuantLayer(nn.Module):
         self.quantize_weight = True
         self.weight_override = None  # a function giving the weight to use (reconstruction sets it)
         self._cached_weight: torch.Tensor | None = None
+        self.outlier: OutlierBranch | None = None  # input transform and low-rank branch (outliers)
+
+    def branch_geometry(self) -> dict | None:
+        """What an :class:`OutlierBranch` needs to know of the layer (None for a linear layer)."""
+        return None
+
+    def attach_outlier_branch(self, branch: OutlierBranch) -> None:
+        """Fold ``branch``'s transform into the weight and keep only the residual ``R = W' - L1·L2``
+        in ``weight`` (the original weight stays untouched: the layer gets a new parameter)."""
+        folded = branch.fold(self.weight)
+        if branch.rank:
+            matrix = folded.reshape(folded.shape[0], -1)
+            from dmquant.quantizers.outliers import svd_split
+
+            l1, l2, _ = svd_split(matrix, branch.rank)
+            branch.set_low_rank(l1, l2)
+            folded = (matrix - branch.low_rank_weight()).reshape(folded.shape)
+        self.weight = nn.Parameter(folded.to(self.weight.dtype), requires_grad=self.weight.requires_grad)
+        self.outlier = branch.to(self.weight.device)
+        self._cached_weight = None
 
     @property
     def split(self) -> int | None:
@@ -85,6 +106,9 @@ class QuantLinear(_QuantLayer):
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_branch(self.outlier, self._main, x, self.channel_dim)
+
+    def _main(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self.effective_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -103,7 +127,16 @@ class QuantConv2d(_QuantLayer):
         self.padding_mode = layer.padding_mode
         self._reversed_padding = getattr(layer, "_reversed_padding_repeated_twice", None)
 
+    def branch_geometry(self) -> dict | None:
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return {"unsupported": True}
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_branch(self.outlier, self._main, x, self.channel_dim)
+
+    def _main(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
         weight = self.effective_weight()
         if self.padding_mode != "zeros":

@@ -45,6 +45,11 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
             continue
         if config.weights.granularity == "group":
             check_group_size(layer.weight[0].numel(), config.weights.group_size, where=f"layer {name!r}")
+        a = config.activations
+        if a is not None and a.granularity == "group":
+            channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+            check_group_size(channels, a.group_size, where=f"the input channels of layer {name!r} "
+                             "(activations.group_size)")
         _set_submodule(model, name, quant_twin(layer, config.weights, config.activations, config.time))
         report.quantized.append(name)
     if config.attention is not None:

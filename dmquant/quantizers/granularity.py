@@ -48,3 +48,19 @@ def check_group_size(input_dim: int, group_size: int | None, where: str = "the l
             f"group_size={group_size} does not divide the input dimension {input_dim} of {where}: "
             f"pick a divisor of {input_dim}, or exclude the layer"
         )
+
+
+def dynamic_rows(x: torch.Tensor, granularity: str, group_size: int | None, channel_dim: int) -> torch.Tensor:
+    """Rows of a dynamically quantized activation: one per token, or per group of ``group_size``
+    consecutive channels of each token (``granularity='group'``)."""
+    rows = to_rows(x, "token", channel_dim=channel_dim)
+    if granularity != "group":
+        return rows
+    check_group_size(rows.shape[1], group_size, where="the activation's channels")
+    return rows.reshape(-1, group_size)
+
+
+def from_dynamic_rows(rows: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Inverse of :func:`dynamic_rows`."""
+    moved_shape = like.movedim(channel_dim, -1).shape
+    return rows.reshape(moved_shape).movedim(-1, channel_dim)

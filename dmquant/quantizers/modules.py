@@ -20,7 +20,7 @@ from dmquant.config import ActQuantConfig, TimeConditioningConfig, WeightQuantCo
 from dmquant.errors import DMQuantError
 from dmquant.formats import IntFormat
 from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_from_range, quantize
-from dmquant.quantizers.granularity import from_rows, to_rows
+from dmquant.quantizers.granularity import dynamic_rows, from_dynamic_rows, from_rows, to_rows
 from dmquant.quantizers.observer import RangeObserver
 from dmquant.quantizers.ranges import estimate_range
 from dmquant.quantizers.timestep import RangeMLP, TimestepState, interval_groups, lookup_index, nearest_filled
@@ -149,11 +149,11 @@ class ActQuantizer(_ResizableBuffers):
         return self.time_observers[t]
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        rows = to_rows(x, "token", channel_dim=self.channel_dim)
+        rows = dynamic_rows(x, self.config.granularity, self.config.group_size, self.channel_dim)
         lo, hi = rows.detach().amin(dim=1), rows.detach().amax(dim=1)
         scale, zero = qparams_from_range(lo, hi, self.fmt, self.config.symmetric)
         q = fake_quant(rows, scale[:, None], zero[:, None], self.fmt)
-        return from_rows(q, x, "token", channel_dim=self.channel_dim)
+        return from_dynamic_rows(q, x, self.channel_dim)
 
     def _range_of(self, obs: RangeObserver) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config

@@ -16,14 +16,16 @@ from dmquant.errors import DMQuantError
 
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5,
                       eps: float = 1e-5) -> torch.Tensor:
-    """Per-input-channel factors ``s_j = max|X_j|^α / max|W_j|^(1-α)``; use ``x / s`` and ``W * s``."""
+    """Per-input-channel factors ``s_j = max|X_j|^α / max|W_j|^(1-α)``; use ``x / s`` and ``W * s``.
+
+    ``weight`` is ``[out, in]`` or a conv weight ``[out, in, kh, kw]`` (``max|W_j|`` over all its taps)."""
     if not 0.0 <= alpha <= 1.0:
         raise DMQuantError(f"smoothing alpha={alpha} must lie in [0, 1] (0.5 is SmoothQuant's default)")
-    w_absmax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=0).clamp_min(eps)
+    w_absmax = weight.detach().abs().transpose(0, 1).reshape(weight.shape[1], -1).amax(dim=1).clamp_min(eps)
     a = act_absmax.detach().float().clamp_min(eps)
     if a.shape != w_absmax.shape:
         raise DMQuantError(f"smoothing needs one activation maximum per input channel ({w_absmax.numel()}), "
-                           f"got {a.numel()}: smoothing applies to linear layers and 1x1 convolutions")
+                           f"got {a.numel()}: smoothing applies to linear layers and convolutions with groups=1")
     s = a.pow(alpha) / w_absmax.pow(1.0 - alpha)
     return s.clamp_min(eps)
 
