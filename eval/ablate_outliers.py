@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate_time import MODELS, current_rows, run_config  # noqa: E402
+from ablate_time import MODELS, current_rows, prompts_for, run_config  # noqa: E402
 
 from dmquant.config import QuantConfig, load_recipe  # noqa: E402
 
@@ -62,7 +62,8 @@ CORRECTIONS = {"base": None, "ptqd": {"method": "ptqd"}, "bias": {"method": "bia
 
 def variant_config(variant: str) -> QuantConfig:
     """A variant name: one of ``W4A4``, or ``<recipe>-<base|ptqd|bias|lowrank32|smooth0.5>`` on a
-    shipped recipe (``w4a8rtn`` is the recipe ``w4a8-rtn``), or ``recipe:<name>``."""
+    shipped recipe (``w4a8rtn`` is the recipe ``w4a8-rtn``, ``w4a8brecq`` the recipe ``w4a8``), or
+    ``recipe:<name>``."""
     if variant.startswith("recipe:"):
         return load_recipe(variant.split(":", 1)[1])
     if variant in W4A4:
@@ -71,7 +72,7 @@ def variant_config(variant: str) -> QuantConfig:
             data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
         return QuantConfig.from_dict({"name": variant, **data})
     recipe, _, technique = variant.rpartition("-")
-    data = load_recipe({"w4a8rtn": "w4a8-rtn"}.get(recipe, recipe)).to_dict()
+    data = load_recipe({"w4a8rtn": "w4a8-rtn", "w4a8brecq": "w4a8"}.get(recipe, recipe)).to_dict()
     data["name"] = variant
     if technique in CORRECTIONS:
         data["correction"] = CORRECTIONS[technique]
@@ -145,6 +146,22 @@ def print_memory() -> None:
         print(f"| {name} (W4: {rows[0]['w4_bytes'] / 2**20:.2f} MiB) | " + " | ".join(cells) + " |")
 
 
+def fid_noise(model: str, n: int = 200, seeds=(1000, 2000)) -> dict:
+    """The FID's own sampling noise: the full-precision model with other seeds, against the same
+    procedural ground truth (the spread of these values is what a FID difference must exceed)."""
+    import dmquant
+    from dmquant.metrics.clip_score import ZOO_CLIP
+    from dmquant.metrics.evaluation import render_prompts
+    from dmquant.metrics.fid import compute_fid
+    from dmquant.metrics.generation import GenerationConfig, generate
+
+    _, prompts = prompts_for(model, n)
+    pipe = dmquant.zoo.load(MODELS[model])
+    real = render_prompts(prompts)
+    return {seed: round(compute_fid(generate(pipe, prompts, GenerationConfig(seed=seed, progress=False),
+                                             distributed=False), real, ZOO_CLIP), 2) for seed in seeds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sd,dit")
@@ -154,10 +171,15 @@ def main() -> None:
     p.add_argument("--fid", action="store_true", help="also the FID (judge features) against the ground truth")
     p.add_argument("--table", action="store_true")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--fid-noise", action="store_true", help="FID of the FP model with other seeds (its noise)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.memory:
         return print_memory()
+    if args.fid_noise:
+        for model in args.models.split(","):
+            print(model, "FP FID with seeds 1000.., 2000..:", fid_noise(model, args.num_images), flush=True)
+        return
     if args.table:
         print(table(current_rows(OUT)))
         return

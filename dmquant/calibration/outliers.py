@@ -28,22 +28,31 @@ from dmquant.quantizers.outliers import smoothing_factors
 MAX_SAMPLE_PIXELS = 16 * 16  # a conv layer's input sample is cropped to at most this many positions
 
 
+SAMPLE_CALLS = 8  # the alpha search's sample is spread over this many calibration calls (several timesteps)
+
+
 class _InputStats:
-    """Per layer: the running max |x| of each input channel and one input sample for the alpha search."""
+    """Per layer: the running max |x| of each input channel and, for the alpha search, an input sample
+    taken from the first ``SAMPLE_CALLS`` calls (a spatial crop of one image for a conv, random tokens
+    for a linear layer), so that it covers several timesteps."""
 
     def __init__(self, layer: _QuantLayer, sample_tokens: int, keep_sample: bool, seed: int):
         self.layer, self.sample_tokens, self.keep_sample = layer, sample_tokens, keep_sample
         self.absmax: torch.Tensor | None = None
-        self.sample: torch.Tensor | None = None
+        self.samples: list[torch.Tensor] = []
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples, dim=0)
 
     def __call__(self, module, args) -> None:
         x = args[0].detach()
         dims = [d for d in range(x.ndim) if d != module.channel_dim % x.ndim]
         amax = x.abs().amax(dim=dims).float().cpu()
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        if self.keep_sample and self.sample is None:
-            self.sample = self._sample(x, module.channel_dim)
+        if self.keep_sample and len(self.samples) < SAMPLE_CALLS:
+            self.samples.append(self._sample(x, module.channel_dim))
 
     def _sample(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         if channel_dim == 1 and x.ndim == 4:  # conv: one image, spatially cropped
@@ -51,8 +60,9 @@ class _InputStats:
             side = int(math.isqrt(MAX_SAMPLE_PIXELS))
             return x[:1, :, : min(h, side), : min(w, side)].clone()
         tokens = x.reshape(-1, x.shape[-1])
-        if tokens.shape[0] > self.sample_tokens:
-            idx = torch.randperm(tokens.shape[0], generator=self.generator)[: self.sample_tokens]
+        per_call = max(1, self.sample_tokens // SAMPLE_CALLS)
+        if tokens.shape[0] > per_call:
+            idx = torch.randperm(tokens.shape[0], generator=self.generator)[:per_call]
             tokens = tokens[idx.to(tokens.device)]
         return tokens.clone()
 
