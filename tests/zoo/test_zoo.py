@@ -84,3 +84,24 @@ def test_dit_follows_its_labels(judge):
     images = generate(dit, caps, FAST, distributed=False)
     acc = attribute_accuracy(judge, images, caps, marginal=True)  # the DiT is not told size/position/background
     assert acc["color"] >= 0.8 and acc["shape"] >= 0.55, acc
+
+
+def test_decoder_finetuning_keeps_the_encoder_and_the_latent_scale(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from dmquant.zoo import train_vae
+
+    source = dmquant.zoo.path("tiny-shapes-sd") / "vae"
+    out = tmp_path / "vae"
+    shutil.copytree(source, out)
+    train_vae.main(["--finetune-decoder", "--steps", "2", "--num-scenes", "16", "--batch-size", "4",
+                    "--threads", "1", "--log-every", "1", "--out", str(out)])
+    before = load_file(str(source / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    scale = [json.loads((f / "config.json").read_text())["scaling_factor"] for f in (source, out)]
+    assert scale[0] == scale[1]
