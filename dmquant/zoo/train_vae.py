@@ -98,14 +98,16 @@ def finetune_decoder(args, x_all: torch.Tensor) -> None:
     vae.decoder.train()
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # the frozen encoder's posterior of every training image, computed once
+        moments = [vae.encode(x_all[i : i + 500].to(args.device)).latent_dist for i in range(0, len(x_all), 500)]
+        mean, std = torch.cat([m.mean for m in moments]), torch.cat([m.std for m in moments])
     log = Logger("tiny-shapes vae decoder", args.steps, args.log_every)
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, warmup=20)
-        x = x_all[torch.randint(len(x_all), (args.batch_size,), generator=gen)].to(args.device)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
+        idx = torch.randint(len(x_all), (args.batch_size,), generator=gen)
+        x = x_all[idx].to(args.device)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(args.device)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
