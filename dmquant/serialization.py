@@ -25,8 +25,8 @@ from dmquant.quantizers.packed import QuantizedWeight
 
 # version 2: layer entries of type "split" (two parts of a skip concatenation) and activation
 # timestep tables ("act": {..., "table": K}); version 3: entries of type "outlier" (smoothing,
-# rotation, low-rank branch around an inner entry) and per-group dynamic activations. Older
-# folders load unchanged.
+# rotation, low-rank branch around an inner entry), per-group dynamic activations and learned
+# (TDQ) tables that keep their range MLP ("act": {..., "learned": {...}}). Older folders load unchanged.
 FORMAT, FORMAT_VERSION = "dmquant-denoiser", 3
 CONFIG_NAME, WEIGHTS_NAME = "dmquant_config.json", "dmquant_weights.safetensors"
 

@@ -154,17 +154,30 @@ def test_reconstruction_lowers_the_error_on_held_out_inputs(unit, tmp_path):
     assert sqnr["learned"] > sqnr["rtn"] + 0.5
 
 
-def test_learned_tables_precomputed_for_another_schedule():
+def test_learned_tables_precomputed_for_another_schedule(tmp_path):
     import warnings
 
     pipe = build_tiny_sd_pipeline()
-    recipe = {**TIME_SPLIT, "time": {"mode": "learned", "iterations": 50}, "split": None}
+    recipe = {**TIME_SPLIT, "time": {"mode": "learned", "iterations": 50}}
     dmquant.quantize(pipe, recipe, prompts=["a red circle"], num_inference_steps=4, progress=False, **SD_KW)
-    assert dmquant.precompute_time_tables(pipe, 7) > 10
+    pipe.save_pretrained(tmp_path / "q")  # saved with the 4-step tables and each layer's range MLP
+    count = dmquant.precompute_time_tables(pipe, 7)
+    assert count > 10
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images(pipe, ["a white disk"], steps=7)
+        simulated = images(pipe, ["a white disk"], steps=7)
     assert not [w for w in caught if "calibrated schedule" in str(w.message)]  # every step is in the tables
+    loaded = dmquant.load_quantized_pipeline(tmp_path / "q")
+    assert dmquant.precompute_time_tables(loaded, 7) > 10  # the frozen layers recompute their tables too
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frozen = images(loaded, ["a white disk"], steps=7)
+    assert not [w for w in caught if "calibrated schedule" in str(w.message)]
+    assert psnr(frozen, simulated) > 35.0  # the integer path against the simulation, same 7-step tables
+    loaded.save_pretrained(tmp_path / "q7")  # the recomputed 7-entry tables are what is saved now
+    entry = next(e for e in json.loads((tmp_path / "q7" / "unet" / "dmquant_config.json").read_text())["layers"].values()
+                 if e["type"] != "split" and e["act"] and e["act"].get("learned"))
+    assert entry["act"]["table"] == 7
     plain = build_tiny_sd_pipeline()
     dmquant.quantize(plain, {**TIME_SPLIT, "split": None}, prompts=["a red circle"], num_inference_steps=4,
                      progress=False, **SD_KW)

@@ -40,17 +40,21 @@ class ActSpec:
     """How a frozen layer's input is quantized: ``static`` (stored scale) or ``token`` (dynamic)."""
 
     def __init__(self, bits: int, qmin: int, qmax: int, granularity: str, symmetric: bool, table: int = 0,
-                 group_size: int | None = None):
+                 group_size: int | None = None, learned: dict | None = None):
         self.bits, self.qmin, self.qmax = int(bits), int(qmin), int(qmax)
         self.granularity, self.symmetric = granularity, bool(symmetric)
         self.table = int(table)  # entries of the timestep table; 0: one static scale
         self.group_size = None if group_size is None else int(group_size)  # granularity 'group' only
+        self.learned = learned  # TDQ: {"num_frequencies", "hidden"} of the range MLP kept with the table
 
     @classmethod
     def from_quantizer(cls, q) -> ActSpec:
         table = q.scale.numel() if q.config.static and q.scale.ndim == 1 else 0
+        learned = None
+        if getattr(q, "learned", False):
+            learned = {"num_frequencies": q.range_mlp.num_frequencies, "hidden": q.range_mlp.net[0].out_features}
         return cls(q.config.bits, q.fmt.qmin, q.fmt.qmax, q.config.granularity, q.config.symmetric, table,
-                   q.config.group_size if q.config.granularity == "group" else None)
+                   q.config.group_size if q.config.granularity == "group" else None, learned)
 
     def spec(self) -> dict:
         spec = {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "granularity": self.granularity,
@@ -59,6 +63,8 @@ class ActSpec:
             spec["table"] = self.table
         if self.group_size is not None:
             spec["group_size"] = self.group_size
+        if self.learned is not None:
+            spec["learned"] = dict(self.learned)
         return spec
 
     @property
@@ -81,6 +87,26 @@ class _IntLayer(nn.Module):
             self.register_buffer("input_zero_point", torch.empty(shape, device=device))
         if act is not None and act.table:
             self.register_buffer("input_timesteps", torch.empty(shape, device=device))
+        if act is not None and act.learned:
+            from dmquant.quantizers.timestep import RangeMLP
+
+            self.range_mlp = RangeMLP(act.learned["num_frequencies"], act.learned["hidden"]).to(device)
+        self._packed = None
+
+    @property
+    def learned(self) -> bool:
+        """Whether the layer keeps its TDQ range MLP (its table can be recomputed for other timesteps)."""
+        return self.act is not None and self.act.learned is not None
+
+    @torch.no_grad()
+    def retable(self, keys: torch.Tensor) -> None:
+        """TDQ: the input's scale / zero-point table for new timesteps, from the kept range MLP."""
+        lo, hi = self.range_mlp(keys.float().to(self.input_scale.device))
+        fmt = IntFormat(self.act.bits, signed=self.act.qmin < 0)
+        scale, zero = qparams_from_range(lo, hi, fmt, self.act.symmetric)
+        self.input_scale, self.input_zero_point = scale.reshape(-1).float(), zero.reshape(-1).float()
+        self.input_timesteps = keys.float().clone().to(self.input_scale.device)
+        self.act.table = int(keys.numel())
         self._packed = None
 
     @property
@@ -318,6 +344,8 @@ def freeze_layer(layer: _QuantLayer) -> _IntLayer | IntSplitLayer | IntOutlierLa
         frozen.input_zero_point = q.zero_point.detach().float().reshape(shape).clone()
     if act is not None and act.table:
         frozen.input_timesteps = q.timesteps.detach().float().clone()
+    if act is not None and act.learned:
+        frozen.range_mlp.load_state_dict(q.range_mlp.state_dict())
     return frozen
 
 

@@ -71,10 +71,11 @@ def precompute_learned_tables(model: nn.Module, scheduler, num_inference_steps: 
     """TDQ: evaluate every learned range MLP at the timesteps of ``scheduler``'s run, before generation.
 
     Afterwards the tables hold exactly the steps the run will visit, so inference only indexes them.
-    Works on the simulation (frozen layers keep the tables computed at calibration). Returns how many
-    quantizers were updated; DMQuantError if the model has no learned (``time.mode: learned``) quantizer.
+    Works on the simulation and on frozen or loaded models (they keep each layer's range MLP). Returns
+    how many quantizers were updated; DMQuantError if the model has no learned (``time.mode: learned``)
+    quantizer.
     """
-    learned = [m for m in time_tables(model) if getattr(getattr(m, "time", None), "mode", None) == "learned"]
+    learned = [m for m in time_tables(model) if getattr(m, "learned", False)]
     if not learned:
         raise DMQuantError("this model has no learned (TDQ) time-conditioned quantizer: only time.mode='learned' "
                            "can compute ranges for new timesteps; others fall back to the nearest calibrated step")

@@ -106,6 +106,11 @@ class ActQuantizer(_ResizableBuffers):
         return self.time is not None
 
     @property
+    def learned(self) -> bool:
+        """Whether a range MLP (TDQ) gives the table, so it can be recomputed for other timesteps."""
+        return self.time is not None and self.time.mode == "learned"
+
+    @property
     def calibrated(self) -> bool:
         return not self.config.static or self.scale.numel() > 0
 
