@@ -72,7 +72,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="quantize the zoo's tiny-shapes-sd at W8A8 and W4A8, evaluate against FP")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
-    p.add_argument("--recipes", default="w8a8,w4a8", help="comma-separated recipe names")
+    p.add_argument("--recipes", default="w8a8,w4a8,w4a4", help="comma-separated recipe names")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quiet", action="store_true")
 

@@ -1,4 +1,4 @@
-"""``dmquant demo``: quantize the zoo's tiny-shapes-sd at W8A8 and W4A8, evaluate against FP, one table.
+"""``dmquant demo``: quantize the zoo's tiny-shapes-sd at W8A8, W4A8 and W4A4, evaluate against FP, one table.
 
 It follows the protocol of eval/README.md at a small size (defaults: 32 held-out prompts, 25 steps).
 """
@@ -18,7 +18,7 @@ CALIB_DIR = Path(__file__).resolve().parent.parent / "calib"
 @dataclass(frozen=True)
 class DemoConfig:
     model: str = "tiny-shapes-sd"
-    recipes: tuple[str, ...] = ("w8a8", "w4a8")
+    recipes: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
     num_images: int = 32
     num_calib_prompts: int = 32
     num_inference_steps: int = 25
