@@ -123,3 +123,5 @@ def test_shipped_outlier_recipes_load():
     assert svd.smoothing is not None and svd.low_rank.rank == 32 and svd.tag == "W4A4"
     assert load_recipe("w4a8-ptqd").correction.method == "ptqd"
     assert load_recipe("w4a4").tag == "W4A4"
+    g64 = load_recipe("w4a4-g64")
+    assert g64.weights.group_size == g64.activations.group_size == 64  # the fused kernel's layout
