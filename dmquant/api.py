@@ -47,10 +47,11 @@ def apply_recipe(pipe, recipe, progress: bool = False) -> QuantizationInfo:
     config = load_recipe(recipe)
     attr, denoiser, adapter = find_denoiser(pipe)
     report = wrap_denoiser(denoiser, config, adapter)
-    for _, layer in quant_layers(denoiser):
-        layer.calibrate_weight()
     outliers = {}
-    if config.has_outlier_branch and config.smoothing is None:
+    if not config.has_outlier_branch:
+        for _, layer in quant_layers(denoiser):
+            layer.calibrate_weight()
+    elif config.smoothing is None:  # the outlier stage quantizes the weights it transforms
         outliers = prepare_outlier_branches(denoiser, config, progress=progress)
     set_activation_mode(denoiser, "quant" if not config.needs_calibration_data else "off")
     info = QuantizationInfo(config, attr, adapter.name, report, outliers=outliers)

@@ -162,8 +162,9 @@ def _attach(layer: _QuantLayer, branch: OutlierBranch, original: nn.Parameter) -
 
 def prepare_outlier_branches(denoiser: nn.Module, config: QuantConfig,
                              calls: Iterable[tuple[tuple, dict]] | None = None, progress: bool = True) -> dict:
-    """Attach smoothing / rotation / low-rank branches to the wrapped layers of ``denoiser``; returns
-    a report (counts, per-layer alphas of a search, layers left out and why, bytes of the branches)."""
+    """Attach smoothing / rotation / low-rank branches to the wrapped layers of ``denoiser`` and
+    quantize every wrapped layer's weight (the residual where a branch was attached); returns a
+    report (counts, per-layer alphas of a search, layers left out and why, bytes of the branches)."""
     if not config.has_outlier_branch:
         return {}
     sm = config.smoothing
@@ -179,6 +180,7 @@ def prepare_outlier_branches(denoiser: nn.Module, config: QuantConfig,
         geometry = layer.branch_geometry()
         if geometry is not None and geometry.get("unsupported"):
             report["left_out"][name] = "grouped or non-zero-padded convolution"
+            layer.calibrate_weight()
             continue
         original = layer.weight
         rotate = config.rotation is not None

@@ -96,6 +96,13 @@ class _QuantLayer(nn.Module):
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_branch(self.outlier, self._main, x, self.channel_dim)
+
+    def _main(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on its (already transformed) input: quantized input times quantized weight."""
+        raise NotImplementedError
+
 
 class QuantLinear(_QuantLayer):
     channel_dim = -1
@@ -104,9 +111,6 @@ class QuantLinear(_QuantLayer):
                  time: TimeConditioningConfig | None = None):
         super().__init__(layer, weights, activations, time)
         self.in_features, self.out_features = layer.in_features, layer.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_branch(self.outlier, self._main, x, self.channel_dim)
 
     def _main(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self.effective_weight(), self.bias)
@@ -132,9 +136,6 @@ class QuantConv2d(_QuantLayer):
             return {"unsupported": True}
         return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
                 "dilation": self.dilation}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_branch(self.outlier, self._main, x, self.channel_dim)
 
     def _main(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
