@@ -88,6 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--size-word-dropout", type=float, default=0.25)
     p.add_argument("--vae", type=Path, default=configs.WEIGHTS_DIR / NAME / "vae")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue training the UNet and text encoder of this tiny-shapes-sd folder")
     args = p.parse_args(argv)
     seed_everything(args.seed, args.threads)
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -100,8 +102,14 @@ def main(argv=None) -> None:
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(args.device)
 
-    text_encoder = build_text_encoder(tokenizer).to(args.device).train()
-    unet = UNet2DConditionModel(**configs.UNET).to(args.device).train()
+    if args.resume is not None:
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(str(args.resume / "text_encoder")).to(args.device).train()
+        unet = UNet2DConditionModel.from_pretrained(str(args.resume / "unet")).to(args.device).train()
+    else:
+        text_encoder = build_text_encoder(tokenizer).to(args.device).train()
+        unet = UNet2DConditionModel(**configs.UNET).to(args.device).train()
     noise_sched = DDPMScheduler(**configs.NOISE_SCHEDULE)
     alphas = noise_sched.alphas_cumprod.to(args.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())

@@ -105,3 +105,18 @@ def test_decoder_finetuning_keeps_the_encoder_and_the_latent_scale(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     scale = [json.loads((f / "config.json").read_text())["scaling_factor"] for f in (source, out)]
     assert scale[0] == scale[1]
+
+
+def test_sd_training_resumes_from_a_saved_folder(tmp_path):
+    from safetensors.torch import load_file
+
+    from dmquant.zoo import train_sd
+
+    source = dmquant.zoo.path("tiny-shapes-sd")
+    train_sd.main(["--resume", str(source), "--steps", "1", "--num-scenes", "16", "--batch-size", "4",
+                   "--threads", "1", "--log-every", "1", "--out", str(tmp_path / "sd")])
+    name = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(source / name)), load_file(str(tmp_path / "sd" / name))
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and max(float((before[k] - after[k]).abs().max()) for k in changed) < 0.01  # one small step
