@@ -30,6 +30,14 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise DMQuantError(f"{what}={value!r} is not known: use one of {', '.join(choices)}")
 
 
+def _check_positive_ints(config, names: tuple[str, ...], section: str) -> None:
+    """Each of ``names`` on ``config`` must be a positive integer (the error names ``section.name``)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise DMQuantError(f"{section}.{name}={value!r} must be a positive integer")
+
+
 def _check_percentile(percentile: float) -> None:
     if not 50.0 < float(percentile) <= 100.0:
         raise DMQuantError(f"percentile={percentile} must lie in (50, 100], e.g. 99.9 or 99.99")
@@ -157,10 +165,7 @@ class TimeConditioningConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.mode, TIME_MODES, "time.mode")
-        for name in ("num_intervals", "embedding_dim", "hidden_dim", "iterations"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise DMQuantError(f"time.{name}={value!r} must be a positive integer")
+        _check_positive_ints(self, ("num_intervals", "embedding_dim", "hidden_dim", "iterations"), "time")
 
 
 @dataclass(frozen=True)
@@ -200,10 +205,7 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.unit, RECONSTRUCTION_UNITS, "reconstruction.unit")
-        for name in ("iterations", "num_samples", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise DMQuantError(f"reconstruction.{name}={value!r} must be a positive integer")
+        _check_positive_ints(self, ("iterations", "num_samples", "batch_size"), "reconstruction")
         if not (self.learning_rate > 0 and self.act_learning_rate > 0 and self.reg_weight >= 0):
             raise DMQuantError("reconstruction: learning rates must be positive and reg_weight >= 0")
         if not (self.beta_start >= self.beta_end > 0 and 0 <= self.warmup < 1):
@@ -291,10 +293,7 @@ class CorrectionConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.method, CORRECTION_METHODS, "correction.method")
-        for name in ("num_prompts", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise DMQuantError(f"correction.{name}={value!r} must be a positive integer")
+        _check_positive_ints(self, ("num_prompts", "batch_size"), "correction")
 
 
 @dataclass(frozen=True)
@@ -310,10 +309,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", _sampler_config(self.sampler))
-        for name in ("num_timesteps", "num_inference_steps", "batch_size", "max_prompts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise DMQuantError(f"calibration.{name}={value!r} must be a positive integer")
+        _check_positive_ints(self, ("num_timesteps", "num_inference_steps", "batch_size", "max_prompts"), "calibration")
 
 
 def _sampler_config(value: Any) -> TimestepSamplerConfig:
