@@ -122,7 +122,7 @@ def _fit_correction(pipe, info: QuantizationInfo, prompts, progress, call_kwargs
     if c.method == "bias":
         stats = stats.bias_only()
     info.correction = stats
-    apply_noise_correction(pipe, stats, absorb_variance=c.absorb_variance and c.method == "ptqd")
+    apply_noise_correction(pipe, stats, absorb_variance=c.absorbs_variance)
     return {"method": c.method, "prompts": min(len(prompts), c.num_prompts), "num_inference_steps": steps,
             "k_mean": round(float(stats.k.mean()), 5), "residual_std_mean": round(float(stats.var.sqrt().mean()), 5),
             "seconds": round(time.perf_counter() - start, 2)}

@@ -295,6 +295,11 @@ class CorrectionConfig:
         _check_choice(self.method, CORRECTION_METHODS, "correction.method")
         _check_positive_ints(self, ("num_prompts", "batch_size"), "correction")
 
+    @property
+    def absorbs_variance(self) -> bool:
+        """Whether the sampler's injected noise is lowered (PTQD only: bias correction has no variance)."""
+        return self.absorb_variance and self.method == "ptqd"
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:

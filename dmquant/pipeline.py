@@ -76,7 +76,7 @@ def _load_correction(pipe, folder: Path) -> None:
                            "statistics; save the quantized pipeline again")
     stats = NoiseCorrectionStats.load(path)
     pipe.dmquant.correction = stats
-    apply_noise_correction(pipe, stats, absorb_variance=correction.absorb_variance and correction.method == "ptqd")
+    apply_noise_correction(pipe, stats, absorb_variance=correction.absorbs_variance)
 
 
 def _set_base_class_name(model_index: Path, cls: type) -> None:

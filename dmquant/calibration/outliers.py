@@ -1,9 +1,10 @@
 """The outlier stage of calibration: smoothing factors from activation statistics, Hadamard rotation
 and the SVD low-rank branch, attached to every wrapped layer that can take them.
 
-Runs after the wrapped denoiser's weights are quantized once and before activation ranges are
-observed (the observers must see the transformed inputs). Smoothing needs calibration inputs (the
-per-channel maxima of each layer's input); rotation and the low-rank branch need none.
+Runs after the denoiser is wrapped and before activation ranges are observed (the observers must see
+the transformed inputs); it quantizes each wrapped layer's weight (the residual where a branch was
+attached). Smoothing needs calibration inputs (the per-channel maxima of each layer's input);
+rotation and the low-rank branch need none.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from dmquant.quantizers.modules import ActQuantizer
 from dmquant.quantizers.outliers import smoothing_factors
 
 MAX_SAMPLE_PIXELS = 16 * 16  # a conv layer's input sample is cropped to at most this many positions
-
-
 SAMPLE_CALLS = 8  # the alpha search's sample is spread over this many calibration calls (several timesteps)
 
 
@@ -99,12 +98,12 @@ def layer_rank(config: QuantConfig, weight: torch.Tensor) -> int:
     return max(0, min(lr.rank, limit))
 
 
-def _make_branch(layer: _QuantLayer, config: QuantConfig, geometry, smooth: bool, rotate: bool) -> OutlierBranch:
-    w = layer.weight
-    return OutlierBranch(w.shape[1], w.shape[0], geometry, smooth=smooth,
-                         rotation_seed=config.rotation.seed if rotate else None, rank=layer_rank(config, w),
+def _make_branch(weight: torch.Tensor, config: QuantConfig, geometry, smooth: bool, rotate: bool) -> OutlierBranch:
+    """An empty branch for a layer whose original weight is ``weight``."""
+    return OutlierBranch(weight.shape[1], weight.shape[0], geometry, smooth=smooth,
+                         rotation_seed=config.rotation.seed if rotate else None, rank=layer_rank(config, weight),
                          dtype=config.low_rank.dtype if config.low_rank is not None else "float16",
-                         device=w.device)
+                         device=weight.device)
 
 
 @torch.no_grad()
@@ -145,7 +144,7 @@ def _search_alpha(layer: _QuantLayer, config: QuantConfig, stats: _InputStats, g
     best = (math.inf, None, None)
     for alpha in config.smoothing.search_grid:
         factors = smoothing_factors(stats.absmax.to(original.device), original, alpha)
-        branch = _make_branch(layer, config, geometry, smooth=True, rotate=rotate)
+        branch = _make_branch(original, config, geometry, smooth=True, rotate=rotate)
         branch.smooth.copy_(factors)
         _attach(layer, branch, original)
         error = _layer_error(layer, branch, x, reference, config)
@@ -196,7 +195,7 @@ def prepare_outlier_branches(denoiser: nn.Module, config: QuantConfig,
             report["alpha"][name] = alpha
         elif smooth:
             factors = smoothing_factors(stats[name].absmax.to(original.device), original, sm.alpha)
-        branch = _make_branch(layer, config, geometry, smooth=smooth, rotate=rotate)
+        branch = _make_branch(original, config, geometry, smooth=smooth, rotate=rotate)
         if smooth:
             branch.smooth.copy_(factors)
         _attach(layer, branch, original)

@@ -64,8 +64,17 @@ def _generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + batch)
 
 
+class _DrawnSampler:
+    """A sampler that draws ``num_timesteps`` diffusion times per prompt batch (``draw``) and maps them
+    to the run's steps."""
+
+    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
+        _check_steps(num_inference_steps)
+        return steps_from_fractions(self.draw(self.num_timesteps, batch), num_inference_steps)
+
+
 @dataclass(frozen=True)
-class NormalSampler:
+class NormalSampler(_DrawnSampler):
     """``u ~ SkewNormal(mean, std, skew)`` clipped to [0, 1] (PTQ4DM: Normal(0.4, 0.4)), ``num_timesteps`` draws."""
 
     num_timesteps: int
@@ -78,13 +87,9 @@ class NormalSampler:
         gen = _generator(self.seed, batch)
         return skew_normal(n, self.mean, self.std, self.skew, gen).clamp(0.0, 1.0)
 
-    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
-        _check_steps(num_inference_steps)
-        return steps_from_fractions(self.draw(self.num_timesteps, batch), num_inference_steps)
-
 
 @dataclass(frozen=True)
-class BetaSampler:
+class BetaSampler(_DrawnSampler):
     """``u ~ Beta(alpha, beta)`` (BitsFusion), ``num_timesteps`` draws per prompt batch."""
 
     num_timesteps: int
@@ -97,10 +102,6 @@ class BetaSampler:
         # torch.distributions takes no generator: Beta(a, b) = Ga / (Ga + Gb) from seeded gamma draws
         a, b = _gamma(self.alpha, n, gen), _gamma(self.beta, n, gen)
         return a / (a + b)
-
-    def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
-        _check_steps(num_inference_steps)
-        return steps_from_fractions(self.draw(self.num_timesteps, batch), num_inference_steps)
 
 
 def _gamma(shape: float, n: int, generator: torch.Generator) -> torch.Tensor:

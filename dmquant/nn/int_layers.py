@@ -50,9 +50,7 @@ class ActSpec:
     @classmethod
     def from_quantizer(cls, q) -> ActSpec:
         table = q.scale.numel() if q.config.static and q.scale.ndim == 1 else 0
-        learned = None
-        if getattr(q, "learned", False):
-            learned = {"num_frequencies": q.range_mlp.num_frequencies, "hidden": q.range_mlp.net[0].out_features}
+        learned = {"num_frequencies": q.time.embedding_dim, "hidden": q.time.hidden_dim} if q.learned else None
         return cls(q.config.bits, q.fmt.qmin, q.fmt.qmax, q.config.granularity, q.config.symmetric, table,
                    q.config.group_size if q.config.granularity == "group" else None, learned)
 
@@ -315,16 +313,14 @@ class IntOutlierLayer(nn.Module):
 
 def freeze_layer(layer: _QuantLayer) -> _IntLayer | IntSplitLayer | IntOutlierLayer:
     """The frozen (integer-storage) twin of a calibrated simulation layer."""
-    if layer.outlier is not None:
-        branch = layer.outlier
-        layer.outlier = None
-        try:
-            inner = freeze_layer(layer)
-        finally:
-            layer.outlier = branch
-        return IntOutlierLayer(inner, copy.deepcopy(branch), layer.channel_dim)
-    if layer.split is not None:
-        return _freeze_split(layer)
+    frozen = _freeze_split(layer) if layer.split is not None else _freeze_plain(layer)
+    if layer.outlier is None:
+        return frozen
+    return IntOutlierLayer(frozen, copy.deepcopy(layer.outlier), layer.channel_dim)
+
+
+def _freeze_plain(layer: _QuantLayer) -> _IntLayer:
+    """Weight and input quantization of ``layer`` as one frozen layer (its outlier branch aside)."""
     qweight = QuantizedWeight.from_quantizer(layer.weight.detach(), layer.weight_quantizer)
     q = layer.input_quantizer
     act = None if q is None else ActSpec.from_quantizer(q)

@@ -14,6 +14,7 @@ holds for the stored branch. The same module serves the simulated layer and the 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class OutlierBranch(nn.Module):
         if self.rotation_seed is not None and self.in_channels % 2:
             raise DMQuantError(f"a Hadamard rotation needs an even number of input channels, got {in_channels}: "
                                "exclude the layer or drop 'rotation'")
-        taps = 1 if self.geometry is None else int(torch.tensor(self.geometry["kernel_size"]).prod())
+        taps = 1 if self.geometry is None else math.prod(self.geometry["kernel_size"])
         self.register_buffer("smooth", torch.ones(self.in_channels, device=device) if smooth else None)
         if self.rank:
             dt = DTYPES[dtype]
