@@ -4,10 +4,12 @@ Calibrates each recipe on 4 prompts (10 DDIM steps, 5 recorded), then compares t
 full-precision denoiser outputs on inputs recorded from held-out prompts at steps 3 and 6.
 
     OMP_NUM_THREADS=1 python eval/core_sqnr.py
+    OMP_NUM_THREADS=1 python eval/core_sqnr.py --recipes w8a8,w8a8-minmax   # w8a8 with min-max ranges
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 
 import torch
@@ -26,6 +28,15 @@ CASES = {
 }
 
 
+def recipe_named(name: str):
+    """A shipped recipe, or ``w8a8-minmax``: w8a8 with min-max instead of MSE activation/attention ranges."""
+    if name != "w8a8-minmax":
+        return name
+    data = dmquant.load_recipe("w8a8").to_dict()
+    data["activations"]["method"] = data["attention"]["method"] = "minmax"
+    return {**data, "name": name}
+
+
 def measure(model: str, recipe: str) -> list[float]:
     build, calib, held_out, kw = CASES[model]
     pipe = build()
@@ -35,14 +46,17 @@ def measure(model: str, recipe: str) -> list[float]:
         calls = list(CalibrationSet(tmp).iter_calls())
     with torch.no_grad():
         refs = [denoiser(*a, **k)[0] for a, k in calls]
-        dmquant.quantize(pipe, recipe, prompts=calib, num_inference_steps=10, num_timesteps=5, progress=False, **kw)
+        dmquant.quantize(pipe, recipe_named(recipe), prompts=calib, num_inference_steps=10, num_timesteps=5, progress=False, **kw)
         return [sqnr_db(r, denoiser(*a, **k)[0]) for r, (a, k) in zip(refs, calls)]
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", default="w8a8,w4a8-rtn,w4a16")
+    args = p.parse_args()
     print("| model | recipe | SQNR step 3 (dB) | SQNR step 6 (dB) |\n|---|---|---|---|")
     for model in CASES:
-        for recipe in ("w8a8", "w4a8-rtn", "w4a16"):
+        for recipe in args.recipes.split(","):
             values = measure(model, recipe)
             print(f"| {model} | {recipe} | {values[0]:.1f} | {values[1]:.1f} |")
 

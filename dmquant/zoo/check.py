@@ -1,13 +1,15 @@
 """Acceptance check of the zoo: the judge's zero-shot accuracy on generated images, and the FP grid.
 
     python -m dmquant.zoo.check [--num-images 200] [--out eval]
+    python -m dmquant.zoo.check --sd <folder> --models sd --skip-grid --out <dir>   # a retraining trial
 
 - tiny-shapes-sd: images from held-out captions (the 200 of calib/shapes_eval.txt, never seen in
   training) and from training-split captions;
 - tiny-shapes-dit: a class model has no label for a held-out pair, so it is measured on
   training-split single-object captions (mapped to their "<color> <shape>" class), with the
   ``marginal`` accuracy (it is not told size, position or background);
-- the judge itself on the procedural ground truth of the same captions (its ceiling).
+- the judge itself on the procedural ground truth of the same captions (its ceiling), and on the
+  ground truth passed through tiny-shapes-sd's VAE (what its decoder can show at best).
 
 Writes ``<out>/zoo_accuracy.json`` and ``<out>/zoo_fp_grid.png`` (the 12 prompts of
 calib/shapes_grid.txt: ground truth, then 4 seeds of tiny-shapes-sd, then 2 seeds of tiny-shapes-dit).
@@ -29,7 +31,20 @@ from dmquant.zoo.prompt_sets import GRID_PROMPTS
 STEPS, GUIDANCE, SEED = 25, 5.0, 0
 
 
-def accuracy_report(num_images: int = 200, batch_size: int = 50) -> dict:
+def vae_round_trip(vae, truth: np.ndarray) -> np.ndarray:
+    """Ground-truth scenes through the VAE (posterior mode, then decode): what the decoder can show."""
+    import torch
+
+    x = torch.from_numpy(truth).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+
+
+def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models=("sd", "dit")) -> dict:
+    """The judge's accuracy on generated images (and on the ground truth and its VAE round trip).
+
+    ``sd``: a StableDiffusionPipeline to measure instead of the zoo's tiny-shapes-sd (a trial)."""
     from dmquant import zoo
     from dmquant.metrics.generation import GenerationConfig, generate
     from dmquant.zoo.judge import attribute_accuracy
@@ -39,13 +54,19 @@ def accuracy_report(num_images: int = 200, batch_size: int = 50) -> dict:
     heldout = data.sample_captions(num_images, seed=7, split="heldout")
     train = data.sample_captions(num_images, seed=8, split="train")
     report: dict = {"protocol": cfg.to_dict(), "num_images": num_images}
+    pipes = {"tiny-shapes-sd": sd if sd is not None else zoo.load("tiny-shapes-sd")} if "sd" in models else {}
+    if "dit" in models:
+        pipes["tiny-shapes-dit"] = zoo.load("tiny-shapes-dit")
     for name, caps in (("heldout", heldout), ("train", train)):
         truth = np.stack([data.render(data.parse_caption(c), SEED + i) for i, c in enumerate(caps)])
         report[f"judge_on_ground_truth_{name}"] = attribute_accuracy(judge, truth, caps)
-    for model, caps, split in (("tiny-shapes-sd", heldout, "heldout"), ("tiny-shapes-sd", train, "train"),
-                               ("tiny-shapes-dit", train, "train")):
+        if "tiny-shapes-sd" in pipes:
+            rec = vae_round_trip(pipes["tiny-shapes-sd"].vae, truth)
+            report[f"judge_on_vae_round_trip_{name}"] = attribute_accuracy(judge, rec, caps)
+    runs = [("tiny-shapes-sd", heldout, "heldout"), ("tiny-shapes-sd", train, "train"), ("tiny-shapes-dit", train, "train")]
+    for model, caps, split in [r for r in runs if r[0] in pipes]:
         t = time.time()
-        images = generate(zoo.load(model), caps, cfg, distributed=False)
+        images = generate(pipes[model], caps, cfg, distributed=False)
         seconds = round(time.time() - t, 1)
         entry = attribute_accuracy(judge, images, caps) if model.endswith("-sd") else {}
         entry["marginal"] = attribute_accuracy(judge, images, caps, marginal=True)
@@ -81,14 +102,27 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-grid", action="store_true")
+    p.add_argument("--models", default="sd,dit", help="which of sd, dit to measure")
+    p.add_argument("--sd", type=Path, default=None,
+                   help="a tiny-shapes-sd folder to measure instead of the zoo's (e.g. a retraining trial)")
     args = p.parse_args(argv)
     from PIL import Image
 
     args.out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(fp_grid()).save(args.out / "zoo_fp_grid.png")
-    print(f"wrote {args.out / 'zoo_fp_grid.png'}", flush=True)
+    if not args.skip_grid:
+        Image.fromarray(fp_grid()).save(args.out / "zoo_fp_grid.png")
+        print(f"wrote {args.out / 'zoo_fp_grid.png'}", flush=True)
     if not args.skip_accuracy:
-        report = accuracy_report(args.num_images)
+        sd = None
+        if args.sd is not None:
+            from diffusers import StableDiffusionPipeline
+
+            sd = StableDiffusionPipeline.from_pretrained(str(args.sd))
+            sd.set_progress_bar_config(disable=True)
+        report = accuracy_report(args.num_images, sd=sd, models=tuple(args.models.split(",")))
+        if args.sd is not None:
+            report["sd_folder"] = str(args.sd)
         (args.out / "zoo_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
 
