@@ -87,7 +87,8 @@ def _attn_kernel(Q, KQ, KS, V, BIAS, OUT,
         k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
         c = q_row * tl.load(KS + bh * (N_PAD // BLOCK_N) + start // BLOCK_N)
         init = tl.where(offs_n < N_KV, 0x4B400000, -8388608)  # bits of 1.5·2²³ / of -inf
-        qk = tl.dot(qi, tl.trans(k), acc=tl.broadcast_to(init[None, :], (BLOCK_M, BLOCK_N)))
+        qk = tl.dot(qi, tl.trans(k), acc=tl.broadcast_to(init[None, :], (BLOCK_M, BLOCK_N)),
+                    out_dtype=tl.int32)  # an int32 accumulator must be named (Triton 3.6 asserts it)
         u = qk.to(tl.float32, bitcast=True)  # 1.5·2²³ + int dot, or -inf
         offset = c * 12582912.0
         if HAS_BIAS:

@@ -97,7 +97,8 @@ def _w4_gemm_kernel(XQ, XS, WP, WS, LR, L1, BIAS, OUT, M, N, K, R,
             xq = tl.load(x_ptrs, mask=m_ok[:, None], other=0)
             w32 = tl.load(w_ptrs, mask=n_ok[:, None], other=0).to(tl.int32)  # two nibbles per byte
             w = tl.reshape(tl.join((w32 << 28) >> 28, (w32 << 24) >> 28), (BLOCK_N, GROUP)).to(tl.int8)
-            part = tl.dot(xq, tl.trans(w), acc=tl.full([BLOCK_M, BLOCK_N], 0x4B400000, tl.int32))
+            part = tl.dot(xq, tl.trans(w), acc=tl.full([BLOCK_M, BLOCK_N], 0x4B400000, tl.int32),
+                          out_dtype=tl.int32)
             f = part.to(tl.float32, bitcast=True) - 12582912.0
             ws = tl.load(ws_ptrs, mask=n_ok, other=0.0)
             if PER_GROUP:
