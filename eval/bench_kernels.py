@@ -2,6 +2,7 @@
 
     python eval/bench_kernels.py            # on a CUDA machine (about 3 minutes, autotuning included)
     python eval/bench_kernels.py --dry-run  # tiny shapes on the CPU through Triton's interpreter, no timing
+    python eval/bench_kernels.py --sweep    # headline shapes: each kernel configuration timed on its own
 
 Attention: ``int8_attention`` against ``F.scaled_dot_product_attention`` (torch's default backend) at
 SD1.5 / SDXL / PixArt shapes, accuracy against exact FP32 attention. GEMM: ``int4_linear`` (W4A8 per
@@ -93,6 +94,12 @@ def run_attention(row, device, dtype, timing):
     result["cos"], result["l1"] = cos_rel_l1(out, exact)
     if timing:
         result["int8"] = bench(lambda: int8_attention(q, k, v, key_bias=bias, backend="triton"))
+        if row in ATTENTION[:2]:  # the first version of the kernel, side by side
+            from dmquant.kernels import _attention_triton as A
+
+            first = A._tuned(A.BASELINE_CONFIGS)
+            result["first"] = bench(lambda: A.attention(q, k, v, d ** -0.5, bias, kernel=first, fused_mean=False,
+                                                        even=False))
         mask16 = None if mask is None else mask.to(dtype)
         result["sdpa"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask16))
     return result
@@ -127,6 +134,15 @@ def run_gemm(row, device, dtype, timing):
     if timing:
         w16 = w.to(dtype)
         result["bf16"] = bench(lambda: F.linear(x, w16))
+        if row in GEMM[:1]:  # the first version of the kernels (prologue and main), side by side
+            from dmquant.kernels import _gemm_triton as G
+
+            first = G._tuned(G.BASELINE_CONFIGS)
+            for variant, qmax, per_group in (("w4a8", 127, False), ("w4a4", 7, True)):
+                def fn(qmax=qmax, per_group=per_group):
+                    xq, xs, _ = G.quantize_activations(x, qmax, per_group, None, None, tiled=False)
+                    return G.w4_gemm(xq, xs, packed, scales, None, None, None, dtype, kernel=first)
+                result[f"first_{variant}"] = bench(fn)
     return result
 
 
@@ -161,6 +177,82 @@ def breakdown(device, dtype, gemm_dtype):
             print(f"  autotuned {kernel.fn.__name__} {key[:3]} -> {config}")
 
 
+ATTN_SWEEP = [  # (BLOCK_M, num_warps, num_stages, SUB, LAZY)
+    (128, 8, 2, 1, 0), (128, 8, 3, 1, 0), (64, 4, 3, 1, 0),
+    (128, 8, 2, 2, 0), (128, 8, 3, 2, 0), (64, 4, 3, 2, 0),
+    (128, 8, 2, 2, 1), (128, 8, 3, 2, 1), (64, 4, 3, 2, 1), (64, 4, 2, 2, 1),
+    (128, 8, 2, 1, 1), (64, 4, 3, 1, 1), (128, 4, 2, 2, 1), (256, 8, 2, 2, 1),
+]
+GEMM_SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUPS_PER_ITER, SWAP)
+    (128, 128, 8, 3, 1, 0), (128, 128, 8, 4, 1, 0), (128, 128, 8, 3, 2, 0), (128, 256, 8, 3, 1, 0),
+    (256, 128, 8, 3, 1, 0), (128, 64, 4, 4, 1, 0),
+    (128, 128, 8, 3, 1, 1), (128, 128, 8, 4, 1, 1), (128, 128, 8, 3, 2, 1), (128, 256, 8, 3, 1, 1),
+    (256, 128, 8, 3, 1, 1), (128, 128, 4, 3, 1, 1), (128, 64, 4, 4, 1, 1), (64, 128, 4, 4, 1, 1),
+]
+
+
+def sweep(device, dtype, gemm_dtype) -> None:
+    """Each configuration of the two kernels timed on its own at the acceptance shapes (CUDA-graph ms)."""
+    from dmquant.kernels import _attention_triton as A
+    from dmquant.kernels import _gemm_triton as G
+
+    def timed(label, fn, ref=None):
+        try:
+            out = fn()
+            err = "" if ref is None else f"  maxdiff vs first version {(out.float() - ref.float()).abs().max().item():.2e}"
+            print(f"  {label:48s} {bench(fn)[1]:.4f} ms{err}", flush=True)
+        except Exception as exc:
+            print(f"  {label:48s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+    def attention_sweep(d):
+        q, k, v, _ = attention_inputs(2, 8, 4096, 4096, d, False, device, dtype)
+        scale = d ** -0.5
+        print(f"attention SD1.5 self 2x8x4096 d{d}")
+        timed("sdpa (default backend)", lambda: F.scaled_dot_product_attention(q, k, v))
+        base_kernel = A._tuned(A.BASELINE_CONFIGS)
+        ref = A.attention(q, k, v, scale, None, kernel=base_kernel, fused_mean=False, even=False)
+        timed("first version (autotuned, torch mean, masks)",
+              lambda: A.attention(q, k, v, scale, None, kernel=base_kernel, fused_mean=False, even=False))
+        timed("first version + fused K mean",
+              lambda: A.attention(q, k, v, scale, None, kernel=base_kernel, fused_mean=True, even=False))
+        mean = k.mean(dim=2, dtype=torch.float32).contiguous()
+        timed("K mean (torch) + K quant", lambda: A.quantize_k(k, mean, pad_to=A.K_PAD))
+        timed("K sums + K quant (fused mean)", lambda: A.quantize_k(k, None, pad_to=A.K_PAD))
+        for cfg in ATTN_SWEEP if d == 40 else ATTN_SWEEP[:2] + ATTN_SWEEP[6:10]:
+            kern = A._tuned([cfg])
+            timed(f"BM{cfg[0]} w{cfg[1]} s{cfg[2]} SUB{cfg[3]} LAZY{cfg[4]} (EVEN, fused mean)",
+                  lambda kern=kern: A.attention(q, k, v, scale, None, kernel=kern), ref)
+
+    attention_sweep(40)
+    m, n, kk = 4096, 1280, 1280
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, kk, device=device, generator=gen).to(gemm_dtype)
+    w = torch.randn(n, kk, device=device, generator=gen) / kk ** 0.5
+    packed, scales = quantize_int4(w)
+    scales = scales.t().contiguous().t()
+    print(f"GEMM {m}x{n}x{kk}")
+    w16 = w.to(gemm_dtype)
+    timed("bf16 F.linear", lambda: F.linear(x, w16))
+    def gemm_sweep(label, qmax, per_group):
+        timed(f"{label} prologue, first version", lambda: G.quantize_activations(x, qmax, per_group, None, None, tiled=False))
+        timed(f"{label} prologue, tiled", lambda: G.quantize_activations(x, qmax, per_group, None, None, tiled=True))
+        xq, xs, _ = G.quantize_activations(x, qmax, per_group, None, None)
+        old_q, old_s, _ = G.quantize_activations(x, qmax, per_group, None, None, tiled=False)
+        print(f"  tiled prologue == first version: {torch.equal(xq, old_q) and torch.equal(xs, old_s)}")
+        base_kernel = G._tuned(G.BASELINE_CONFIGS)
+        ref = G.w4_gemm(xq, xs, packed, scales, None, None, None, gemm_dtype, kernel=base_kernel)
+        timed(f"{label} main, first version (autotuned)",
+              lambda: G.w4_gemm(xq, xs, packed, scales, None, None, None, gemm_dtype, kernel=base_kernel))
+        for cfg in GEMM_SWEEP:
+            kern = G._tuned([cfg])
+            timed(f"{label} main BM{cfg[0]} BN{cfg[1]} w{cfg[2]} s{cfg[3]} gpi{cfg[4]} swap{cfg[5]}",
+                  lambda kern=kern: G.w4_gemm(xq, xs, packed, scales, None, None, None, gemm_dtype, kernel=kern), ref)
+
+    for label, qmax, per_group in (("w4a4 g64", 7, True), ("w4a8 per token", 127, False)):
+        gemm_sweep(label, qmax, per_group)
+    attention_sweep(64)
+
+
 def speedup(base, new, i):
     return base[i] / new[i]
 
@@ -172,6 +264,11 @@ def print_tables(attn_rows, gemm_rows):
         t, s = r["int8"], r["sdpa"]
         print(f"{r['name']:28s} {s[1]:8.4f} {t[1]:8.4f} {speedup(s, t, 1):8.2f} {speedup(s, t, 0):8.2f} "
               f"{r['cos']:8.5f} {r['l1']:7.4f}")
+    for r in attn_rows:
+        if "first" in r:
+            print(f"  {r['name']}: first version {r['first'][1]:.4f} ms -> {r['int8'][1]:.4f} ms "
+                  f"({speedup(r['first'], r['int8'], 1):.2f}x); vs sdpa {speedup(r['sdpa'], r['first'], 1):.2f}x -> "
+                  f"{speedup(r['sdpa'], r['int8'], 1):.2f}x")
     print("\n=== GEMM: int4_linear vs BF16 F.linear (cuBLAS) (ms = CUDA-graph median; x = speed-up) ===")
     print(f"{'shape':27s} {'bf16 ms':>8s} {'w4a8 ms':>8s} {'x':>5s} {'w4a4 ms':>8s} {'x':>5s} "
           f"{'+lr32 ms':>8s} {'x':>5s} {'x eager a4':>10s} {'max err':>8s}")
@@ -181,6 +278,12 @@ def print_tables(attn_rows, gemm_rows):
         print(f"{r['name']:27s} {b[1]:8.4f} {r['w4a8'][1]:8.4f} {speedup(b, r['w4a8'], 1):5.2f} "
               f"{r['w4a4'][1]:8.4f} {speedup(b, r['w4a4'], 1):5.2f} {r['w4a4+lr'][1]:8.4f} "
               f"{speedup(b, r['w4a4+lr'], 1):5.2f} {speedup(b, r['w4a4'], 0):10.2f} {err:8.1e}")
+    for r in gemm_rows:
+        for v in ("w4a8", "w4a4"):
+            if f"first_{v}" in r:
+                print(f"  {r['name']} {v}: first version {r['first_' + v][1]:.4f} ms -> {r[v][1]:.4f} ms "
+                      f"({speedup(r['first_' + v], r[v], 1):.2f}x); vs bf16 {speedup(r['bf16'], r['first_' + v], 1):.2f}x"
+                      f" -> {speedup(r['bf16'], r[v], 1):.2f}x")
 
 
 def run_all(rows, runner, device, dtype, timing):
@@ -204,7 +307,14 @@ def check_accuracy(attn_rows, gemm_rows) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (interpreter), no timing")
+    parser.add_argument("--sweep", action="store_true", help="time each kernel configuration at the headline shapes")
     args = parser.parse_args()
+    if args.sweep:
+        import triton
+
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+        sweep(torch.device("cuda"), torch.float16, torch.bfloat16)
+        return 0
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
         device, dtype, timing = torch.device("cpu"), torch.float16, False

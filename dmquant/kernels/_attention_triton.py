@@ -11,6 +11,14 @@ The int32 accumulator of Q·Kᵀ starts at the bits of 1.5·2²³ (of -inf for p
 rows are zero), so reading it as FP32 gives ``1.5·2²³ + qk`` exactly (|qk| ≤ 128·127·127 < 2²²), or
 -inf: with one K scale per block and one Q scale per row, the dequantization, the max subtraction
 and the tail mask all fold into the single FMA inside exp2, as in a 16-bit flash attention.
+
+Speed knobs of ``_attn_kernel`` (constexprs, picked by the autotuner on CUDA; none changes the math
+beyond the rounding of P): ``SUB`` blocks of 64 keys share one online-softmax update (the running
+max, the rescale of the accumulator); ``LAZY`` rescales the accumulator only when some row's max
+grows by more than 2⁸ (FlashAttention-4's trick: P then lies in (0, 2⁸], still exact in FP16/BF16
+up to rounding); ``EVEN`` drops the tail masks when the keys fill whole steps. ``_k_sum_kernel``
+computes K's per-channel sums in parallel chunks (deterministic: no atomics), and the K quantization
+reads them, which replaces a torch mean launch.
 """
 
 from __future__ import annotations
@@ -27,8 +35,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _k_quant_kernel(K, MEAN, KQ, KS, stride_kb, stride_kh, stride_kn, H, N, N_PAD,
-                    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+def _k_sum_kernel(K, PART, stride_kb, stride_kh, stride_kn, H, N, N_SPLIT,
+                  D: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+    """Per-channel sums of K over chunks of ``CHUNK`` keys: ``PART [B*H, N_SPLIT, HEAD_DIM]`` (FP32)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for r in tl.static_range(0, CHUNK, ROWS):
+        offs_n = pid * CHUNK + r + tl.arange(0, ROWS)
+        acc += tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                       mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    tl.store(PART + (bh * N_SPLIT + pid) * HEAD_DIM + offs_d, tl.sum(acc, 0))
+
+
+@triton.jit
+def _k_quant_kernel(K, MEAN, KQ, KS, stride_kb, stride_kh, stride_kn, H, N, N_PAD, N_SPLIT,
+                    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FROM_SUMS: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -38,7 +63,13 @@ def _k_quant_kernel(K, MEAN, KQ, KS, stride_kb, stride_kh, stride_kn, H, N, N_PA
     valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                 mask=valid, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + bh * D + offs_d, mask=offs_d < D, other=0.0)
+    if FROM_SUMS:  # MEAN holds the chunk sums of _k_sum_kernel
+        total = tl.zeros([HEAD_DIM], tl.float32)
+        for i in range(N_SPLIT):
+            total += tl.load(MEAN + (bh * N_SPLIT + i) * HEAD_DIM + offs_d)
+        mean = total / N
+    else:
+        mean = tl.load(MEAN + bh * D + offs_d, mask=offs_d < D, other=0.0)
     k = tl.where(valid, k - mean[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.abs(k)), 1e-12)
     x = k * (127.0 / amax)
@@ -48,12 +79,50 @@ def _k_quant_kernel(K, MEAN, KQ, KS, stride_kb, stride_kh, stride_kn, H, N, N_PA
 
 
 @triton.jit
+def _scores(qi, k_base, ks_base, bias_ptr, offs_n, offs_d, q_row, N_KV, blk,
+            HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):
+    """One block's int dot as FP32 ``1.5·2²³ + qk`` (or -inf past the keys), its row scales and offsets.
+
+    Without a bias: ``score·log2(e) = (u - 1.5·2²³)·c``. With one, ``u`` is already the score
+    (``u·c + bias·log2(e)``) and the offset is ``1.5·2²³·c``.
+    """
+    k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+    c = q_row * tl.load(ks_base + blk)
+    if EVEN:
+        init = tl.full([qi.shape[0], offs_n.shape[0]], 0x4B400000, tl.int32)
+    else:
+        init = tl.broadcast_to(tl.where(offs_n < N_KV, 0x4B400000, -8388608)[None, :],
+                               (qi.shape[0], offs_n.shape[0]))  # bits of 1.5·2²³ / of -inf
+    qk = tl.dot(qi, tl.trans(k), acc=init, out_dtype=tl.int32)  # an int32 accumulator must be named (Triton 3.6)
+    u = qk.to(tl.float32, bitcast=True)  # 1.5·2²³ + int dot, or -inf
+    offset = c * 12582912.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N_KV, other=0.0)
+        u = u * c[:, None] + bias[None, :] * 1.4426950408889634
+    return u, c, offset
+
+
+@triton.jit
+def _load_v(v_ptr, offs_n, offs_d, stride_vn, N_KV, D: tl.constexpr, EVEN: tl.constexpr, PV_DTYPE: tl.constexpr):
+    if EVEN:
+        if D == offs_d.shape[0]:
+            v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :])
+        else:
+            v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :], mask=(offs_d < D)[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=(offs_n[:, None] < N_KV) & (offs_d < D)[None, :], other=0.0)
+    return v.to(PV_DTYPE)
+
+
+@triton.jit
 def _attn_kernel(Q, KQ, KS, V, BIAS, OUT,
                  stride_qb, stride_qh, stride_qn, stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh, stride_on, stride_bias,
                  H, N_Q, N_KV, N_PAD, qk_scale,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PV_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PV_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                 SUB: tl.constexpr, LAZY: tl.constexpr, EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -82,42 +151,78 @@ def _attn_kernel(Q, KQ, KS, V, BIAS, OUT,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = KQ + bh * N_PAD * HEAD_DIM
-    for start in range(0, N_KV, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
-        c = q_row * tl.load(KS + bh * (N_PAD // BLOCK_N) + start // BLOCK_N)
-        init = tl.where(offs_n < N_KV, 0x4B400000, -8388608)  # bits of 1.5·2²³ / of -inf
-        qk = tl.dot(qi, tl.trans(k), acc=tl.broadcast_to(init[None, :], (BLOCK_M, BLOCK_N)),
-                    out_dtype=tl.int32)  # an int32 accumulator must be named (Triton 3.6 asserts it)
-        u = qk.to(tl.float32, bitcast=True)  # 1.5·2²³ + int dot, or -inf
-        offset = c * 12582912.0
+    ks_base = KS + bh * (N_PAD // BLOCK_N)
+    for start in range(0, N_KV, BLOCK_N * SUB):
+        # scores of SUB blocks of BLOCK_N keys, each in 1.5·2²³-offset units with its own scale c
+        offs_n0 = start + tl.arange(0, BLOCK_N)
+        u0, c0, off0 = _scores(qi, k_base, ks_base, BIAS + b * stride_bias, offs_n0, offs_d, q_row, N_KV,
+                               start // BLOCK_N, HEAD_DIM, HAS_BIAS, EVEN)
         if HAS_BIAS:
-            bias = tl.load(BIAS + b * stride_bias + offs_n, mask=offs_n < N_KV, other=0.0)
-            u = u * c[:, None] + bias[None, :] * 1.4426950408889634
-            m_new = tl.maximum(m_i, tl.max(u, 1) - offset)
-            p = tl.exp2(u - (offset + m_new)[:, None])
+            blk_max = tl.max(u0, 1) - off0
         else:
-            m_new = tl.maximum(m_i, (tl.max(u, 1) - 12582912.0) * c)
-            p = tl.exp2(u * c[:, None] - (offset + m_new)[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=(offs_n[:, None] < N_KV) & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(PV_DTYPE), v.to(PV_DTYPE), acc=acc * alpha[:, None])
-        m_i = m_new
+            blk_max = (tl.max(u0, 1) - 12582912.0) * c0
+        if SUB == 2:
+            offs_n1 = offs_n0 + BLOCK_N
+            u1, c1, off1 = _scores(qi, k_base, ks_base, BIAS + b * stride_bias, offs_n1, offs_d, q_row, N_KV,
+                                   start // BLOCK_N + 1, HEAD_DIM, HAS_BIAS, EVEN)
+            if HAS_BIAS:
+                blk_max = tl.maximum(blk_max, tl.max(u1, 1) - off1)
+            else:
+                blk_max = tl.maximum(blk_max, (tl.max(u1, 1) - 12582912.0) * c1)
+        if LAZY:  # rescale only when a row's max grows by more than 2⁸ (P stays within (0, 2⁸])
+            if tl.max(blk_max - m_i) > 8.0:
+                m_new = tl.maximum(m_i, blk_max)
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+        else:
+            m_new = tl.maximum(m_i, blk_max)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        if HAS_BIAS:
+            p0 = tl.exp2(u0 - (off0 + m_i)[:, None])
+        else:
+            p0 = tl.exp2(u0 * c0[:, None] - (off0 + m_i)[:, None])
+        l_i += tl.sum(p0, 1)
+        acc = tl.dot(p0.to(PV_DTYPE), _load_v(V + v_base, offs_n0, offs_d, stride_vn, N_KV, D, EVEN, PV_DTYPE),
+                     acc=acc)
+        if SUB == 2:
+            if HAS_BIAS:
+                p1 = tl.exp2(u1 - (off1 + m_i)[:, None])
+            else:
+                p1 = tl.exp2(u1 * c1[:, None] - (off1 + m_i)[:, None])
+            l_i += tl.sum(p1, 1)
+            acc = tl.dot(p1.to(PV_DTYPE), _load_v(V + v_base, offs_n1, offs_d, stride_vn, N_KV, D, EVEN, PV_DTYPE),
+                         acc=acc)
     out = acc / l_i[:, None]
     tl.store(OUT + o_base + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & d_ok[None, :])
 
 
-def _attn_configs():
-    shapes = [(128, 8, 2), (128, 8, 3), (64, 4, 3)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in shapes]
+# (BLOCK_M, num_warps, num_stages, SUB, LAZY): measured on an H100 (eval/bench_kernels.py --sweep)
+BASELINE_CONFIGS = [(128, 8, 2, 1, 0), (128, 8, 3, 1, 0), (64, 4, 3, 1, 0)]  # the first version's set
+TUNED_CONFIGS = [(128, 8, 3, 1, 0), (64, 4, 3, 1, 0), (128, 8, 4, 1, 0), (64, 4, 4, 1, 0)]
+# SUB=2 and LAZY=1 were 15-40 % slower on the H100 with Triton 3.6 (more registers per thread)
+K_PAD = 128  # the attention path pads K to whole steps of up to two blocks
 
 
-_attn_tuned = triton.autotune(configs=_attn_configs(), key=["N_KV", "D", "HAS_BIAS", "PV_DTYPE", "ALIGNED"])(_attn_kernel)
+def _attn_configs(shapes=None):
+    return [triton.Config({"BLOCK_M": bm, "SUB": sub, "LAZY": lazy}, num_warps=w, num_stages=s)
+            for bm, w, s, sub, lazy in (shapes or TUNED_CONFIGS)]
+
+
+def _tuned(shapes):
+    return triton.autotune(configs=_attn_configs(shapes), key=["N_KV", "D", "HAS_BIAS", "PV_DTYPE", "ALIGNED", "EVEN"])(
+        _attn_kernel)
+
+
+_attn_tuned = _tuned(TUNED_CONFIGS)
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUM_CHUNK = 256  # keys per program of the K sums
 
 
 def _rows_aligned(t: torch.Tensor) -> bool:
@@ -129,27 +234,45 @@ def head_dim_padded(d: int) -> int:
     return max(32, triton.next_power_of_2(d))
 
 
-def quantize_k(k: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed int8 K ``[B*H, N_PAD, HEAD_DIM]`` and its block scales ``[B*H, N_PAD / K_BLOCK]`` (float32)."""
+def quantize_k(k: torch.Tensor, mean: torch.Tensor | None = None,
+               pad_to: int = K_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed int8 K ``[B*H, N_PAD, HEAD_DIM]`` and its block scales ``[B*H, N_PAD / K_BLOCK]`` (float32).
+
+    ``mean`` ``[B, H, D]`` (FP32); ``None`` computes it on the device (chunk sums, then the quantization
+    kernel divides). ``N_PAD`` is the key count rounded up to ``pad_to`` (a multiple of ``K_BLOCK``).
+    """
     b, h, n, d = k.shape
     hd = head_dim_padded(d)
-    n_pad = triton.cdiv(n, K_BLOCK) * K_BLOCK
+    n_pad = triton.cdiv(n, pad_to) * pad_to
     kq = torch.empty(b * h, n_pad, hd, dtype=torch.int8, device=k.device)
     ks = torch.empty(b * h, n_pad // K_BLOCK, dtype=torch.float32, device=k.device)
+    n_split, from_sums = 1, mean is None
+    if from_sums:
+        n_split = triton.cdiv(n, SUM_CHUNK)
+        mean = torch.empty(b * h, n_split, hd, dtype=torch.float32, device=k.device)
+        launcher(_k_sum_kernel, k.device)[(n_split, b * h)](
+            k, mean, k.stride(0), k.stride(1), k.stride(2), h, n, n_split, D=d, HEAD_DIM=hd, CHUNK=SUM_CHUNK,
+            ROWS=32, num_warps=4)
     grid = (n_pad // K_BLOCK, b * h)
     launcher(_k_quant_kernel, k.device)[grid](
-        k, mean, kq, ks, k.stride(0), k.stride(1), k.stride(2), h, n, n_pad,
-        D=d, HEAD_DIM=hd, BLOCK=K_BLOCK)
+        k, mean, kq, ks, k.stride(0), k.stride(1), k.stride(2), h, n, n_pad, n_split,
+        D=d, HEAD_DIM=hd, BLOCK=K_BLOCK, FROM_SUMS=from_sums)
     return kq, ks
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              key_bias: torch.Tensor | None) -> torch.Tensor:
-    """Launch the kernels on ``(B, H, N, D)`` tensors whose last dimension is contiguous."""
+              key_bias: torch.Tensor | None, *, kernel=None, fused_mean: bool = True,
+              even: bool | None = None) -> torch.Tensor:
+    """Launch the kernels on ``(B, H, N, D)`` tensors whose last dimension is contiguous.
+
+    ``kernel`` (an autotuned ``_attn_kernel``, e.g. ``_tuned(BASELINE_CONFIGS)``), ``fused_mean``
+    (False: torch's mean) and ``even`` (False: tail masks kept) are for benchmarks (the first version
+    is ``kernel=_tuned(BASELINE_CONFIGS), fused_mean=False, even=False``).
+    """
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
-    mean = k.mean(dim=2, dtype=torch.float32).contiguous()
-    kq, ks = quantize_k(k, mean)
+    mean = None if fused_mean else k.mean(dim=2, dtype=torch.float32).contiguous()
+    kq, ks = quantize_k(k, mean, pad_to=K_PAD)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     bias = key_bias if key_bias is not None else ks
     pv = _TL_DTYPE.get(v.dtype, tl.float16)
@@ -157,11 +280,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             v.stride(2), out.stride(0), out.stride(1), out.stride(2), bias.stride(0),
             h, n_q, n_kv, kq.shape[1], scale * LOG2E)
     consts = dict(D=d, HEAD_DIM=kq.shape[2], BLOCK_N=K_BLOCK, HAS_BIAS=key_bias is not None,
-                  PV_DTYPE=pv, ALIGNED=all(_rows_aligned(t) for t in (q, v, out)))
+                  PV_DTYPE=pv, ALIGNED=all(_rows_aligned(t) for t in (q, v, out)), EVEN=n_kv % K_PAD == 0 if even is None else even)
     if q.is_cuda:
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_tuned[grid](*args, **consts)
+        (kernel or _attn_tuned)[grid](*args, **consts)
     else:
         grid = (triton.cdiv(n_q, 64), b * h)
-        launcher(_attn_kernel, q.device)[grid](*args, **consts, BLOCK_M=64)
+        launcher(_attn_kernel, q.device)[grid](*args, **consts, BLOCK_M=64, SUB=1, LAZY=False)
     return out

@@ -117,3 +117,26 @@ def test_column_major_scales_give_the_same_result():
     assert col_major.stride(0) == 1
     out = int4_linear(x, packed, col_major, act_bits=4, act_group=64, backend="triton")
     assert torch.equal(out, int4_linear(x, packed, scales, act_bits=4, act_group=64, backend="triton"))
+
+
+@pytest.mark.parametrize("act_bits,act_group", MODES)
+def test_tiled_prologue_matches_the_looped_one(act_bits, act_group):
+    from dmquant.kernels import _gemm_triton
+
+    x, _, _, extras = _problem(m=37, k=320)
+    inv = (1.0 / extras["smooth"]).contiguous()
+    qmax = 2 ** (act_bits - 1) - 1
+    tiled = _gemm_triton.quantize_activations(x, qmax, act_group is not None, inv, None, tiled=True)
+    looped = _gemm_triton.quantize_activations(x, qmax, act_group is not None, inv, None, tiled=False)
+    assert torch.equal(tiled[0], looped[0]) and torch.equal(tiled[1], looped[1])
+
+
+def test_swapped_tile_gives_the_same_result():
+    from dmquant.kernels import _gemm_triton
+
+    x, packed, scales, _ = _problem(m=24, n=40, k=256)
+    for per_group in (True, False):
+        xq, xs, _ = _gemm_triton.quantize_activations(x, 7, per_group, None, None)
+        plain = _gemm_triton.w4_gemm(xq, xs, packed, scales, None, None, None, torch.float32)
+        swapped = _gemm_triton.w4_gemm(xq, xs, packed, scales, None, None, None, torch.float32, swap=True)
+        assert torch.equal(plain, swapped)
