@@ -4,7 +4,7 @@
     python -m dmquant.zoo.train_sd              # 2,500 steps, 11 min on 2 idle CPU threads
     python -m dmquant.zoo.train_vae --finetune-decoder --steps 3000 --lr 1e-3   # 18 min, 2 threads
     python -m dmquant.zoo.train_sd --resume dmquant/zoo/weights/tiny-shapes-sd --steps 3000 --lr 3e-4 \
-        --seed 5                                # ~14 min; the shipped tiny-shapes-sd (eval/README.md)
+        --seed 5                                # ~13 min; the shipped tiny-shapes-sd (eval/README.md)
 
 Epsilon-prediction on the SD "scaled_linear" schedule (1000 steps, betas 0.00085..0.012), 10% caption
 dropout (the empty prompt, which is what the pipeline uses as the unconditional input) so that
