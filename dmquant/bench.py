@@ -43,14 +43,18 @@ def denoiser_inputs(denoiser: torch.nn.Module, batch: int = 2, latent_size: int 
 
 @torch.no_grad()
 def time_step(denoiser: torch.nn.Module, inputs: tuple[tuple, dict], warmup: int = 1, repeats: int = 3) -> float:
-    """Median wall-clock seconds of one denoiser call."""
+    """Median wall-clock seconds of one denoiser call (synchronised when the denoiser is on a GPU)."""
     args, kwargs = inputs
+    device = next(denoiser.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         denoiser(*args, **kwargs)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         denoiser(*args, **kwargs)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

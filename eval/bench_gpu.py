@@ -26,7 +26,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -36,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import dmquant  # noqa: E402
-from dmquant.bench import denoiser_inputs  # noqa: E402
+from dmquant.bench import denoiser_inputs, time_step  # noqa: E402
+from dmquant.quantizers.affine import sqnr_db  # noqa: E402
 
 TINY_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=64,
@@ -62,35 +62,10 @@ def to(inputs, device, dtype):
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def step_time(model, inputs, device, repeats: int) -> float:
-    args, kwargs = inputs
-    for _ in range(2):
-        model(*args, **kwargs)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        model(*args, **kwargs)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def output(model, inputs) -> torch.Tensor:
     args, kwargs = inputs
     return model(*args, **kwargs).sample.float()
-
-
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    noise = (out - ref).pow(2).mean()
-    return float(10 * torch.log10(ref.pow(2).mean() / noise.clamp_min(1e-30)))
 
 
 def mem_mib(device) -> float:
@@ -104,13 +79,13 @@ def measure(name, model, inputs, device, repeats, ref_fp, ref_sim=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     resident = mem_mib(device)
     out = output(model, inputs)
-    seconds = step_time(model, inputs, device, repeats)
+    seconds = time_step(model, inputs, warmup=2, repeats=repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     row = {"config": name, "ms_per_step": round(1000 * seconds, 2), "model_mib": round(resident, 1),
-           "peak_mib": round(peak, 1), "sqnr_vs_fp16_db": round(sqnr_db(out, ref_fp), 2)}
+           "peak_mib": round(peak, 1), "sqnr_vs_fp16_db": round(sqnr_db(ref_fp, out), 2)}
     if ref_sim is not None:
-        row["sqnr_vs_simulation_db"] = round(sqnr_db(out, ref_sim), 2)
-        row["simulation_sqnr_vs_fp16_db"] = round(sqnr_db(ref_sim, ref_fp), 2)
+        row["sqnr_vs_simulation_db"] = round(sqnr_db(ref_sim, out), 2)
+        row["simulation_sqnr_vs_fp16_db"] = round(sqnr_db(ref_fp, ref_sim), 2)
     print(f"  {row}", flush=True)
     return row
 

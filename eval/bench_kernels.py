@@ -177,11 +177,8 @@ def breakdown(device, dtype, gemm_dtype):
             print(f"  autotuned {kernel.fn.__name__} {key[:3]} -> {config}")
 
 
-ATTN_SWEEP = [  # (BLOCK_M, num_warps, num_stages, SUB, LAZY)
-    (128, 8, 2, 1, 0), (128, 8, 3, 1, 0), (64, 4, 3, 1, 0),
-    (128, 8, 2, 2, 0), (128, 8, 3, 2, 0), (64, 4, 3, 2, 0),
-    (128, 8, 2, 2, 1), (128, 8, 3, 2, 1), (64, 4, 3, 2, 1), (64, 4, 2, 2, 1),
-    (128, 8, 2, 1, 1), (64, 4, 3, 1, 1), (128, 4, 2, 2, 1), (256, 8, 2, 2, 1),
+ATTN_SWEEP = [  # (BLOCK_M, num_warps, num_stages)
+    (128, 8, 2), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (256, 8, 2),
 ]
 GEMM_SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUPS_PER_ITER, SWAP)
     (128, 128, 8, 3, 1, 0), (128, 128, 8, 4, 1, 0), (128, 128, 8, 3, 2, 0), (128, 256, 8, 3, 1, 0),
@@ -216,11 +213,11 @@ def sweep(device, dtype, gemm_dtype) -> None:
         timed("first version + fused K mean",
               lambda: A.attention(q, k, v, scale, None, kernel=base_kernel, fused_mean=True, even=False))
         mean = k.mean(dim=2, dtype=torch.float32).contiguous()
-        timed("K mean (torch) + K quant", lambda: A.quantize_k(k, mean, pad_to=A.K_PAD))
-        timed("K sums + K quant (fused mean)", lambda: A.quantize_k(k, None, pad_to=A.K_PAD))
-        for cfg in ATTN_SWEEP if d == 40 else ATTN_SWEEP[:2] + ATTN_SWEEP[6:10]:
+        timed("K mean (torch) + K quant", lambda: A.quantize_k(k, mean))
+        timed("K sums + K quant (fused mean)", lambda: A.quantize_k(k, None))
+        for cfg in ATTN_SWEEP:
             kern = A._tuned([cfg])
-            timed(f"BM{cfg[0]} w{cfg[1]} s{cfg[2]} SUB{cfg[3]} LAZY{cfg[4]} (EVEN, fused mean)",
+            timed(f"BM{cfg[0]} w{cfg[1]} s{cfg[2]} (EVEN, fused mean)",
                   lambda kern=kern: A.attention(q, k, v, scale, None, kernel=kern), ref)
 
     attention_sweep(40)

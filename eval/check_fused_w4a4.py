@@ -21,12 +21,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from bench_gpu import output, sqnr_db  # noqa: E402
+from bench_gpu import output  # noqa: E402
 
 import dmquant  # noqa: E402
 from dmquant.bench import denoiser_inputs  # noqa: E402
 from dmquant.freeze import freeze_denoiser  # noqa: E402
 from dmquant.nn.int_layers import IntOutlierLayer  # noqa: E402
+from dmquant.quantizers.affine import sqnr_db  # noqa: E402
 
 
 def step_inputs(model, seed: int, dtype: torch.dtype):
@@ -52,13 +53,13 @@ def main() -> int:
     freeze_denoiser(model)
     layers = [m for m in model.modules() if isinstance(m, IntOutlierLayer)]
     print(f"{args.recipe}, {args.dtype}: {len(layers)} outlier layers; simulation vs FP "
-          f"{sqnr_db(simulation, reference):.2f} dB")
+          f"{sqnr_db(reference, simulation):.2f} dB")
     for backend in ("off", "torch", "triton"):
         for layer in layers:
             layer.fused_backend = backend
         out = output(model, inputs)
-        print(f"  frozen, path {backend:6s}: vs simulation {sqnr_db(out, simulation):7.2f} dB, "
-              f"vs FP {sqnr_db(out, reference):6.2f} dB")
+        print(f"  frozen, path {backend:6s}: vs simulation {sqnr_db(simulation, out):7.2f} dB, "
+              f"vs FP {sqnr_db(reference, out):6.2f} dB")
     return 0
 
 

@@ -12,13 +12,12 @@ rows are zero), so reading it as FP32 gives ``1.5·2²³ + qk`` exactly (|qk| �
 -inf: with one K scale per block and one Q scale per row, the dequantization, the max subtraction
 and the tail mask all fold into the single FMA inside exp2, as in a 16-bit flash attention.
 
-Speed knobs of ``_attn_kernel`` (constexprs, picked by the autotuner on CUDA; none changes the math
-beyond the rounding of P): ``SUB`` blocks of 64 keys share one online-softmax update (the running
-max, the rescale of the accumulator); ``LAZY`` rescales the accumulator only when some row's max
-grows by more than 2⁸ (FlashAttention-4's trick: P then lies in (0, 2⁸], still exact in FP16/BF16
-up to rounding); ``EVEN`` drops the tail masks when the keys fill whole steps. ``_k_sum_kernel``
+``EVEN`` (a constexpr) drops the tail masks when the keys fill whole blocks. ``_k_sum_kernel``
 computes K's per-channel sums in parallel chunks (deterministic: no atomics), and the K quantization
-reads them, which replaces a torch mean launch.
+reads them, which replaces a torch mean launch. Two FlashAttention-4-style variants (two key blocks
+per softmax update; rescaling the accumulator only when a row's max grows by more than 2⁸) were
+15-40% slower on an H100 with Triton 3.6 and were removed (measured at commit 7c39227 with
+``eval/bench_kernels.py --sweep``).
 """
 
 from __future__ import annotations
@@ -122,7 +121,7 @@ def _attn_kernel(Q, KQ, KS, V, BIAS, OUT,
                  H, N_Q, N_KV, N_PAD, qk_scale,
                  D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_BIAS: tl.constexpr, PV_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                 SUB: tl.constexpr, LAZY: tl.constexpr, EVEN: tl.constexpr):
+                 EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -152,66 +151,37 @@ def _attn_kernel(Q, KQ, KS, V, BIAS, OUT,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = KQ + bh * N_PAD * HEAD_DIM
     ks_base = KS + bh * (N_PAD // BLOCK_N)
-    for start in range(0, N_KV, BLOCK_N * SUB):
-        # scores of SUB blocks of BLOCK_N keys, each in 1.5·2²³-offset units with its own scale c
-        offs_n0 = start + tl.arange(0, BLOCK_N)
-        u0, c0, off0 = _scores(qi, k_base, ks_base, BIAS + b * stride_bias, offs_n0, offs_d, q_row, N_KV,
+    for start in range(0, N_KV, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        u, c, offset = _scores(qi, k_base, ks_base, BIAS + b * stride_bias, offs_n, offs_d, q_row, N_KV,
                                start // BLOCK_N, HEAD_DIM, HAS_BIAS, EVEN)
         if HAS_BIAS:
-            blk_max = tl.max(u0, 1) - off0
+            m_new = tl.maximum(m_i, tl.max(u, 1) - offset)
         else:
-            blk_max = (tl.max(u0, 1) - 12582912.0) * c0
-        if SUB == 2:
-            offs_n1 = offs_n0 + BLOCK_N
-            u1, c1, off1 = _scores(qi, k_base, ks_base, BIAS + b * stride_bias, offs_n1, offs_d, q_row, N_KV,
-                                   start // BLOCK_N + 1, HEAD_DIM, HAS_BIAS, EVEN)
-            if HAS_BIAS:
-                blk_max = tl.maximum(blk_max, tl.max(u1, 1) - off1)
-            else:
-                blk_max = tl.maximum(blk_max, (tl.max(u1, 1) - 12582912.0) * c1)
-        if LAZY:  # rescale only when a row's max grows by more than 2⁸ (P stays within (0, 2⁸])
-            if tl.max(blk_max - m_i) > 8.0:
-                m_new = tl.maximum(m_i, blk_max)
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-        else:
-            m_new = tl.maximum(m_i, blk_max)
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
+            m_new = tl.maximum(m_i, (tl.max(u, 1) - 12582912.0) * c)
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
         if HAS_BIAS:
-            p0 = tl.exp2(u0 - (off0 + m_i)[:, None])
+            p = tl.exp2(u - (offset + m_i)[:, None])
         else:
-            p0 = tl.exp2(u0 * c0[:, None] - (off0 + m_i)[:, None])
-        l_i += tl.sum(p0, 1)
-        acc = tl.dot(p0.to(PV_DTYPE), _load_v(V + v_base, offs_n0, offs_d, stride_vn, N_KV, D, EVEN, PV_DTYPE),
+            p = tl.exp2(u * c[:, None] - (offset + m_i)[:, None])
+        l_i += tl.sum(p, 1)
+        acc = tl.dot(p.to(PV_DTYPE), _load_v(V + v_base, offs_n, offs_d, stride_vn, N_KV, D, EVEN, PV_DTYPE),
                      acc=acc)
-        if SUB == 2:
-            if HAS_BIAS:
-                p1 = tl.exp2(u1 - (off1 + m_i)[:, None])
-            else:
-                p1 = tl.exp2(u1 * c1[:, None] - (off1 + m_i)[:, None])
-            l_i += tl.sum(p1, 1)
-            acc = tl.dot(p1.to(PV_DTYPE), _load_v(V + v_base, offs_n1, offs_d, stride_vn, N_KV, D, EVEN, PV_DTYPE),
-                         acc=acc)
     out = acc / l_i[:, None]
     tl.store(OUT + o_base + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & d_ok[None, :])
 
 
-# (BLOCK_M, num_warps, num_stages, SUB, LAZY): measured on an H100 (eval/bench_kernels.py --sweep)
-BASELINE_CONFIGS = [(128, 8, 2, 1, 0), (128, 8, 3, 1, 0), (64, 4, 3, 1, 0)]  # the first version's set
-TUNED_CONFIGS = [(128, 8, 3, 1, 0), (64, 4, 3, 1, 0), (128, 8, 4, 1, 0), (64, 4, 4, 1, 0)]
-# SUB=2 and LAZY=1 were 15-40 % slower on the H100 with Triton 3.6 (more registers per thread)
-K_PAD = 128  # the attention path pads K to whole steps of up to two blocks
+# (BLOCK_M, num_warps, num_stages): measured on an H100 (eval/bench_kernels.py --sweep)
+BASELINE_CONFIGS = [(128, 8, 2), (128, 8, 3), (64, 4, 3)]  # the first version's set
+TUNED_CONFIGS = [(128, 8, 3), (64, 4, 3), (128, 8, 4), (64, 4, 4)]
 
 
 def _attn_configs(shapes=None):
-    return [triton.Config({"BLOCK_M": bm, "SUB": sub, "LAZY": lazy}, num_warps=w, num_stages=s)
-            for bm, w, s, sub, lazy in (shapes or TUNED_CONFIGS)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in (shapes or TUNED_CONFIGS)]
 
 
 def _tuned(shapes):
@@ -234,16 +204,15 @@ def head_dim_padded(d: int) -> int:
     return max(32, triton.next_power_of_2(d))
 
 
-def quantize_k(k: torch.Tensor, mean: torch.Tensor | None = None,
-               pad_to: int = K_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_k(k: torch.Tensor, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Smoothed int8 K ``[B*H, N_PAD, HEAD_DIM]`` and its block scales ``[B*H, N_PAD / K_BLOCK]`` (float32).
 
     ``mean`` ``[B, H, D]`` (FP32); ``None`` computes it on the device (chunk sums, then the quantization
-    kernel divides). ``N_PAD`` is the key count rounded up to ``pad_to`` (a multiple of ``K_BLOCK``).
+    kernel divides). ``N_PAD`` is the key count rounded up to a multiple of ``K_BLOCK``.
     """
     b, h, n, d = k.shape
     hd = head_dim_padded(d)
-    n_pad = triton.cdiv(n, pad_to) * pad_to
+    n_pad = triton.cdiv(n, K_BLOCK) * K_BLOCK
     kq = torch.empty(b * h, n_pad, hd, dtype=torch.int8, device=k.device)
     ks = torch.empty(b * h, n_pad // K_BLOCK, dtype=torch.float32, device=k.device)
     n_split, from_sums = 1, mean is None
@@ -272,7 +241,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     mean = None if fused_mean else k.mean(dim=2, dtype=torch.float32).contiguous()
-    kq, ks = quantize_k(k, mean, pad_to=K_PAD)
+    kq, ks = quantize_k(k, mean)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     bias = key_bias if key_bias is not None else ks
     pv = _TL_DTYPE.get(v.dtype, tl.float16)
@@ -280,11 +249,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             v.stride(2), out.stride(0), out.stride(1), out.stride(2), bias.stride(0),
             h, n_q, n_kv, kq.shape[1], scale * LOG2E)
     consts = dict(D=d, HEAD_DIM=kq.shape[2], BLOCK_N=K_BLOCK, HAS_BIAS=key_bias is not None,
-                  PV_DTYPE=pv, ALIGNED=all(_rows_aligned(t) for t in (q, v, out)), EVEN=n_kv % K_PAD == 0 if even is None else even)
+                  PV_DTYPE=pv, ALIGNED=all(_rows_aligned(t) for t in (q, v, out)), EVEN=n_kv % K_BLOCK == 0 if even is None else even)
     if q.is_cuda:
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
         (kernel or _attn_tuned)[grid](*args, **consts)
     else:
         grid = (triton.cdiv(n_q, 64), b * h)
-        launcher(_attn_kernel, q.device)[grid](*args, **consts, BLOCK_M=64, SUB=1, LAZY=False)
+        launcher(_attn_kernel, q.device)[grid](*args, **consts, BLOCK_M=64)
     return out

@@ -192,17 +192,16 @@ def _tuned(shapes):
 
 
 _gemm_tuned = _tuned(TUNED_CONFIGS)
-TILED_PROLOGUE = True  # the one-tile-per-program prologue where it applies (no low-rank branch)
 MAX_ROW_TILE = 8192  # per-token tiled prologue: elements of a program's tile
 
 
 def quantize_activations(x: torch.Tensor, qmax: int, per_group: bool, inv_smooth: torch.Tensor | None,
-                         lora_down: torch.Tensor | None, tiled: bool | None = None):
+                         lora_down: torch.Tensor | None, tiled: bool = True):
     """The prologue: ``(xq int8 [M, K], scales float32 [M] or [M, K/64], x·L2ᵀ [M, R] or None)``.
 
-    ``tiled`` (default ``TILED_PROLOGUE``) picks ``_act_quant_tile_kernel`` when there is no low-rank branch.
+    ``tiled`` picks ``_act_quant_tile_kernel`` when there is no low-rank branch (False: the looped
+    kernel, the first version, for benchmarks and tests).
     """
-    tiled = TILED_PROLOGUE if tiled is None else tiled
     m, k = x.shape
     xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
     xs = torch.empty((m, k // GROUP) if per_group else (m,), dtype=torch.float32, device=x.device)

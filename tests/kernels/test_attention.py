@@ -120,7 +120,7 @@ def test_k_sums_on_device_match_the_mean():
     from dmquant.kernels import _attention_triton
 
     _, k, _ = _qkv(1, 2, 8, 600, 40)  # three chunks of the K sums, a tail block
-    kq, ks = _attention_triton.quantize_k(k, None, pad_to=128)
+    kq, ks = _attention_triton.quantize_k(k, None)
     ref_q, ref_s = quantize_blocks(smooth_k(k), K_BLOCK)
     assert kq.shape == (2, 640, 64) and ks.shape == (2, 10)
     assert (kq[:, :600, :40].int() - ref_q.reshape(2, 600, 40).int()).abs().max() <= 1
