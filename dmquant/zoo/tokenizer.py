@@ -10,8 +10,11 @@ outside the grammar still tokenizes (into characters and word pieces).
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
+
+from transformers import CLIPTokenizer
 
 from dmquant.zoo.data import vocabulary
 
@@ -82,10 +85,6 @@ def write_tokenizer_files(folder: str | Path) -> Path:
 
 def build_tokenizer(folder: str | Path | None = None):
     """A ``transformers.CLIPTokenizer`` for the grammar (files written to ``folder`` or a temp dir)."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
     if folder is None:
         with tempfile.TemporaryDirectory() as tmp:
             write_tokenizer_files(tmp)

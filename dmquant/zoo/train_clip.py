@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from dmquant.zoo import configs, data
 from dmquant.zoo._training import (
@@ -41,8 +42,6 @@ def build_model(vocab_size: int):
 
 
 def save(model, tokenizer, folder: Path) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
         "model_cfg": configs.clip_model_cfg(len(tokenizer)),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from dmquant.zoo import configs, data
 from dmquant.zoo._training import (
@@ -46,8 +47,6 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
     args = p.parse_args(argv)
     seed_everything(args.seed, args.threads)
-    from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
-
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
     names = class_names()
     images, captions = data.make_dataset(args.num_scenes, seed=args.seed, split="train", two_object_prob=0.0)

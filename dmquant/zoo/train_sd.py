@@ -20,6 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from dmquant.zoo import configs, data
 from dmquant.zoo._training import (
@@ -65,8 +73,6 @@ def drop_attributes(caption: str, rng: np.random.Generator, p_color: float, p_si
 
 
 def build_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     cfg = CLIPTextConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -78,8 +84,6 @@ def build_text_encoder(tokenizer):
 
 
 def inference_scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(**configs.NOISE_SCHEDULE, set_alpha_to_one=False, steps_offset=1)
 
 
@@ -95,8 +99,6 @@ def main(argv=None) -> None:
                    help="continue training the UNet and text encoder of this tiny-shapes-sd folder")
     args = p.parse_args(argv)
     seed_everything(args.seed, args.threads)
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
     tokenizer = build_tokenizer()
     images, captions = data.make_dataset(args.num_scenes, seed=args.seed, split="train")
@@ -106,8 +108,6 @@ def main(argv=None) -> None:
                           return_tensors="pt").input_ids.to(args.device)
 
     if args.resume is not None:
-        from transformers import CLIPTextModel
-
         text_encoder = CLIPTextModel.from_pretrained(str(args.resume / "text_encoder")).to(args.device).train()
         unet = UNet2DConditionModel.from_pretrained(str(args.resume / "unet")).to(args.device).train()
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from dmquant.zoo import configs, data
 from dmquant.zoo._training import (
@@ -46,8 +47,6 @@ def main(argv=None) -> None:
     x_all = to_tensor_images(images)
     if args.finetune_decoder:
         return finetune_decoder(args, x_all)
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL(**configs.VAE).to(args.device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -88,8 +87,6 @@ def _reconstruction(vae, x_all: torch.Tensor, device) -> tuple[torch.Tensor, flo
 
 def finetune_decoder(args, x_all: torch.Tensor) -> None:
     """Train the decoder (and post-quant conv) of the VAE in ``args.out``; the encoder stays frozen."""
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL.from_pretrained(str(args.out)).to(args.device)
     vae.requires_grad_(False)
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
