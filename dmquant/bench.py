@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
 
 from dmquant.errors import DMQuantError
+from dmquant.loading import load_pipeline
+from dmquant.models.adapters import find_denoiser
 
 
 def denoiser_inputs(denoiser: torch.nn.Module, batch: int = 2, latent_size: int | None = None,
@@ -100,9 +104,6 @@ def denoiser_weight_bytes(denoiser: torch.nn.Module) -> int:
 def bench_model(model: str, batch: int = 2, latent_size: int | None = None, repeats: int = 3,
                 measure_load: bool = True) -> dict:
     """Latency of one denoising step, and memory, of a model or saved quantized folder."""
-    from dmquant.loading import load_pipeline
-    from dmquant.models.adapters import find_denoiser
-
     pipe = load_pipeline(model)
     _, denoiser, _ = find_denoiser(pipe)
     inputs = denoiser_inputs(denoiser, batch, latent_size)
@@ -132,9 +133,6 @@ def format_report(report: dict) -> str:
 
 def load_diffusers_unet(folder: str):
     """A plain diffusers UNet from a folder, in the dtype it was saved in (memory-benchmark baseline)."""
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
-
     path = next(Path(folder).glob("*.safetensors"))
     with safe_open(str(path), framework="pt") as f:
         dtype = f.get_slice(next(iter(f.keys()))).get_dtype()

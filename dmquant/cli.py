@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from dmquant import workflows
+from dmquant.bench import bench_model, format_report
+from dmquant.config import list_recipes, load_recipe
+from dmquant.demo import DemoConfig, format_table, run_demo
+from dmquant.diffusers_io import silence_progress_bars
 from dmquant.errors import DMQuantError
+from dmquant.generation import GenerationConfig
+from dmquant.metrics.evaluation import evaluate
 
 
 def _add_calibrate(sub) -> None:
@@ -90,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from dmquant import workflows
-
     if getattr(args, "quiet", False):
-        from dmquant.loading import silence_progress_bars
-
         silence_progress_bars()
     if args.command == "calibrate":
         fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
@@ -102,18 +106,11 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
     elif args.command == "generate":
         fields = {k: v for k, v in vars(args).items() if k != "command"}
-        print(f"wrote {workflows.generate(**fields)}")
+        print(f"wrote {workflows.generate_image(**fields)}")
     elif args.command == "bench":
-        import json
-
-        from dmquant.bench import bench_model, format_report
-
         report = bench_model(args.model, args.batch, args.latent_size, args.repeats)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
     elif args.command == "evaluate":
-        from dmquant.metrics.evaluation import evaluate
-        from dmquant.metrics.generation import GenerationConfig
-
         generation = GenerationConfig(args.num_inference_steps, args.guidance_scale, args.seed, args.batch_size,
                                       progress=not args.quiet)
         metrics = evaluate(args.model, args.prompts, args.num_images, args.out, args.reference, config=generation,
@@ -123,14 +120,10 @@ def _run(args: argparse.Namespace) -> None:
         print(" ".join(f"{k}={metrics.get(k)}" for k in keys))
         print(f"wrote {args.out}/metrics.json, grid.png, report.md")
     elif args.command == "demo":
-        from dmquant.demo import DemoConfig, format_table, run_demo
-
         config = DemoConfig(recipes=tuple(args.recipes.split(",")), num_images=args.num_images,
                             num_inference_steps=args.num_inference_steps, out=args.out, progress=not args.quiet)
         print(format_table(run_demo(config)))
     elif args.command == "recipes":
-        from dmquant.config import list_recipes, load_recipe
-
         for name in list_recipes():
             config = load_recipe(name)
             print(f"{name:16s} {config.tag:6s} {' '.join(config.description.split())}")

@@ -9,8 +9,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dmquant import zoo
 from dmquant.api import quantize
-from dmquant.prompts import read_prompt_file
+from dmquant.errors import DMQuantError
+from dmquant.generation import GenerationConfig
+from dmquant.metrics.evaluation import evaluate
+from dmquant.prompts import read_prompts
 
 CALIB_DIR = Path(__file__).resolve().parent.parent / "calib"
 
@@ -29,20 +33,14 @@ class DemoConfig:
 def _prompt_file(name: str) -> Path:
     path = CALIB_DIR / name
     if not path.is_file():
-        from dmquant.errors import DMQuantError
-
         raise DMQuantError(f"{path} is missing: the demo runs from a source checkout of dmquant (calib/ prompt sets)")
     return path
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> list[dict]:
     """Evaluate FP and each recipe on held-out prompts; returns one row of metrics per model."""
-    from dmquant import zoo
-    from dmquant.metrics.evaluation import evaluate
-    from dmquant.metrics.generation import GenerationConfig
-
     out = Path(config.out)
-    calib = read_prompt_file(_prompt_file("shapes_calib.txt"))[: config.num_calib_prompts]
+    calib = read_prompts(_prompt_file("shapes_calib.txt"))[: config.num_calib_prompts]
     eval_prompts = _prompt_file("shapes_eval.txt")
     generation = GenerationConfig(num_inference_steps=config.num_inference_steps, progress=config.progress)
     reference = zoo.load(config.model)

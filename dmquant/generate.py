@@ -1,39 +1,13 @@
-"""Generate one image with fixed seed from any diffusers pipeline (text- or class-conditioned)."""
+"""Old name, kept while tests/test_pipeline.py, tests/test_time_techniques.py and
+tests/calibration/test_outlier_stage.py import it: use :func:`dmquant.generation.generate`."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from dmquant.calibration.collect import conditioning_argument
-from dmquant.prompts import prompts_for_pipeline
+from dmquant.generation import GenerationConfig, generate
 
 
 def generate_images(pipe, prompts: list, num_inference_steps: int = 25, seed: int = 0,
-                    guidance_scale: float | None = None, **call_kwargs):
-    """PIL images for ``prompts`` (one per prompt), all from one seeded generator."""
-    kwargs = dict(call_kwargs)
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
-    from dmquant.correction.ptqd import check_correction_schedule
-
-    check_correction_schedule(pipe, num_inference_steps)
-    cond = prompts_for_pipeline(pipe, list(prompts))
-    generator = torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
-        out = pipe(**{conditioning_argument(pipe): cond}, num_inference_steps=num_inference_steps,
-                   generator=generator, **kwargs)
-    return out.images
-
-
-def save_image_atomic(image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{id(image)}{path.suffix}")
-    try:
-        image.save(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+                    guidance_scale: float | None = None, **call_kwargs) -> list:
+    """Images (uint8 H x W x 3) for ``prompts``, one batch, image i from seed ``seed + i``."""
+    cfg = GenerationConfig(num_inference_steps, guidance_scale, seed, batch_size=max(1, len(prompts)), progress=False)
+    return list(generate(pipe, prompts, cfg, distributed=False, **call_kwargs))

@@ -1,39 +1,40 @@
-"""Load a diffusion pipeline from a zoo name, a local diffusers folder, or a hub id.
+"""The one ``load_pipeline``: a diffusers pipeline from a zoo name, a tiny random model, a local folder
+(plain or saved quantized) or a hub id.
 
-Hub ids go through diffusers' real ``from_pretrained``; when the hub cannot be reached (offline)
-and the model is not cached, the error names the fix.
+Hub ids go through diffusers' real ``from_pretrained``; when the hub cannot be reached (offline) and the
+model is not cached, the error names the fix.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
+from dmquant import zoo
+from dmquant.diffusers_io import hub_offline
 from dmquant.errors import DMQuantError
 from dmquant.models.tiny import TINY_NAMES, build_tiny_pipeline
-
-
-def zoo_names() -> list[str]:
-    from dmquant import zoo
-
-    return zoo.list()
+from dmquant.pipeline import load_quantized_pipeline, quantized_denoiser_attribute
 
 
 def known_names() -> list[str]:
-    return [*zoo_names(), *TINY_NAMES]
+    """The built-in model names: the zoo's, then the tiny random models."""
+    return [*zoo.list_models(), *TINY_NAMES]
 
 
-def load_pipeline(spec: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A ready diffusers pipeline for ``spec``: zoo name, tiny random model, local folder (a saved
-    quantized pipeline loads as its quantized twin class), or hub id."""
+def load_pipeline(spec: Any, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A ready diffusers pipeline for ``spec``: a zoo name, a tiny random model, a local folder (a saved
+    quantized pipeline loads as its quantized twin class), or a hub id. A pipeline object is returned as it is."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
     text = str(spec)
     if text in TINY_NAMES:
         pipe = build_tiny_pipeline(text)
-    elif text in zoo_names():
-        from dmquant import zoo
-
+    elif text in zoo.list_models():
         pipe = zoo.load(text)
     elif Path(text).exists():
         pipe = _from_folder(Path(text))
@@ -51,17 +52,13 @@ def load_pipeline(spec: str | Path, device: str = "cpu", dtype: torch.dtype | No
 
 
 def _from_folder(folder: Path):
-    from diffusers import DiffusionPipeline
-
-    from dmquant.pipeline import load_quantized_pipeline, quantized_denoiser_attribute
-
-    if (folder / "model_index.json").is_file() and quantized_denoiser_attribute(folder) is not None:
-        return load_quantized_pipeline(folder)
     if not (folder / "model_index.json").is_file():
         raise DMQuantError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json): "
             "pass a folder written by save_pretrained, or a dmquant run folder"
         )
+    if quantized_denoiser_attribute(folder) is not None:
+        return load_quantized_pipeline(folder)
     try:
         return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
@@ -75,9 +72,7 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _from_hub(repo_id: str):
-    from diffusers import DiffusionPipeline
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     try:
         return DiffusionPipeline.from_pretrained(repo_id, local_files_only=offline)
     except Exception as exc:
@@ -86,12 +81,3 @@ def _from_hub(repo_id: str):
             "cannot be reached" + (" (HF_HUB_OFFLINE=1)" if offline else "") + "; download it where there is a "
             f"network (`huggingface-cli download {repo_id}`) or pass a local pipeline folder"
         ) from exc
-
-
-def silence_progress_bars() -> None:
-    """Turn off the loading progress bars of diffusers and transformers (for ``--quiet``)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()

@@ -1,14 +1,17 @@
-"""Prompt files: one prompt per line (``#`` starts a comment), or class ids / labels for DiT pipelines."""
+"""Prompt files: one prompt per line (``#`` starts a comment); for class-conditioned pipelines the lines
+are class ids or labels (see :func:`dmquant.diffusers_io.class_id`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
-from dmquant.calibration.collect import conditioning_argument
 from dmquant.errors import DMQuantError
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, num_images: int | None = None) -> list[str]:
+    """The prompts of a text file; with ``num_images``, the first ``num_images`` of them (DMQuantError if
+    the file has fewer)."""
     path = Path(path)
     if not path.is_file():
         raise DMQuantError(f"prompt file not found: {path}: pass a text file with one prompt per line")
@@ -16,32 +19,17 @@ def read_prompt_file(path: str | Path) -> list[str]:
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise DMQuantError(f"prompt file {path} has no prompts: write one prompt per line")
+    if num_images is not None:
+        check_enough_prompts(prompts, num_images, str(path))
+        prompts = prompts[:num_images]
     return prompts
 
 
-def prompts_for_pipeline(pipe, prompts: list[str]) -> list:
-    """Strings for text pipelines; class ids for class-conditioned ones (integers or label names)."""
-    if conditioning_argument(pipe) != "class_labels":
-        return list(prompts)
-    return [class_id(pipe, p) for p in prompts]
-
-
-def class_id(pipe, prompt) -> int:
-    """Class id for a class-conditioned pipeline (DiT): an integer, or a label of ``pipe.labels``
-    (exact, else the longest label the prompt contains: "a large red circle at the top" -> "red circle")."""
-    if isinstance(prompt, int):
-        return prompt
-    text = str(prompt).strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    labels: dict[str, int] = getattr(pipe, "labels", None) or {}
-    if text in labels:
-        return int(labels[text])
-    padded = f" {text.lower()} "
-    hits = [label for label in labels if f" {label.lower()} " in padded]
-    if not hits:
+def check_enough_prompts(prompts: Sequence[str], num_images: int, where: str = "the prompt list") -> None:
+    if num_images < 1:
+        raise DMQuantError(f"num_images must be >= 1, got {num_images}")
+    if len(prompts) < num_images:
         raise DMQuantError(
-            f"prompt {text!r} names none of the class-conditioned pipeline's labels "
-            f"(e.g. {', '.join(list(labels)[:5])}): use an integer class id or a label name"
+            f"{where} has {len(prompts)} prompts but {num_images} images were asked for (one prompt per image): "
+            f"add prompts or lower --num-images"
         )
-    return int(labels[max(hits, key=len)])

@@ -2,7 +2,7 @@
 
 A run folder is a saved quantized pipeline (diffusers layout, see :mod:`dmquant.pipeline`) plus
 ``run.json`` (base model, recipe, calibration summary), ``recipe.yaml`` and ``summary.md``.
-Folders are written atomically: into a temporary sibling, then renamed.
+Folders and images are written atomically: into a temporary sibling, then renamed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import yaml
+from PIL import Image
 
 from dmquant import __version__
 from dmquant.errors import DMQuantError
@@ -48,29 +50,38 @@ def check_output_folder(out: str | Path, overwrite: bool) -> None:
         raise DMQuantError(f"output folder {out} exists already: choose another --out, or pass --overwrite")
 
 
-def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = None, overwrite: bool = False) -> Path:
-    """Save a pipeline quantized by :func:`dmquant.quantize` with its run description."""
-    from dmquant.calibration.collect import process_state
+def save_image_atomic(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 H x W x 3 image (format from the suffix) through a temporary sibling."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        Image.fromarray(np.asarray(image)).save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
-    state = process_state()
-    if state.is_main_process:  # under accelerate, the main process writes the folder
-        info = getattr(pipe, "dmquant", None)
-        if info is None:
-            raise DMQuantError("this pipeline was not quantized by dmquant: call dmquant.quantize(pipe, recipe) first")
-        run = {
-            "format": RUN_FORMAT, "version": RUN_VERSION, "dmquant_version": __version__,
-            "base_model": _portable(base_model), "recipe": info.config.name, "tag": info.config.tag,
-            "denoiser": info.denoiser, "adapter": info.adapter,
-            "quantized_layers": len(info.report.quantized), "excluded_layers": info.report.excluded,
-            "attention_modules": len(info.report.attention), "calibration": info.calibration,
-            "outliers": info.outliers,
-            "seconds": None if seconds is None else round(seconds, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        extra = {"run.json": json.dumps(run, indent=2), "summary.md": _summary(run),
-                 "recipe.yaml": yaml.safe_dump(info.config.to_dict(), sort_keys=False)}
-        pipe.save_pretrained(out, overwrite=overwrite, extra_files=extra)
-    state.wait_for_everyone()
+
+def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = None, overwrite: bool = False) -> Path:
+    """Save a pipeline quantized by :func:`dmquant.quantize` with its run description (under accelerate,
+    call it on the main process only)."""
+    info = getattr(pipe, "dmquant", None)
+    if info is None:
+        raise DMQuantError("this pipeline was not quantized by dmquant: call dmquant.quantize(pipe, recipe) first")
+    run = {
+        "format": RUN_FORMAT, "version": RUN_VERSION, "dmquant_version": __version__,
+        "base_model": _portable(base_model), "recipe": info.config.name, "tag": info.config.tag,
+        "denoiser": info.denoiser, "adapter": info.adapter,
+        "quantized_layers": len(info.report.quantized), "excluded_layers": info.report.excluded,
+        "attention_modules": len(info.report.attention), "calibration": info.calibration,
+        "outliers": info.outliers,
+        "seconds": None if seconds is None else round(seconds, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    extra = {"run.json": json.dumps(run, indent=2), "summary.md": _summary(run),
+             "recipe.yaml": yaml.safe_dump(info.config.to_dict(), sort_keys=False)}
+    pipe.save_pretrained(out, overwrite=overwrite, extra_files=extra)
     return Path(out)
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from dmquant.api import quantize
 from dmquant.config import load_recipe
-from dmquant.generate import generate_images, save_image_atomic
+from dmquant.diffusers_io import process_state, prompts_for_pipeline
+from dmquant.generation import GenerationConfig, generate
 from dmquant.loading import load_pipeline
-from dmquant.prompts import prompts_for_pipeline, read_prompt_file
-from dmquant.runs import check_output_folder, save_run
+from dmquant.prompts import read_prompts
+from dmquant.runs import check_output_folder, save_image_atomic, save_run
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class CalibrateJob:
 def calibrate(job: CalibrateJob) -> Path:
     """Load, quantize and calibrate, then write the run folder; returns its path."""
     config = load_recipe(job.recipe)  # bad recipes fail before the model loads
-    prompts = read_prompt_file(job.prompts) if job.prompts else None
+    prompts = read_prompts(job.prompts) if job.prompts else None
     if job.max_prompts is not None and prompts:
         prompts = prompts[: job.max_prompts]
     check_output_folder(job.out, job.overwrite)  # before any work
@@ -48,13 +49,18 @@ def calibrate(job: CalibrateJob) -> Path:
                                          width=job.width).items() if v is not None}
     quantize(pipe, config, prompts, num_inference_steps=job.num_inference_steps, num_timesteps=job.num_timesteps,
              batch_size=job.batch_size, seed=job.seed, progress=job.progress, **call_kwargs)
-    return save_run(pipe, job.out, job.model, seconds=time.perf_counter() - start, overwrite=job.overwrite)
+    state = process_state(job.device)
+    if state.is_main_process:  # under accelerate, the main process writes the folder
+        save_run(pipe, job.out, job.model, seconds=time.perf_counter() - start, overwrite=job.overwrite)
+    state.wait_for_everyone()
+    return Path(job.out)
 
 
-def generate(model: str, prompt: str, out: str, num_inference_steps: int = 25, seed: int = 0,
-             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-             device: str = "cpu") -> Path:
+def generate_image(model: str, prompt: str, out: str, num_inference_steps: int = 25, seed: int = 0,
+                   guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                   device: str = "cpu") -> Path:
+    """One image from ``prompt`` (seed ``seed``; the pipeline's own guidance scale unless given) into ``out``."""
     pipe = load_pipeline(model, device=device)
     kwargs = {k: v for k, v in dict(height=height, width=width).items() if v is not None}
-    image = generate_images(pipe, [prompt], num_inference_steps, seed, guidance_scale, **kwargs)[0]
-    return save_image_atomic(image, out)
+    config = GenerationConfig(num_inference_steps, guidance_scale, seed, batch_size=1, progress=False)
+    return save_image_atomic(generate(pipe, [prompt], config, distributed=False, **kwargs)[0], out)

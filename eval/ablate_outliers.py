@@ -150,10 +150,8 @@ def fid_noise(model: str, n: int = 200, seeds=(1000, 2000)) -> dict:
     """The FID's own sampling noise: the full-precision model with other seeds, against the same
     procedural ground truth (the spread of these values is what a FID difference must exceed)."""
     import dmquant
-    from dmquant.metrics.clip_score import ZOO_CLIP
-    from dmquant.metrics.evaluation import render_prompts
-    from dmquant.metrics.fid import compute_fid
-    from dmquant.metrics.generation import GenerationConfig, generate
+    from dmquant.metrics import GenerationConfig, compute_fid, generate, render_prompts
+    from dmquant.zoo.judge import JUDGE as ZOO_CLIP
 
     _, prompts = prompts_for(model, n)
     pipe = dmquant.zoo.load(MODELS[model])

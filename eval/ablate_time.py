@@ -69,7 +69,7 @@ def recipe_for(bits: str, variant: str, calib_prompts: int) -> QuantConfig:
 
 def prompts_for(model: str, n: int) -> tuple[list, list[str]]:
     """(calibration prompts, evaluation prompts) of the protocol."""
-    from dmquant.metrics.generation import read_prompts
+    from dmquant.prompts import read_prompts
 
     calib = read_prompts(ROOT.parent / "calib" / "shapes_calib.txt")
     if model == "sd":
@@ -81,14 +81,14 @@ def prompts_for(model: str, n: int) -> tuple[list, list[str]]:
 def calib_inputs(pipe, model: str, prompts: list) -> list:
     if model == "sd":
         return prompts
-    from dmquant.metrics.generation import prompt_to_class
+    from dmquant.diffusers_io import class_id
 
-    return [prompt_to_class(pipe, p) for p in prompts]
+    return [class_id(pipe, p) for p in prompts]
 
 
 def generate(pipe, prompts):
-    from dmquant.metrics.generation import GenerationConfig
-    from dmquant.metrics.generation import generate as gen
+    from dmquant.generation import GenerationConfig
+    from dmquant.generation import generate as gen
 
     return gen(pipe, prompts, GenerationConfig(progress=False), distributed=False)
 
@@ -127,8 +127,9 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
     """Quantize the zoo model with ``config``, generate ``n`` images by the protocol, measure; cached
     in <out>/<model>-<weights>-<bits>-<label>-<n>.json (eval/ablation by default). ``fid``: add the FID (judge features)
     against the procedural ground truth of the prompts, and that of the FP images."""
-    from dmquant.metrics.clip_score import ZOO_CLIP, compute_clip_score
+    from dmquant.metrics.clip_score import compute_clip_score
     from dmquant.metrics.fidelity import fidelity_metrics
+    from dmquant.zoo.judge import JUDGE as ZOO_CLIP
 
     weights = fingerprint(model)
     pipe = dmquant.zoo.load(MODELS[model])
@@ -152,8 +153,7 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
               **fidelity_metrics(images, ref), "calibration": _jsonable(pipe.dmquant.calibration),
               "outliers": {k: v for k, v in pipe.dmquant.outliers.items() if k not in ("alpha", "left_out")}}
     if fid:
-        from dmquant.metrics.evaluation import render_prompts
-        from dmquant.metrics.fid import compute_fid
+        from dmquant.metrics import compute_fid, render_prompts
 
         real = render_prompts(prompts)
         result["fid"] = compute_fid(images, real, ZOO_CLIP)

@@ -1,9 +1,10 @@
-"""Evaluation: generation from prompt lists (sharded with accelerate), FID, CLIP score, fidelity, reports.
+"""Evaluation: FID, CLIP score, fidelity to a reference, the report of ``dmquant evaluate``; the generation
+they measure is :func:`dmquant.generation.generate` (re-exported here with its helpers).
 
     from dmquant.metrics import evaluate, generate, GenerationConfig, compute_fid, compute_clip_score, psnr, ssim
 
-Package-level names never equal a submodule's name (``dmquant.metrics.fid`` is the module,
-``dmquant.metrics.compute_fid`` the function).
+Names are imported on first use. Package-level names never equal a submodule's name
+(``dmquant.metrics.fid`` is the module, ``dmquant.metrics.compute_fid`` the function).
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ from typing import Any
 
 _LAZY = {
     "evaluate": "dmquant.metrics.evaluation",
-    "load_pipeline": "dmquant.metrics.evaluation",
     "render_prompts": "dmquant.metrics.evaluation",
-    "generate": "dmquant.metrics.generation",
-    "generate_shard": "dmquant.metrics.generation",
-    "shard_batches": "dmquant.metrics.generation",
-    "read_prompts": "dmquant.metrics.generation",
-    "GenerationConfig": "dmquant.metrics.generation",
-    "fid": "dmquant.metrics.fid",
+    "generate": "dmquant.generation",
+    "generate_shard": "dmquant.generation",
+    "shard_batches": "dmquant.generation",
+    "GenerationConfig": "dmquant.generation",
+    "load_pipeline": "dmquant.loading",
+    "read_prompts": "dmquant.prompts",
+    "compute_fid": "dmquant.metrics.fid",
     "frechet_distance": "dmquant.metrics.fid",
-    "clip_score": "dmquant.metrics.clip_score",
+    "compute_clip_score": "dmquant.metrics.clip_score",
     "load_clip": "dmquant.metrics.clip_score",
-    "ClipModel": "dmquant.metrics.clip_score",
+    "ClipModel": "dmquant.zoo.judge",
+    "attribute_accuracy": "dmquant.zoo.judge",
     "psnr": "dmquant.metrics.fidelity",
     "ssim": "dmquant.metrics.fidelity",
     "lpips": "dmquant.metrics.fidelity",

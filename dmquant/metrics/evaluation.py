@@ -15,32 +15,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
+from dmquant.diffusers_io import process_state
 from dmquant.errors import DMQuantError
-from dmquant.metrics.generation import GenerationConfig, check_enough_prompts, generate, read_prompts
+from dmquant.generation import GenerationConfig, generate
+from dmquant.loading import load_pipeline
+from dmquant.metrics.clip_score import DEFAULT_REAL_CLIP, compute_clip_score, load_clip
+from dmquant.metrics.fid import compute_fid
+from dmquant.metrics.fidelity import fidelity_metrics
 from dmquant.metrics.images import as_uint8_batch, load_pngs, save_pngs, side_by_side_grid
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def load_pipeline(spec: Any, device: str = "cpu", dtype: Any = None) -> Any:
-    """A diffusers pipeline from a pipeline object, or a spec for :func:`dmquant.loading.load_pipeline`
-    (zoo name, local folder, hub id: offline hub failures become a DMQuantError that names the fix)."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return spec
-    from dmquant.loading import load_pipeline as _load
-
-    pipe = _load(spec, device=device, dtype=dtype)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    return pipe
+from dmquant.prompts import check_enough_prompts, read_prompts
+from dmquant.runs import atomic_folder
+from dmquant.zoo.data import parse_caption, render
+from dmquant.zoo.judge import JUDGE, attribute_accuracy
 
 
 def _grammar_prompts(prompts: Sequence[str]) -> bool:
-    from dmquant.zoo.data import parse_caption
-
     try:
         for p in prompts:
             parse_caption(p)
@@ -51,8 +42,6 @@ def _grammar_prompts(prompts: Sequence[str]) -> bool:
 
 def render_prompts(prompts: Sequence[str], seed: int = 0) -> np.ndarray:
     """Procedural ground truth for grammar prompts: scene i rendered with jitter seed ``seed + i``."""
-    from dmquant.zoo.data import parse_caption, render
-
     return np.stack([render(parse_caption(p), seed + i) for i, p in enumerate(prompts)])
 
 
@@ -84,16 +73,12 @@ def evaluate(
 ) -> dict:
     """Generate ``num_images`` images from the first prompts, measure them, write the report; returns metrics.
 
-    - ``model`` / ``reference``: pipeline objects or specs for :func:`load_pipeline` (dir, zoo name, hub id).
+    - ``model`` / ``reference``: pipeline objects or specs for :func:`dmquant.loading.load_pipeline` (dir, zoo name, hub id).
     - ``clip_model`` / ``fid_features``: "auto" picks the zoo judge for prompts of the shapes grammar,
       else ``ViT-L-14:openai`` for CLIP score and Inception for FID.
     - FID is against ``real_images`` (a folder of images or an array) when given, else against the
       procedural ground truth for grammar prompts, else against the reference's images.
     """
-    from dmquant.metrics.clip_score import DEFAULT_REAL_CLIP, ZOO_CLIP, compute_clip_score
-    from dmquant.metrics.fid import compute_fid
-    from dmquant.metrics.fidelity import fidelity_metrics
-
     start = time.time()
     cfg = config or GenerationConfig()
     prompt_file = str(prompts) if isinstance(prompts, (str, Path)) else None
@@ -105,8 +90,8 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     grammar = _grammar_prompts(prompt_list)
-    clip_spec = (ZOO_CLIP if grammar else DEFAULT_REAL_CLIP) if clip_model == "auto" else clip_model
-    feat_spec = (ZOO_CLIP if grammar else "inception") if isinstance(fid_features, str) and fid_features == "auto" else fid_features
+    clip_spec = (JUDGE if grammar else DEFAULT_REAL_CLIP) if clip_model == "auto" else clip_model
+    feat_spec = (JUDGE if grammar else "inception") if isinstance(fid_features, str) and fid_features == "auto" else fid_features
     real = None
     if real_images is not None:
         real = load_pngs(real_images) if isinstance(real_images, (str, Path)) else as_uint8_batch(real_images)
@@ -140,11 +125,8 @@ def evaluate(
     if ref_images is not None:
         metrics.update(fidelity_metrics(images, ref_images))
         metrics["clip_score_reference"] = compute_clip_score(ref_images, prompt_list, clip_spec, device)
-    if grammar and clip_spec == ZOO_CLIP:
-        from dmquant.metrics.clip_score import load_clip
-        from dmquant.zoo.judge import attribute_accuracy
-
-        acc = attribute_accuracy(load_clip(ZOO_CLIP, device), images, prompt_list)
+    if grammar and clip_spec == JUDGE:
+        acc = attribute_accuracy(load_clip(JUDGE, device), images, prompt_list)
         metrics.update({f"judge_{k}_accuracy": v for k, v in acc.items()})
     metrics.update(
         num_images=num_images,
@@ -160,18 +142,12 @@ def evaluate(
     )
     metrics = {k: _finite(v) for k, v in metrics.items()}
 
-    from accelerate import PartialState
-
-    if distributed is False or PartialState().is_main_process:
+    if distributed is False or process_state(device).is_main_process:
         _write_outputs(out_dir, metrics, images, ref_images, real, prompt_list)
     return metrics
 
 
 def _write_outputs(out_dir: Path, metrics: dict, images, ref_images, real, prompts: Sequence[str]) -> None:
-    from PIL import Image
-
-    from dmquant.runs import atomic_folder
-
     with atomic_folder(out_dir, overwrite=True) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         Image.fromarray(side_by_side_grid(images, ref_images)).save(tmp / "grid.png")

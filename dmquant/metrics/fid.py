@@ -4,7 +4,7 @@
 
 - ``"inception"``: clean-fid's "clean" mode (Inception-V3 torchscript, PIL bicubic resize to 299);
   its weights are downloaded once by clean-fid into /tmp, so offline they must already be there;
-- ``"tiny-shapes-clip"`` or any :class:`~dmquant.metrics.clip_score.ClipModel` / open_clip spec: the
+- ``"tiny-shapes-clip"`` or any :class:`~dmquant.zoo.judge.ClipModel` / open_clip spec: the
   image tower's embeddings (unnormalised), images kept at their size (the model resizes if it must);
 - a callable: clean-fid's ``custom_feat_extractor`` (float N x 3 x H x W in [0, 255] -> N x D).
 """
@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from dmquant.diffusers_io import hub_offline
 from dmquant.errors import DMQuantError
+from dmquant.metrics.clip_score import load_clip
 from dmquant.metrics.images import as_uint8_batch, save_pngs
+from dmquant.zoo.judge import ClipModel
 
 INCEPTION_FILE = "/tmp/inception-2015-12-05.pt"
 
@@ -34,23 +38,28 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 def _extractor(features: Any, device: str) -> tuple[Callable | None, Callable | None, str]:
     """(custom_feat_extractor, custom_fn_resize, name) for clean-fid."""
-    if callable(features) and not hasattr(features, "fid_feature_extractor"):
+    if callable(features) and not isinstance(features, ClipModel):
         return features, _keep_size, getattr(features, "__name__", "custom")
     if features == "inception":
-        if not Path(INCEPTION_FILE).is_file():
-            from dmquant.metrics.evaluation import hub_offline
-
-            if hub_offline():
-                raise DMQuantError(
-                    f"FID with Inception features needs clean-fid's weights at {INCEPTION_FILE} and the network is "
-                    "off; copy that file there (from a connected machine: python -c 'import cleanfid.features as f; "
-                    "f.feature_extractor()') or use features='tiny-shapes-clip'"
-                )
+        if not Path(INCEPTION_FILE).is_file() and hub_offline():
+            raise DMQuantError(
+                f"FID with Inception features needs clean-fid's weights at {INCEPTION_FILE} and the network is "
+                "off; copy that file there (from a connected machine: python -c 'import cleanfid.features as f; "
+                "f.feature_extractor()') or use features='tiny-shapes-clip'"
+            )
         return None, None, "inception"
-    from dmquant.metrics.clip_score import load_clip
-
     clip = load_clip(features, device)
-    return clip.fid_feature_extractor(), _keep_size, clip.name
+    return clip_features(clip), _keep_size, clip.name
+
+
+def clip_features(clip: ClipModel) -> Callable:
+    """A clean-fid ``custom_feat_extractor`` from a CLIP image tower: float N,3,H,W in [0, 255] -> N x D."""
+
+    def extract(batch: torch.Tensor) -> torch.Tensor:
+        images = batch.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return clip.image_features(images, normalize=False)
+
+    return extract
 
 
 def _keep_size(x: np.ndarray) -> np.ndarray:
@@ -59,7 +68,6 @@ def _keep_size(x: np.ndarray) -> np.ndarray:
 
 def compute_fid(images_a, images_b, features: Any = "inception", batch_size: int = 64, device: str = "cpu") -> float:
     """FID between two image sets (uint8 N x H x W x 3 arrays, tensors or PIL lists), via clean-fid."""
-    import torch
     from cleanfid import fid as cfid
 
     a, b = as_uint8_batch(images_a), as_uint8_batch(images_b)

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from dmquant.errors import DMQuantError
 
@@ -44,8 +45,6 @@ def check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 def save_pngs(images: np.ndarray, folder: str | Path, prefix: str = "") -> list[Path]:
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -57,8 +56,6 @@ def save_pngs(images: np.ndarray, folder: str | Path, prefix: str = "") -> list[
 
 
 def load_pngs(folder: str | Path) -> np.ndarray:
-    from PIL import Image
-
     files = sorted(Path(folder).glob("*.png"))
     return as_uint8_batch([Image.open(f) for f in files])
 
@@ -101,8 +98,6 @@ def side_by_side_grid(
 
 def captioned_rows(rows: Sequence[np.ndarray], labels: Sequence[str], scale: int = 4) -> np.ndarray:
     """Rows of images (each N x H x W x 3) with a text label on the left of each row (PIL's font)."""
-    from PIL import Image, ImageDraw
-
     strips = [tile(as_uint8_batch(r), cols=len(r)).repeat(scale, 0).repeat(scale, 1) for r in rows]
     width_label = 8 + int(4.6 * max(len(s) for s in labels))
     h = max(s.shape[0] for s in strips)

@@ -9,7 +9,7 @@
 - ``tiny-shapes-sd``: StableDiffusionPipeline (AutoencoderKL 32x32 <-> 8x8x4, 2-layer CLIPTextModel,
   UNet2DConditionModel with cross-attention, DDIM scheduler on the SD noise schedule).
 - ``tiny-shapes-dit``: DiTPipeline, class-conditioned on "<color> <shape>" labels (``pipe.labels``).
-- ``tiny-shapes-clip``: an open_clip model, the judge (a :class:`dmquant.metrics.clip_score.ClipModel`): CLIP score and FID
+- ``tiny-shapes-clip``: an open_clip model, the judge (a :class:`dmquant.zoo.judge.ClipModel`): CLIP score and FID
   features for the zoo, zero-shot attribute classification.
 
 Weights live in ``dmquant/zoo/weights/<name>/`` (diffusers ``save_pretrained`` layout for the
@@ -22,11 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import DiffusionPipeline
+
 from dmquant.errors import DMQuantError
 from dmquant.zoo.configs import WEIGHTS_DIR
+from dmquant.zoo.judge import JUDGE, ClipModel
 
 _MODELS: dict[str, str] = {
-    "tiny-shapes-clip": "open_clip model (ViT 32px/4, 64-d embeddings): the zoo's judge",
+    JUDGE: "open_clip model (ViT 32px/4, 64-d embeddings): the zoo's judge",
     "tiny-shapes-dit": "DiTPipeline, class-conditioned (24 '<color> <shape>' labels)",
     "tiny-shapes-sd": "StableDiffusionPipeline, text-conditioned on the shapes grammar",
 }
@@ -63,16 +67,10 @@ def load(name: str, device: str = "cpu", dtype: Any = None) -> Any:
 
     ``dtype`` defaults to float32 (the weights are stored in float32).
     """
-    import torch
-
     folder = path(name)
     dtype = torch.float32 if dtype is None else dtype
-    if name == "tiny-shapes-clip":
-        from dmquant.metrics.clip_score import ClipModel
-
+    if name == JUDGE:
         return ClipModel.from_open_clip(f"local-dir:{folder}", device=device, dtype=dtype, name=name)
-    from diffusers import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -23,8 +23,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
 
+from dmquant import zoo
+from dmquant.generation import GenerationConfig, generate
+from dmquant.metrics.images import captioned_rows
 from dmquant.zoo import data
+from dmquant.zoo.judge import JUDGE, attribute_accuracy
 from dmquant.zoo.prompt_sets import GRID_PROMPTS
 
 # the evaluation protocol of eval/README.md
@@ -33,8 +40,6 @@ STEPS, GUIDANCE, SEED = 25, 5.0, 0
 
 def vae_round_trip(vae, truth: np.ndarray) -> np.ndarray:
     """Ground-truth scenes through the VAE (posterior mode, then decode): what the decoder can show."""
-    import torch
-
     x = torch.from_numpy(truth).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
@@ -45,11 +50,7 @@ def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models
     """The judge's accuracy on generated images (and on the ground truth and its VAE round trip).
 
     ``sd``: a StableDiffusionPipeline to measure instead of the zoo's tiny-shapes-sd (a trial)."""
-    from dmquant import zoo
-    from dmquant.metrics.generation import GenerationConfig, generate
-    from dmquant.zoo.judge import attribute_accuracy
-
-    judge = zoo.load("tiny-shapes-clip")
+    judge = zoo.load(JUDGE)
     cfg = GenerationConfig(num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, batch_size=batch_size)
     heldout = data.sample_captions(num_images, seed=7, split="heldout")
     train = data.sample_captions(num_images, seed=8, split="train")
@@ -76,10 +77,6 @@ def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models
 
 
 def fp_grid(prompts=GRID_PROMPTS, sd_seeds=4, dit_seeds=2) -> np.ndarray:
-    from dmquant import zoo
-    from dmquant.metrics.generation import GenerationConfig, generate
-    from dmquant.metrics.images import captioned_rows
-
     sd, dit = zoo.load("tiny-shapes-sd"), zoo.load("tiny-shapes-dit")
     rows, labels = [], []
     for k, p in enumerate(prompts):
@@ -107,8 +104,6 @@ def main(argv=None) -> None:
     p.add_argument("--sd", type=Path, default=None,
                    help="a tiny-shapes-sd folder to measure instead of the zoo's (e.g. a retraining trial)")
     args = p.parse_args(argv)
-    from PIL import Image
-
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_grid:
         Image.fromarray(fp_grid()).save(args.out / "zoo_fp_grid.png")
@@ -116,8 +111,6 @@ def main(argv=None) -> None:
     if not args.skip_accuracy:
         sd = None
         if args.sd is not None:
-            from diffusers import StableDiffusionPipeline
-
             sd = StableDiffusionPipeline.from_pretrained(str(args.sd))
             sd.set_progress_bar_config(disable=True)
         report = accuracy_report(args.num_images, sd=sd, models=tuple(args.models.split(",")))

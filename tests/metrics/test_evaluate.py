@@ -3,8 +3,8 @@ import json
 import pytest
 
 from dmquant.errors import DMQuantError
-from dmquant.metrics.evaluation import evaluate, load_pipeline
-from dmquant.metrics.generation import GenerationConfig
+from dmquant.generation import GenerationConfig
+from dmquant.metrics.evaluation import evaluate
 
 PROMPTS = [
     "a large red circle at the top left on a black background",
@@ -42,18 +42,3 @@ def test_bad_inputs_raise_before_writing(tmp_path):
     with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-sd"):
         evaluate("tiny-shapes-xxl", PROMPTS, 2, out, config=FAST)
     assert not out.exists() and list(tmp_path.iterdir()) == []
-
-
-def test_load_pipeline_offline_hub_id_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DMQuantError, match="HF_HUB_OFFLINE=1"):
-        load_pipeline("dmquant-nonexistent/tiny-model")
-
-
-def test_load_pipeline_from_a_folder(tmp_path):
-    from dmquant.zoo import path
-
-    pipe = load_pipeline(str(path("tiny-shapes-dit")))
-    assert type(pipe).__name__ == "DiTPipeline" and len(pipe.labels) == 24
-    with pytest.raises(DMQuantError, match="model_index.json"):
-        load_pipeline(str(tmp_path))

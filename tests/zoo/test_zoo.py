@@ -4,7 +4,7 @@ import torch
 
 import dmquant
 from dmquant.errors import DMQuantError
-from dmquant.metrics.generation import GenerationConfig, generate
+from dmquant.generation import GenerationConfig, generate
 from dmquant.zoo import data
 from dmquant.zoo.configs import WEIGHTS_DIR
 from dmquant.zoo.judge import attribute_accuracy

@@ -1,0 +1,102 @@
+"""What dmquant needs to know about a diffusers pipeline and its surroundings before driving it: how it is
+conditioned (prompts or class ids), which prompts it accepts, the accelerate process state, the hub's
+offline switch.
+
+This module imports no other part of dmquant but its errors, so every layer may use it (calibration,
+correction, the API). Loading a pipeline is :mod:`dmquant.loading`, generating images
+:mod:`dmquant.generation`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Sequence
+
+import diffusers
+import torch
+import transformers
+
+from dmquant.errors import DMQuantError
+
+
+# ---------------------------------------------------------------------------------------- environment
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to 1 / true / yes / on (any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def process_state(device: str | torch.device | None = None):
+    """accelerate's process state (one per process: the first call decides its device).
+
+    On the CPU it must be created with ``cpu=True`` for the processes of ``accelerate launch --multi_gpu`` /
+    ``torchrun`` to form a (gloo) group: that is asked for when ``device`` is a CPU device, or, with no
+    ``device``, when there is no GPU.
+    """
+    from accelerate import PartialState
+
+    cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def silence_progress_bars() -> None:
+    """Turn off the loading progress bars of diffusers and transformers (for ``--quiet``)."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------- conditioning
+def conditioning_argument(pipe) -> str:
+    """The name of the pipeline's conditioning argument: ``prompt`` or ``class_labels``."""
+    params = inspect.signature(pipe.__call__).parameters
+    for name in ("prompt", "class_labels"):
+        if name in params:
+            return name
+    raise DMQuantError(
+        f"{type(pipe).__name__} takes neither 'prompt' nor 'class_labels': dmquant cannot drive it"
+    )
+
+
+def is_class_conditional(pipe) -> bool:
+    return conditioning_argument(pipe) == "class_labels"
+
+
+def class_id(pipe, prompt) -> int:
+    """Class id for a class-conditioned pipeline (DiT): an integer, or a label of ``pipe.labels``
+    (exact, else the longest label the prompt contains: "a large red circle at the top" -> "red circle")."""
+    if isinstance(prompt, int):
+        return prompt
+    text = str(prompt).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    labels: dict[str, int] = getattr(pipe, "labels", None) or {}
+    if text in labels:
+        return int(labels[text])
+    padded = f" {text.lower()} "
+    hits = [label for label in labels if f" {label.lower()} " in padded]
+    if not hits:
+        raise DMQuantError(
+            f"prompt {text!r} names none of the class-conditioned pipeline's labels "
+            f"(e.g. {', '.join(list(labels)[:5])}): use an integer class id or a label name"
+        )
+    return int(labels[max(hits, key=len)])
+
+
+def prompts_for_pipeline(pipe, prompts: Sequence) -> list:
+    """Strings for text pipelines; class ids for class-conditioned ones (integers or label names)."""
+    if not is_class_conditional(pipe):
+        return list(prompts)
+    return [class_id(pipe, p) for p in prompts]
+
+
+def check_prompts(pipe, prompts: Sequence) -> list:
+    """Validate calibration prompts (strings for text pipelines, class ids for class-conditioned ones)."""
+    prompts = list(prompts or [])
+    if not prompts:
+        raise DMQuantError("no calibration prompts: pass prompts=[...] or a non-empty prompt file")
+    if is_class_conditional(pipe):
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            raise DMQuantError("this pipeline is class-conditioned: pass integer class ids as prompts")
+    elif not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise DMQuantError("calibration prompts must be non-empty strings")
+    return prompts
