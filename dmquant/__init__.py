@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "quantize": ("dmquant.api", "quantize"),
@@ -17,10 +17,10 @@ _LAZY = {
     "load_recipe": ("dmquant.config", "load_recipe"),
     "list_recipes": ("dmquant.config", "list_recipes"),
     "DMQuantError": ("dmquant.errors", "DMQuantError"),
-    "freeze": ("dmquant.freeze", "freeze"),
-    "QuantizedStableDiffusionPipeline": ("dmquant.pipeline", "QuantizedStableDiffusionPipeline"),
-    "QuantizedDiTPipeline": ("dmquant.pipeline", "QuantizedDiTPipeline"),
-    "load_quantized_pipeline": ("dmquant.pipeline", "load_quantized_pipeline"),
+    "freeze": ("dmquant.api", "freeze"),
+    "QuantizedStableDiffusionPipeline": ("dmquant.quantized_pipeline", "QuantizedStableDiffusionPipeline"),
+    "QuantizedDiTPipeline": ("dmquant.quantized_pipeline", "QuantizedDiTPipeline"),
+    "load_quantized_pipeline": ("dmquant.quantized_pipeline", "load_quantized_pipeline"),
     "load_quantized_denoiser": ("dmquant.serialization", "load_quantized_denoiser"),
     "zoo": ("dmquant.zoo", None),
 }

@@ -380,11 +380,16 @@ class QuantConfig:
                                "activation ranges: keep one of them")
 
     @property
-    def needs_calibration_data(self) -> bool:
-        """True when some activation range must be estimated from data."""
+    def needs_activation_ranges(self) -> bool:
+        """True when some activation range (layer inputs, attention operands) is observed on data."""
         static_acts = self.activations is not None and self.activations.static
-        return (static_acts or (self.attention is not None and self.attention.kernel == "fake-quant")
-                or self.smoothing is not None or self.correction is not None)
+        return static_acts or (self.attention is not None and self.attention.kernel == "fake-quant")
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when calibration needs prompts (or recorded denoiser calls)."""
+        return (self.needs_activation_ranges or self.smoothing is not None or self.correction is not None
+                or self.reconstruction is not None)
 
     @property
     def has_outlier_branch(self) -> bool:

@@ -19,11 +19,10 @@ from tqdm.auto import tqdm
 from dmquant.config import QuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.formats import IntFormat
-from dmquant.nn.layers import _QuantLayer
+from dmquant.nn.layers import QuantLayer
 from dmquant.nn.outlier import OutlierBranch
-from dmquant.nn.wrap import full_precision, quant_layers
+from dmquant.nn.wrap import full_precision, input_quantizers, quant_layers
 from dmquant.quantizers.affine import fake_quant, qparams_from_range
-from dmquant.quantizers.modules import ActQuantizer
 from dmquant.quantizers.outliers import smoothing_factors
 
 MAX_SAMPLE_PIXELS = 16 * 16  # a conv layer's input sample is cropped to at most this many positions
@@ -35,7 +34,7 @@ class _InputStats:
     taken from the first ``SAMPLE_CALLS`` calls (a spatial crop of one image for a conv, random tokens
     for a linear layer), so that it covers several timesteps."""
 
-    def __init__(self, layer: _QuantLayer, sample_tokens: int, keep_sample: bool, seed: int):
+    def __init__(self, layer: QuantLayer, sample_tokens: int, keep_sample: bool, seed: int):
         self.layer, self.sample_tokens, self.keep_sample = layer, sample_tokens, keep_sample
         self.absmax: torch.Tensor | None = None
         self.samples: list[torch.Tensor] = []
@@ -107,7 +106,7 @@ def _make_branch(weight: torch.Tensor, config: QuantConfig, geometry, smooth: bo
 
 
 @torch.no_grad()
-def _layer_error(layer: _QuantLayer, branch: OutlierBranch, x: torch.Tensor, reference: torch.Tensor,
+def _layer_error(layer: QuantLayer, branch: OutlierBranch, x: torch.Tensor, reference: torch.Tensor,
                  config: QuantConfig) -> float:
     """Output error of the layer quantized with ``branch`` on the sample ``x`` (activations quantized
     per the recipe: dynamic as configured, static with the sample's own min-max range)."""
@@ -118,24 +117,16 @@ def _layer_error(layer: _QuantLayer, branch: OutlierBranch, x: torch.Tensor, ref
         scale, zero = qparams_from_range(xt.amin().reshape(1), xt.amax().reshape(1), fmt, a.symmetric)
         xq = fake_quant(xt, scale[0], zero[0], fmt)
     else:
-        quantizer = ActQuantizer(a, layer.channel_dim)
+        quantizer = input_quantizers(a, None, None)(layer.channel_dim)
         quantizer.set_mode("quant")
         xq = quantizer(xt)
-    out = _main_without_input_quant(layer, xq)
+    out = layer.op(xq, layer.effective_weight(xq.dtype), layer.bias)
     extra = branch.low_rank(xt)
     out = out if extra is None else out + extra
     return float((out - reference).pow(2).mean())
 
 
-def _main_without_input_quant(layer: _QuantLayer, x: torch.Tensor) -> torch.Tensor:
-    saved, layer.input_quantizer = layer.input_quantizer, None
-    try:
-        return layer._main(x)
-    finally:
-        layer.input_quantizer = saved
-
-
-def _search_alpha(layer: _QuantLayer, config: QuantConfig, stats: _InputStats, geometry, rotate: bool,
+def _search_alpha(layer: QuantLayer, config: QuantConfig, stats: _InputStats, geometry, rotate: bool,
                   original: nn.Parameter) -> tuple[float, torch.Tensor]:
     """The alpha of the grid whose smoothed, quantized layer has the smallest output error on the sample."""
     x = stats.sample.to(original.device, original.dtype)
@@ -153,9 +144,8 @@ def _search_alpha(layer: _QuantLayer, config: QuantConfig, stats: _InputStats, g
     return best[1], best[2]
 
 
-def _attach(layer: _QuantLayer, branch: OutlierBranch, original: nn.Parameter) -> None:
-    layer.weight, layer.outlier = original, None
-    layer.attach_outlier_branch(branch)
+def _attach(layer: QuantLayer, branch: OutlierBranch, original: nn.Parameter) -> None:
+    layer.attach_outlier_branch(branch, original)
     layer.calibrate_weight()
 
 
@@ -176,11 +166,11 @@ def prepare_outlier_branches(denoiser: nn.Module, config: QuantConfig,
               "alpha": {}, "branch_bytes": 0}
     layers = quant_layers(denoiser)
     for name, layer in tqdm(layers, desc="outliers: smoothing / rotation / low-rank", disable=not progress):
-        geometry = layer.branch_geometry()
-        if geometry is not None and geometry.get("unsupported"):
+        if not layer.can_take_branch:
             report["left_out"][name] = "grouped or non-zero-padded convolution"
             layer.calibrate_weight()
             continue
+        geometry = layer.branch_geometry()
         original = layer.weight
         rotate = config.rotation is not None
         if rotate and (original.shape[1] % 2 or layer.split is not None):

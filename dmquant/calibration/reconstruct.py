@@ -5,59 +5,35 @@ execution order. For each unit: record its full-precision inputs and outputs and
 quantized model (earlier units already rounded), on ``num_samples`` recorded denoiser calls (a forward
 stops as soon as the unit has run); then minimise ``|unit_q(x_q) - unit_fp(x_fp)|^2`` plus the rounding
 regulariser over the rounding variables (and, LSQ-style, the unit's activation scales); finally
-write the hard-rounded weights back (they lie on the quantizer's grid, so freezing keeps them exactly).
+harden the rounding in each weight quantizer (its codes are fixed; the float weights stay untouched,
+so the full-precision passes of later units read the original model).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dmquant.config import QuantConfig
-from dmquant.models.adapters import adapter_for
-from dmquant.nn.layers import _QuantLayer
-from dmquant.nn.timestep import timestep_state
-from dmquant.nn.wrap import activation_quantizers, quant_layers, set_activation_mode
-from dmquant.quantizers.adaround import annealed_beta, init_rounding, rounding_regularizer, soft_round_weight
-from dmquant.quantizers.modules import ActQuantizer, SplitWeightQuantizer, WeightQuantizer, split_channels
+from dmquant.config import ReconstructionConfig
+from dmquant.models.adapters import DenoiserAdapter
+from dmquant.nn.layers import QuantLayer
+from dmquant.nn.wrap import (
+    activation_quantizers,
+    full_precision,
+    quant_layers,
+    set_activation_mode,
+    time_table,
+)
+from dmquant.quantizers.adaround import annealed_beta
 
 
 class _Stop(Exception):
     """Raised by a hook once the unit has run: the rest of the denoiser is not needed."""
-
-
-class _Rounding:
-    """Learned rounding of one layer's weight (one ``V`` per weight quantizer part)."""
-
-    def __init__(self, layer: _QuantLayer):
-        self.layer = layer
-        wq = layer.weight_quantizer
-        self.parts: list[WeightQuantizer] = list(wq.parts) if isinstance(wq, SplitWeightQuantizer) else [wq]
-        self.split = wq.split if isinstance(wq, SplitWeightQuantizer) else None
-        self.v = [nn.Parameter(init_rounding(q.rows(w) / q.scale[:, None]))
-                  for q, w in zip(self.parts, self._weights(layer.weight.detach()))]
-
-    def _weights(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        return [weight] if self.split is None else list(split_channels(weight, self.split, 1))
-
-    def weight(self, hard: bool = False) -> torch.Tensor:
-        out = []
-        for q, w, v in zip(self.parts, self._weights(self.layer.weight.detach()), self.v):
-            rows = soft_round_weight(q.rows(w), q.scale[:, None], q.zero_point[:, None], v, q.fmt, hard)
-            out.append(rows.reshape(w.shape))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
-
-    def regularizer(self, beta: float) -> torch.Tensor:
-        return sum(rounding_regularizer(v, beta) for v in self.v)
-
-    def harden(self) -> None:
-        with torch.no_grad():
-            self.layer.weight.data.copy_(self.weight(hard=True))
-        self.layer._cached_weight = None
 
 
 def _first_tensor(out):
@@ -78,63 +54,55 @@ def _detach(value):
     return value
 
 
-class _Capture:
-    """Runs the denoiser on calls and keeps the unit's inputs (and output), stopping after the unit."""
+def capture(denoiser: nn.Module, unit: nn.Module, calls, with_output: bool) -> list[tuple]:
+    """Run the denoiser on ``calls``; per call, the unit's ``(args, kwargs, timestep, output or None)``."""
+    table, records, current = time_table(denoiser), [], {}
 
-    def __init__(self, denoiser: nn.Module, unit: nn.Module):
-        self.denoiser, self.unit = denoiser, unit
-
-    def run(self, calls, with_output: bool) -> list[tuple[tuple, dict, float | None, torch.Tensor | None]]:
-        state, records = timestep_state(self.denoiser), []
-        current = {}
-
-        def pre(module, args, kwargs):
-            current["in"] = (_detach(args), _detach(kwargs))
-            if not with_output:
-                raise _Stop
-
-        def post(module, args, kwargs, out):
-            current["out"] = _first_tensor(out).detach()
+    def pre(module, args, kwargs):
+        current["in"] = (_detach(args), _detach(kwargs))
+        if not with_output:
             raise _Stop
 
-        handles = [self.unit.register_forward_pre_hook(pre, with_kwargs=True)]
-        if with_output:
-            handles.append(self.unit.register_forward_hook(post, with_kwargs=True))
-        try:
-            for args, kwargs in calls:
-                current.clear()
-                try:
-                    self.denoiser(*args, **kwargs)
-                except _Stop:
-                    pass
-                t = state.timestep if state is not None else None
-                records.append((*current["in"], t, current.get("out")))
-        finally:
-            for h in handles:
-                h.remove()
-        return records
+    def post(module, args, kwargs, out):
+        current["out"] = _first_tensor(out).detach()
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(pre, with_kwargs=True)]
+    if with_output:
+        handles.append(unit.register_forward_hook(post, with_kwargs=True))
+    try:
+        for args, kwargs in calls:
+            current.clear()
+            try:
+                denoiser(*args, **kwargs)
+            except _Stop:
+                pass
+            records.append((*current["in"], table.timestep if table is not None else None, current.get("out")))
+    finally:
+        for h in handles:
+            h.remove()
+    return records
 
 
-class _FullPrecision:
-    """Context: every quantizer off and the layers on their original full-precision weights."""
+def _units(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserAdapter, probe) -> list[tuple[str, nn.Module]]:
+    """The reconstruction units holding quantized layers, in the order the denoiser runs them."""
+    if r.unit == "layer":
+        units = quant_layers(denoiser)
+    else:
+        units = [(n, m) for n, m in adapter.blocks(denoiser) if any(isinstance(x, QuantLayer) for x in m.modules())]
+    order: dict[int, int] = {}
 
-    def __init__(self, denoiser, originals: dict[int, torch.Tensor]):
-        self.denoiser, self.originals = denoiser, originals
-        self.layers = [m for _, m in quant_layers(denoiser)]
+    def seen(module, args) -> None:
+        order.setdefault(id(module), len(order))
 
-    def __enter__(self):
-        set_activation_mode(self.denoiser, "off")
-        for layer in self.layers:
-            layer.weight_override = _constant(self.originals[id(layer)])
-
-    def __exit__(self, *exc):
-        set_activation_mode(self.denoiser, "quant")
-        for layer in self.layers:
-            layer.weight_override = None
-
-
-def _constant(value: torch.Tensor):
-    return lambda: value
+    handles = [m.register_forward_pre_hook(seen) for _, m in units]
+    try:
+        with torch.no_grad():
+            denoiser(*probe[0], **probe[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted([u for u in units if id(u[1]) in order], key=lambda u: order[id(u[1])])
 
 
 class _NoParamGrads:
@@ -152,103 +120,61 @@ class _NoParamGrads:
             p.requires_grad_(True)
 
 
-def _units(denoiser: nn.Module, config: QuantConfig, probe) -> list[tuple[str, nn.Module]]:
-    """The reconstruction units holding quantized layers, in the order the denoiser runs them."""
-    if config.reconstruction.unit == "layer":
-        units = quant_layers(denoiser)
-    else:
-        units = [(n, m) for n, m in adapter_for(denoiser).blocks(denoiser)
-                 if any(isinstance(x, _QuantLayer) for x in m.modules())]
-    order: dict[int, int] = {}
-
-    def seen(module, args):
-        order.setdefault(id(module), len(order))
-
-    handles = [m.register_forward_pre_hook(seen) for _, m in units]
-    try:
-        with torch.no_grad():
-            denoiser(*probe[0], **probe[1])
-    finally:
-        for h in handles:
-            h.remove()
-    return sorted([u for u in units if id(u[1]) in order], key=lambda u: order[id(u[1])])
-
-
-def _learnable_act_scales(unit: nn.Module) -> list[ActQuantizer]:
-    qs = [q for q in activation_quantizers(unit) if isinstance(q, ActQuantizer) and q.config.static]
-    for q in qs:
-        scale = q._buffers.pop("scale")
-        q.scale = nn.Parameter(scale.detach().clone())
-    return qs
-
-
-def _restore_act_scales(qs: list[ActQuantizer]) -> None:
-    for q in qs:
-        scale = q._parameters.pop("scale").detach().clamp_min(1e-8)
-        q.register_buffer("scale", scale)
-
-
-def _optimize(unit, roundings, act_qs, fp, qin, config, state) -> tuple[float, float]:
-    r = config.reconstruction
-    params = [{"params": [v for rd in roundings for v in rd.v], "lr": r.learning_rate}]
-    for q in act_qs:  # relative steps: each scale moves by about act_learning_rate of itself per iteration
-        params.append({"params": [q.scale], "lr": r.act_learning_rate * float(q.scale.detach().abs().mean())})
-    opt = torch.optim.Adam(params)
-    for rd in roundings:
-        rd.layer.weight_override = rd.weight
+def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qin, r: ReconstructionConfig,
+              table) -> tuple[float, float]:
+    quantizers = [q for layer in layers for q in layer.weight_quantizers]
+    rounding = [q.start_rounding(w) for layer in layers
+                for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight))]
+    groups = [{"params": rounding, "lr": r.learning_rate}]
+    for s in scales:  # relative steps: each scale moves by about act_learning_rate of itself per iteration
+        groups.append({"params": [s], "lr": r.act_learning_rate * float(s.detach().abs().mean())})
+    opt = torch.optim.Adam(groups)
     first = last = 0.0
-    try:
-        for step in range(r.iterations):
-            i = random.randrange(len(qin))
-            args, kwargs, t, _ = qin[i]
-            if state is not None and t is not None:
-                state.set_timestep(t)
-            out = _first_tensor(unit(*args, **kwargs))
-            rec = (out - fp[i][3]).pow(2).mean()
-            beta = annealed_beta(step, r.iterations, r.warmup, r.beta_start, r.beta_end)
-            loss = rec if beta is None else rec + r.reg_weight * sum(rd.regularizer(beta) for rd in roundings)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            for q in act_qs:
-                q.scale.data.clamp_(min=1e-8)
-            last = float(rec.detach())
-            first = last if step == 0 else first
-    finally:
-        for rd in roundings:
-            rd.layer.weight_override = None
+    for step in range(r.iterations):
+        i = random.randrange(len(qin))
+        args, kwargs, t, _ = qin[i]
+        if table is not None and t is not None:
+            table.set_timestep(t)
+        rec = (_first_tensor(unit(*args, **kwargs)) - fp[i][3]).pow(2).mean()
+        beta = annealed_beta(step, r.iterations, r.warmup, r.beta_start, r.beta_end)
+        loss = rec if beta is None else rec + r.reg_weight * sum(q.rounding_loss(beta) for q in quantizers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for s in scales:
+            s.data.clamp_(min=1e-8)
+        last = float(rec.detach())
+        first = last if step == 0 else first
     return first, last
 
 
-def reconstruct(denoiser: nn.Module, config: QuantConfig, calls: Iterable[tuple[tuple, dict]],
+def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserAdapter,
+                calls: Iterable[tuple[tuple, dict]], learn_act_scales: bool, seed: int = 0,
                 progress: bool = True) -> dict:
     """Learn the rounding of every unit's weights (and its activation scales); returns a short report."""
-    r = config.reconstruction
     calls = list(calls)
     stride = max(1, len(calls) // r.num_samples)
     sample = calls[::stride][: r.num_samples]
-    random.seed(config.calibration.seed)
-    torch.manual_seed(config.calibration.seed)
-    state = timestep_state(denoiser)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    table = time_table(denoiser)
     set_activation_mode(denoiser, "quant")
-    units = _units(denoiser, config, sample[0])
-    originals = {id(m): m.weight.detach().clone() for _, m in quant_layers(denoiser)}
+    units = _units(denoiser, r, adapter, sample[0])
     losses = []
     for name, unit in tqdm(units, desc="calibration: reconstruction", disable=not progress):
         with torch.no_grad():
-            with _FullPrecision(denoiser, originals):
-                fp = _Capture(denoiser, unit).run(sample, with_output=True)
-            qin = _Capture(denoiser, unit).run(sample, with_output=False)
-        layers = [m for m in unit.modules() if isinstance(m, _QuantLayer)]
-        roundings = [_Rounding(layer) for layer in layers]
-        with _NoParamGrads(unit):  # only the rounding variables and the activation scales learn
-            act_qs = _learnable_act_scales(unit) if r.learn_act_scales and config.activations is not None else []
-            try:
-                before, after = _optimize(unit, roundings, act_qs, fp, qin, config, state)
-            finally:
-                _restore_act_scales(act_qs)
-        for rd in roundings:
-            rd.harden()
+            with full_precision(denoiser):
+                fp = capture(denoiser, unit, sample, with_output=True)
+            qin = capture(denoiser, unit, sample, with_output=False)
+        layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+        act_qs = [q for q in activation_quantizers(unit) if q.static] if learn_act_scales else []
+        with _NoParamGrads(unit), ExitStack() as stack:
+            scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
+            before, after = _optimize(unit, layers, scales, fp, qin, r, table)
+        for layer in layers:
+            for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
+                q.harden_rounding(w)
+            layer.refresh_weight()
         losses.append((name, before, after))
     return {"unit": r.unit, "units": len(units), "samples": len(sample), "iterations": r.iterations,
             "mean_loss_first": _mean([b for _, b, _ in losses]), "mean_loss_last": _mean([a for _, _, a in losses])}

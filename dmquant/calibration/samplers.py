@@ -3,7 +3,8 @@
 Steps are indices ``0 .. n-1`` of a run of ``n`` steps (step 0 is the noisiest). Samplers that draw
 from a distribution work in diffusion time ``u = t / T`` (1 = pure noise, 0 = clean), mapped to the
 step ``round((1 - u) (n - 1))``, and draw afresh for every prompt batch (``batch`` seeds the draw),
-so over many batches the recorded steps follow the distribution. One interface: ``select(n, batch)``.
+so over many batches the recorded steps follow the distribution. One interface: ``select(n, batch)``, and
+``rounds``: how many times the calibration run records again along the quantized model (PCR; 0 for most).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class UniformSampler:
     """``num_timesteps`` steps evenly spaced over the sampling run, first and last included (Q-Diffusion)."""
 
     num_timesteps: int
+    rounds = 0
 
     def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
         _check_steps(num_inference_steps)
@@ -53,6 +55,8 @@ class UniformSampler:
 @dataclass(frozen=True)
 class AllStepsSampler:
     """Every step of the run (TFMQ-DM's finite set of timesteps)."""
+
+    rounds = 0
 
     def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
         _check_steps(num_inference_steps)
@@ -67,6 +71,8 @@ def _generator(seed: int, batch: int) -> torch.Generator:
 class _DrawnSampler:
     """A sampler that draws ``num_timesteps`` diffusion times per prompt batch (``draw``) and maps them
     to the run's steps."""
+
+    rounds = 0
 
     def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
         _check_steps(num_inference_steps)
@@ -122,11 +128,21 @@ def _gamma(shape: float, n: int, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class ProgressiveSampler(UniformSampler):
+    """Uniform steps, then ``rounds`` more recordings along the quantized model's own trajectory, each
+    followed by a new estimate of the ranges (PCR). The calibration run asks every sampler for ``rounds``."""
+
+    rounds: int = 1
+
+
 def make_sampler(config: TimestepSamplerConfig | str, num_timesteps: int, seed: int = 0):
-    """The sampler a recipe names (``progressive`` records uniform steps; the API re-records them)."""
+    """The sampler a recipe names."""
     config = TimestepSamplerConfig(kind=config) if isinstance(config, str) else config
-    if config.kind in ("uniform", "progressive"):
+    if config.kind == "uniform":
         return UniformSampler(num_timesteps)
+    if config.kind == "progressive":
+        return ProgressiveSampler(num_timesteps, config.rounds)
     if config.kind == "all":
         return AllStepsSampler()
     if config.kind == "normal":

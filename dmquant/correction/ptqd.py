@@ -15,37 +15,42 @@ the quantized and full-precision denoiser on the quantized model's own trajector
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from dmquant.calibration.collect import conditioning_argument
 from dmquant.errors import DMQuantError
+from dmquant.models.adapters import find_denoiser
+from dmquant.nn.wrap import full_precision
+from dmquant.quantizers.timetable import TimeTable, single_timestep
 
 
 @dataclass
 class NoiseCorrectionStats:
-    """Per-step statistics: ``timesteps [T]``, slope ``k [T]``, bias ``mu [T, C]``, residual variance ``var [T]``."""
+    """Per-step statistics: ``timesteps [T]`` (float64), slope ``k [T]``, bias ``mu [T, C]``, residual
+    variance ``var [T]``; looked up through a :class:`TimeTable` of the timesteps (exact policy)."""
 
     timesteps: torch.Tensor
     k: torch.Tensor
     mu: torch.Tensor
     var: torch.Tensor
     mean_error: torch.Tensor | None = None  # [T, C] plain mean of the error (fitted stats only)
+    table: TimeTable = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.timesteps = torch.as_tensor(self.timesteps, dtype=torch.float64)
+        self.table = TimeTable(self.timesteps, policy="exact", what="noise-correction statistics")
 
     def index(self, timestep) -> int:
-        t = int(timestep.reshape(-1)[0].item()) if torch.is_tensor(timestep) else int(timestep)
-        hits = (self.timesteps == t).nonzero()
-        if hits.numel() == 0:
-            raise DMQuantError(
-                f"noise-correction statistics were fitted for the timesteps {self.timesteps.tolist()[:6]}... "
-                f"({len(self.timesteps)} steps) and do not contain timestep {t}: generate with the same "
-                "scheduler and number of steps, or fit the correction again for this schedule"
-            )
-        return int(hits[0, 0])
+        return self.table.lookup(timestep)
 
     def save(self, path) -> None:
         save_file({"timesteps": self.timesteps, "k": self.k, "mu": self.mu, "var": self.var}, str(path))
@@ -70,7 +75,7 @@ class NoiseCorrectionStats:
     @classmethod
     def identity(cls, timesteps, channels: int) -> NoiseCorrectionStats:
         n = len(timesteps)
-        return cls(torch.as_tensor(timesteps).long(), torch.zeros(n), torch.zeros(n, channels), torch.zeros(n))
+        return cls(torch.as_tensor(timesteps), torch.zeros(n), torch.zeros(n, channels), torch.zeros(n))
 
 
 class _Accumulator:
@@ -110,9 +115,9 @@ def _output_tensor(output):
 class _PairedRecorder:
     """Forward hook: at every denoiser call, also run the full-precision model on the same input."""
 
-    def __init__(self, channels: int, full_precision):
-        self.channels, self.full_precision = channels, full_precision
-        self.acc: dict[int, _Accumulator] = {}
+    def __init__(self, channels: int, read_timestep):
+        self.channels, self.read_timestep = channels, read_timestep
+        self.acc: dict[float, _Accumulator] = {}
         self.busy = False
 
     def __call__(self, module, args, kwargs, output):
@@ -120,14 +125,13 @@ class _PairedRecorder:
             return None
         self.busy = True
         try:
-            with self.full_precision(module):
+            with full_precision(module):
                 reference = _output_tensor(module(*args, **kwargs))
         finally:
             self.busy = False
         quantized = _output_tensor(output)
         c = self.channels
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = int(t.reshape(-1)[0]) if torch.is_tensor(t) else int(t)
+        t = single_timestep(self.read_timestep(args, kwargs))
         self.acc.setdefault(t, _Accumulator(c)).add(reference[:, :c].float(), (quantized - reference)[:, :c].float())
         return None
 
@@ -135,15 +139,9 @@ class _PairedRecorder:
 def fit_noise_correction(pipe, prompts, num_inference_steps: int, batch_size: int = 8, seed: int = 0,
                          progress: bool = True, **call_kwargs) -> NoiseCorrectionStats:
     """Fit per-step ``k``, ``μ`` and residual variance on the quantized pipeline's own trajectories."""
-    from tqdm.auto import tqdm
-
-    from dmquant.calibration.collect import conditioning_argument
-    from dmquant.models.adapters import find_denoiser
-    from dmquant.nn.wrap import full_precision
-
-    _, denoiser, _ = find_denoiser(pipe)
+    _, denoiser, adapter = find_denoiser(pipe)
     channels = int(denoiser.config.in_channels)
-    recorder = _PairedRecorder(channels, full_precision)
+    recorder = _PairedRecorder(channels, adapter.read_timestep)
     handle = denoiser.register_forward_hook(recorder, with_kwargs=True)
     cond = conditioning_argument(pipe)
     try:
@@ -158,7 +156,7 @@ def fit_noise_correction(pipe, prompts, num_inference_steps: int, batch_size: in
         handle.remove()
     timesteps = sorted(recorder.acc, reverse=True)
     fits = [recorder.acc[t].fit() for t in timesteps]
-    return NoiseCorrectionStats(torch.tensor(timesteps).long(), torch.tensor([f[0] for f in fits]),
+    return NoiseCorrectionStats(torch.tensor(timesteps, dtype=torch.float64), torch.tensor([f[0] for f in fits]),
                                 torch.stack([f[1] for f in fits]), torch.tensor([f[2] for f in fits]),
                                 torch.stack([recorder.acc[t].mean_error() for t in timesteps]))
 
@@ -167,18 +165,16 @@ class NoiseCorrection:
     """The correction hooked onto one pipeline: output hook on the denoiser, patched ``scheduler.step``."""
 
     def __init__(self, pipe, stats: NoiseCorrectionStats, absorb_variance: bool = True):
-        from dmquant.models.adapters import find_denoiser
-
         self.pipe, self.stats, self.absorb_variance = pipe, stats, absorb_variance
-        _, self.denoiser, _ = find_denoiser(pipe)
+        _, self.denoiser, adapter = find_denoiser(pipe)
+        self.read_timestep = adapter.read_timestep
         self.channels = stats.mu.shape[1]
         self.handle = self.denoiser.register_forward_hook(self._correct_output, with_kwargs=True)
         self.scheduler = pipe.scheduler
         self._patch_scheduler()
 
     def _correct_output(self, module, args, kwargs, output):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        i = self.stats.index(t)
+        i = self.stats.index(self.read_timestep(args, kwargs))
         eps = _output_tensor(output)[:, : self.channels]
         mu = self.stats.mu[i].to(eps)[None, :, None, None] if eps.ndim == 4 else self.stats.mu[i].to(eps)
         eps.sub_(mu).div_(1.0 + float(self.stats.k[i]))
@@ -202,18 +198,12 @@ class NoiseCorrection:
         def step(scheduler, model_output, timestep, sample, *args, **kwargs):
             return wrapper(correction, original, model_output, timestep, sample, *args, **kwargs)
 
-        step.__signature__ = _signature_of(original)
+        step.__signature__ = inspect.signature(original)
         self.scheduler.step = types.MethodType(step, self.scheduler)
 
     def remove(self) -> None:
         self.handle.remove()
         self.scheduler.__dict__.pop("step", None)
-
-
-def _signature_of(method):
-    import inspect
-
-    return inspect.signature(method)
 
 
 def _ddim_coefficients(scheduler, timestep: int, eta: float) -> tuple[float, float]:
@@ -234,8 +224,6 @@ def _ddim_step(correction, original, model_output, timestep, sample, eta: float 
                generator=None, variance_noise=None, return_dict: bool = True):
     t = int(timestep)
     if eta > 0:
-        from diffusers.utils.torch_utils import randn_tensor
-
         s_t, lam = _ddim_coefficients(correction.scheduler, t, eta)
         if variance_noise is None:
             variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
@@ -248,8 +236,6 @@ def _ddim_step(correction, original, model_output, timestep, sample, eta: float 
 
 
 def _ddpm_step(correction, original, model_output, timestep, sample, generator=None, return_dict: bool = True):
-    from diffusers.utils.torch_utils import randn_tensor
-
     scheduler, t = correction.scheduler, int(timestep)
     state = generator.get_state() if generator is not None else torch.random.get_rng_state()
     out = original(model_output, timestep, sample, generator=generator, return_dict=True)
@@ -287,13 +273,15 @@ def check_correction_schedule(pipe, num_inference_steps: int) -> None:
         return
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
-    wanted = {int(t) for t in scheduler.timesteps}
-    fitted = {int(t) for t in correction.stats.timesteps}
-    if not wanted <= fitted:
+    fitted = len(correction.stats.table)
+    try:
+        for t in scheduler.timesteps:
+            correction.stats.index(t)
+    except DMQuantError:
         raise DMQuantError(
-            f"this pipeline's noise correction was fitted for {len(fitted)} steps of {type(pipe.scheduler).__name__} "
+            f"this pipeline's noise correction was fitted for {fitted} steps of {type(pipe.scheduler).__name__} "
             f"and cannot correct a {num_inference_steps}-step run: generate with the same scheduler and number of "
-            f"steps ({len(fitted)}), or fit the correction again for this schedule")
+            f"steps ({fitted}), or fit the correction again for this schedule") from None
 
 
 def remove_noise_correction(pipe) -> None:

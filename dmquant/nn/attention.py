@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmquant.quantizers.activation import ActQuantizer
+from dmquant.quantizers.timetable import TimeTable
+
 
 class AttentionProcessorBase:
     """Projections and bookkeeping of a diffusers attention call; subclasses implement ``attend``."""
@@ -86,24 +89,24 @@ class SDPAProcessor(AttentionProcessorBase):
 
 
 class AttentionQuantizers(nn.Module):
-    """The activation quantizers of the two attention matmuls, attached to an ``Attention`` module."""
+    """The activation quantizers of the two attention matmuls, attached to an ``Attention`` module:
+    ``q``, ``k`` (for Q·Kᵀ), ``v`` and optionally ``probs`` (the softmax output, for P·V)."""
 
-    def __init__(self, config, time=None):
+    def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer, probs: ActQuantizer | None = None):
         super().__init__()
-        from dmquant.config import ActQuantConfig
-        from dmquant.quantizers.modules import ActQuantizer
+        self.q, self.k, self.v, self.probs = q, k, v, probs
 
-        operand = ActQuantConfig(bits=config.bits, symmetric=True, granularity="tensor", method=config.method)
-        self.q = ActQuantizer(operand, time=time)
-        self.k = ActQuantizer(operand, time=time)
-        self.v = ActQuantizer(operand, time=time)
-        self.probs = None
-        if config.probs_bits is not None:
-            probs = ActQuantConfig(bits=config.probs_bits, symmetric=False, granularity="tensor", method="minmax")
-            self.probs = ActQuantizer(probs, signed=False, time=time)
-
-    def quantizers(self):
+    def quantizers(self) -> list[ActQuantizer]:
         return [m for m in (self.q, self.k, self.v, self.probs) if m is not None]
+
+    def spec(self) -> dict:
+        return {name: None if q is None else q.spec()
+                for name, q in (("q", self.q), ("k", self.k), ("v", self.v), ("probs", self.probs))}
+
+    @classmethod
+    def from_spec(cls, spec: dict, table: TimeTable | None, device="meta") -> AttentionQuantizers:
+        return cls(*(None if spec[n] is None else ActQuantizer.from_spec(spec[n], table, device)
+                     for n in ("q", "k", "v", "probs")))
 
 
 class QuantAttnProcessor(AttentionProcessorBase):

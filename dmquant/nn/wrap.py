@@ -1,20 +1,39 @@
-"""Swap a denoiser's layers for quantized twins, and its attention for a quantized processor."""
+"""Wrap a denoiser for a recipe: each selected ``nn.Linear`` / ``nn.Conv2d`` becomes one
+:class:`~dmquant.nn.layers.QuantLayer`, each attention module gets its quantizers and processor.
+
+The recipe's layer sections are read here and nowhere else: one handler per section turns it into
+quantizer constructors taking numbers (``weights`` -> :func:`weight_quantizers`, ``activations`` +
+``time`` -> :func:`input_quantizers`, ``attention`` -> :func:`attention_quantizers`, ``split`` ->
+:func:`split_concatenations`). A recipe with ``time`` gives the denoiser one
+:class:`~dmquant.quantizers.timetable.TimeTable`, installed as a pre-hook and handed to every
+quantizer built for it.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from dmquant.config import QuantConfig
+from dmquant.config import (
+    ActQuantConfig,
+    AttentionQuantConfig,
+    QuantConfig,
+    TimeConditioningConfig,
+    WeightQuantConfig,
+)
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
-from dmquant.nn.layers import _QuantLayer, quant_twin
+from dmquant.nn.int8_attention import Int8AttnProcessor
+from dmquant.nn.layers import FLOAT_TYPES, MakeInputQuantizer, MakeWeightQuantizer, QuantLayer
+from dmquant.quantizers.activation import ActQuantizer
 from dmquant.quantizers.granularity import check_group_size
-from dmquant.quantizers.modules import SplitActQuantizer
+from dmquant.quantizers.timetable import TimeTable
+from dmquant.quantizers.weight import WeightQuantizer
 
 
 @dataclass
@@ -25,6 +44,42 @@ class WrapReport:
     split: dict[str, int] = field(default_factory=dict)
 
 
+# -- one handler per recipe section ------------------------------------------------------------------------
+def weight_quantizers(c: WeightQuantConfig) -> MakeWeightQuantizer:
+    return lambda: WeightQuantizer(c.bits, c.symmetric, c.granularity, c.group_size, c.method, c.percentile)
+
+
+def _time_kwargs(table: TimeTable | None, time: TimeConditioningConfig | None) -> dict:
+    if table is None or time is None:
+        return {}
+    return {"table": table, "table_mode": time.mode, "num_intervals": time.num_intervals,
+            "mlp": (time.embedding_dim, time.hidden_dim), "mlp_iterations": time.iterations}
+
+
+def input_quantizers(c: ActQuantConfig | None, table: TimeTable | None,
+                     time: TimeConditioningConfig | None) -> MakeInputQuantizer | None:
+    if c is None:
+        return None
+    return lambda channel_dim: ActQuantizer(c.bits, symmetric=c.symmetric, granularity=c.granularity,
+                                            group_size=c.group_size, method=c.method, percentile=c.percentile,
+                                            channel_dim=channel_dim, **_time_kwargs(table, time))
+
+
+def attention_quantizers(c: AttentionQuantConfig, table: TimeTable | None,
+                         time: TimeConditioningConfig | None) -> Callable[[], AttentionQuantizers]:
+    """Q, K, V static symmetric per tensor; the softmax output unsigned min-max (or kept in FP)."""
+    def operand() -> ActQuantizer:
+        return ActQuantizer(c.bits, symmetric=True, method=c.method, **_time_kwargs(table, time))
+
+    def probs() -> ActQuantizer | None:
+        if c.probs_bits is None:
+            return None
+        return ActQuantizer(c.probs_bits, symmetric=False, signed=False, method="minmax", **_time_kwargs(table, time))
+
+    return lambda: AttentionQuantizers(operand(), operand(), operand(), probs())
+
+
+# -- wrapping ----------------------------------------------------------------------------------------------
 def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
     """Whether the layer ``name`` is quantized under ``config`` (include, then exclude patterns)."""
     if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
@@ -33,45 +88,53 @@ def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
     return not any(fnmatch.fnmatchcase(name, p) for p in excludes)
 
 
+def _check_groups(name: str, layer: nn.Module, config: QuantConfig) -> None:
+    if config.weights.granularity == "group":
+        check_group_size(layer.weight[0].numel(), config.weights.group_size, where=f"layer {name!r}")
+    a = config.activations
+    if a is not None and a.granularity == "group":
+        channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        check_group_size(channels, a.group_size, where=f"the input channels of layer {name!r} (activations.group_size)")
+
+
 def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapter) -> WrapReport:
-    """Replace the selected ``nn.Linear``/``nn.Conv2d`` layers of ``model`` in place; quantize attention."""
-    if any(isinstance(m, _QuantLayer) for m in model.modules()):
+    """Replace the selected layers of ``model`` in place by simulated quantized layers; quantize attention."""
+    if quant_layers(model):
         raise DMQuantError("this denoiser is quantized already: load the full-precision model again to re-quantize")
+    table = TimeTable().install(model, adapter.read_timestep) if config.time is not None else None
+    make_weight = weight_quantizers(config.weights)
+    make_input = input_quantizers(config.activations, table, config.time)
     report = WrapReport()
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    for name, layer in targets:
+    for name, layer in [(n, m) for n, m in model.named_modules() if type(m) in FLOAT_TYPES]:
         if not selected(name, config, adapter):
             report.excluded.append(name)
             continue
-        if config.weights.granularity == "group":
-            check_group_size(layer.weight[0].numel(), config.weights.group_size, where=f"layer {name!r}")
-        a = config.activations
-        if a is not None and a.granularity == "group":
-            channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-            check_group_size(channels, a.group_size, where=f"the input channels of layer {name!r} "
-                             "(activations.group_size)")
-        _set_submodule(model, name, quant_twin(layer, config.weights, config.activations, config.time))
+        _check_groups(name, layer, config)
+        model.set_submodule(name, FLOAT_TYPES[type(layer)].wrap(layer, make_weight, make_input))
         report.quantized.append(name)
-    if config.attention is not None:
-        report.attention = _wrap_attention(model, config)
     if not report.quantized:
         raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
+    if config.attention is not None:
+        make_attention = attention_quantizers(config.attention, table, config.time)
+        for name, attn in attention_modules(model):
+            set_attention(attn, config.attention.kernel, make_attention())
+            report.attention.append(name)
     if config.split is not None:
-        report.split = split_concatenations(model, config, adapter)
-    if config.time is not None:
-        from dmquant.nn.timestep import install_timestep_hook
-
-        install_timestep_hook(model, adapter)
+        report.split = split_concatenations(model, config, adapter, table)
     return report
 
 
-def split_concatenations(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapter) -> dict[str, int]:
+def split_concatenations(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapter,
+                         table: TimeTable | None) -> dict[str, int]:
     """Split quantizers on the wrapped layers that consume a skip concatenation (the adapter finds them)."""
+    s = config.split
+    make_weight = weight_quantizers(config.weights) if s.weights else None
+    make_input = input_quantizers(config.activations, table, config.time) if s.activations else None
     done = {}
     for name, split in adapter.concat_points(model):
         layer = model.get_submodule(name)
-        if isinstance(layer, _QuantLayer):
-            layer.split_quantizers(split, config.split.weights, config.split.activations)
+        if isinstance(layer, QuantLayer):
+            layer.split_quantizers(split, make_weight, make_input)
             done[name] = split
     return done
 
@@ -81,46 +144,29 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
 
 
-def _wrap_attention(model: nn.Module, config: QuantConfig) -> list[str]:
-    names = []
-    for name, attn in attention_modules(model):
-        quantize_attention(attn, config.attention, config.time)
-        names.append(name)
-    return names
-
-
-def quantize_attention(attn: nn.Module, config, time=None) -> None:
-    """Give one diffusers attention module the processor (and quantizers) ``config`` asks for."""
-    if config.kernel == "int8":
-        from dmquant.nn.int8_attention import Int8AttnProcessor
-
+def set_attention(attn: nn.Module, kernel: str, quantizers: AttentionQuantizers | None) -> None:
+    """Give one diffusers attention module its processor: the int8 kernel (no quantizers), or fake-quantized
+    Q, K, V (and probabilities) with ``quantizers`` attached as ``attn.dmq_quant``."""
+    if kernel == "int8":
         attn.set_processor(Int8AttnProcessor())
         return
-    attn.dmq_quant = AttentionQuantizers(config, time)
+    attn.dmq_quant = quantizers
     attn.set_processor(QuantAttnProcessor())
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+# -- walking a wrapped denoiser ----------------------------------------------------------------------------
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
 
 
-def quant_layers(model: nn.Module) -> list[tuple[str, _QuantLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLayer)]
-
-
-def activation_quantizers(model: nn.Module):
+def activation_quantizers(model: nn.Module) -> list[ActQuantizer]:
     """Every activation quantizer of the wrapped denoiser (layer inputs and attention operands)."""
-    out = []
-    for module in model.modules():
-        if isinstance(module, _QuantLayer) and isinstance(module.input_quantizer, SplitActQuantizer):
-            out.extend(module.input_quantizer.parts)
-        elif isinstance(module, _QuantLayer) and module.input_quantizer is not None:
-            out.append(module.input_quantizer)
-        elif isinstance(module, AttentionQuantizers):
-            out.extend(module.quantizers())
-    return out
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def time_table(model: nn.Module) -> TimeTable | None:
+    """The denoiser's one TimeTable (None without time-conditioned quantizers)."""
+    return next((q.table for q in activation_quantizers(model) if q.table is not None), None)
 
 
 def set_activation_mode(model: nn.Module, mode: str) -> None:
@@ -134,15 +180,14 @@ def full_precision(model: nn.Module):
     quantizers = activation_quantizers(model)
     layers = [layer for _, layer in quant_layers(model)]
     modes = [q.mode for q in quantizers]
-    flags = [(layer.quantize_weight, getattr(layer, "weight_override", None)) for layer in layers]
     for q in quantizers:
         q.mode = "off"
     for layer in layers:
-        layer.quantize_weight, layer.weight_override = False, None
+        layer.quantize_weight = False
     try:
         yield model
     finally:
         for q, mode in zip(quantizers, modes):
             q.mode = mode
-        for layer, (flag, override) in zip(layers, flags):
-            layer.quantize_weight, layer.weight_override = flag, override
+        for layer in layers:
+            layer.quantize_weight = True

@@ -24,12 +24,11 @@ def init_rounding(w_over_s: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
 
 
-def soft_round_weight(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, fmt,
-                      hard: bool = False) -> torch.Tensor:
-    """Dequantized weight rows with learned rounding ``h(V)`` (``hard``: 0/1 by the sign of ``V``)."""
+def learned_codes(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, fmt,
+                  hard: bool = False) -> torch.Tensor:
+    """Codes of weight rows rounded by ``h(V)`` (``hard``: 0/1 by the sign of ``V``: whole numbers)."""
     h = (v >= 0).to(rows.dtype) if hard else rectified_sigmoid(v)
-    q = torch.clamp(torch.floor(rows / scale) + h + zero, fmt.qmin, fmt.qmax)
-    return (q - zero) * scale
+    return torch.clamp(torch.floor(rows / scale) + h + zero, fmt.qmin, fmt.qmax)
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:

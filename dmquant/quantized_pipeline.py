@@ -1,4 +1,5 @@
-"""Drop-in quantized diffusers pipelines: ``save_pretrained`` / ``from_pretrained`` like diffusers.
+"""Drop-in quantized diffusers pipelines: ``save_pretrained`` / ``from_pretrained`` like diffusers, and
+:class:`QuantizationInfo`, what ``quantize`` did (attached as ``pipe.dmquant``).
 
 A saved folder is a diffusers pipeline folder (``model_index.json`` and one folder per component,
 written by the components' own ``save_pretrained``) whose denoiser folder holds the quantized
@@ -7,17 +8,43 @@ denoiser (see :mod:`dmquant.serialization`). Saving is atomic: a temporary sibli
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 from diffusers import DiffusionPipeline, DiTPipeline, StableDiffusionPipeline
 
+from dmquant.config import QuantConfig
+from dmquant.correction.ptqd import NoiseCorrectionStats, apply_noise_correction
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DENOISER_ATTRIBUTES, find_denoiser
+from dmquant.nn.wrap import WrapReport
+from dmquant.runs import atomic_folder
 from dmquant.serialization import (
     is_quantized_denoiser_folder,
     load_quantized_denoiser,
+    read_description,
     save_quantized_denoiser,
 )
+
+
+@dataclass
+class QuantizationInfo:
+    """What ``quantize`` did; attached to the pipeline (or bare denoiser) as ``pipe.dmquant``."""
+
+    config: QuantConfig
+    denoiser: str
+    adapter: str
+    report: WrapReport
+    calibration: dict = field(default_factory=dict)
+    frozen: bool = False
+    outliers: dict = field(default_factory=dict)
+    correction: NoiseCorrectionStats | None = None  # recipes with 'correction'
+
+
+def attach_info(pipe, info: QuantizationInfo) -> None:
+    object.__setattr__(pipe, "dmquant", info)
 
 
 class QuantizedPipelineMixin:
@@ -26,8 +53,6 @@ class QuantizedPipelineMixin:
     def save_pretrained(self, save_directory, overwrite: bool = True, extra_files: dict[str, str] | None = None,
                         **_ignored) -> Path:
         """Write a diffusers-layout folder with the quantized denoiser; ``extra_files`` are text files to add."""
-        from dmquant.runs import atomic_folder
-
         info = getattr(self, "dmquant", None)
         if info is None:
             raise DMQuantError("this pipeline has no quantized denoiser: call dmquant.quantize(pipe, recipe) first")
@@ -65,8 +90,6 @@ CORRECTION_NAME = "dmquant_correction.safetensors"
 
 def _load_correction(pipe, folder: Path) -> None:
     """Hook the saved noise correction (recipes with 'correction') back onto the loaded pipeline."""
-    from dmquant.correction.ptqd import NoiseCorrectionStats, apply_noise_correction
-
     correction = pipe.dmquant.config.correction
     path = folder / CORRECTION_NAME
     if correction is None:
@@ -81,8 +104,6 @@ def _load_correction(pipe, folder: Path) -> None:
 
 def _set_base_class_name(model_index: Path, cls: type) -> None:
     """model_index.json names the diffusers pipeline class, so the folder reads as a diffusers one."""
-    import json
-
     base = next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, QuantizedPipelineMixin))
     data = json.loads(model_index.read_text())
     data["_class_name"] = base.__name__
@@ -97,18 +118,11 @@ def quantized_denoiser_attribute(folder: Path) -> str | None:
 
 
 def _attach_loaded_info(pipe, denoiser_folder: Path) -> None:
-    from dmquant.api import QuantizationInfo
-    from dmquant.config import QuantConfig
-    from dmquant.models.adapters import find_denoiser as _find
-    from dmquant.nn.wrap import WrapReport
-    from dmquant.serialization import read_description
-
     description = read_description(denoiser_folder)
-    attr, _, adapter = _find(pipe)
-    report = WrapReport(quantized=list(description["layers"]), attention=description.get("attention_modules", []))
-    info = QuantizationInfo(QuantConfig.from_dict(description["recipe"]), attr, adapter.name, report)
-    info.frozen = True
-    object.__setattr__(pipe, "dmquant", info)
+    attr, _, adapter = find_denoiser(pipe)
+    report = WrapReport(quantized=list(description["layers"]), attention=list(description["attention"]))
+    info = QuantizationInfo(QuantConfig.from_dict(description["recipe"]), attr, adapter.name, report, frozen=True)
+    attach_info(pipe, info)
 
 
 class QuantizedStableDiffusionPipeline(QuantizedPipelineMixin, StableDiffusionPipeline):
@@ -137,8 +151,6 @@ def load_quantized_pipeline(folder: str | Path, device: str = "cpu"):
     if not (folder / "model_index.json").is_file():
         raise DMQuantError(f"{folder} is not a saved pipeline folder (no model_index.json)")
     config = DiffusionPipeline.load_config(str(folder))
-    import diffusers
-
     base = getattr(diffusers, config["_class_name"], None)
     if base is None:
         raise DMQuantError(f"diffusers has no pipeline class {config['_class_name']}: upgrade diffusers")

@@ -1,8 +1,10 @@
-"""A self-describing quantized weight: integer codes (int8, or int4 packed two per byte), scales,
-zero points, and the facts needed to read them (bits, granularity, group size, shape, packing).
+"""The quantized tensor: integer codes (int8, or int4 packed two per byte), scales, zero points,
+and the facts needed to read them (bits, granularity, group size, shape, packing).
 
-``spec()`` is the JSON description stored next to the safetensors data; ``QuantizedWeight.from_spec``
-rebuilds an empty one (on the meta device when loading) that a state dict then fills.
+It is a module so that its tensors are buffers of the layer that holds it (``state_dict``, ``.to``).
+``spec()`` is its JSON description; ``QuantizedTensor.from_spec`` rebuilds an empty one (on the meta
+device when loading) that a state dict then fills. Kernels read ``qdata``/``scale`` directly or take
+``int8()`` / ``dequantize()``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from torch import nn
 
 from dmquant.errors import DMQuantError
 from dmquant.kernels.int4 import pack_int4, unpack_int4
-from dmquant.quantizers.modules import WeightQuantizer
 
 PACKINGS = ("int8", "int4x2")
+SPEC_KEYS = ("shape", "bits", "granularity", "group_size", "symmetric", "packing")
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedTensor(nn.Module):
     def __init__(self, shape, bits: int, granularity: str, group_size: int | None, symmetric: bool,
                  packing: str, device: str | torch.device = "cpu"):
         super().__init__()
@@ -33,28 +35,27 @@ class QuantizedWeight(nn.Module):
         data_dtype = torch.uint8 if packing == "int4x2" else torch.int8
         self.register_buffer("qdata", torch.empty(data_shape, dtype=data_dtype, device=device))
         self.register_buffer("scale", torch.empty(rows, device=device))
-        if not self.symmetric:
-            self.register_buffer("zero_point", torch.empty(rows, device=device))
+        self.register_buffer("zero_point", None if self.symmetric else torch.empty(rows, device=device))
 
     @classmethod
-    def from_quantizer(cls, weight: torch.Tensor, quantizer: WeightQuantizer) -> QuantizedWeight:
-        c = quantizer.config
-        codes = quantizer.integer_codes(weight).reshape(weight.shape[0], -1)
-        packing = "int4x2" if c.bits <= 4 and codes.shape[1] % 2 == 0 else "int8"
-        qw = cls(weight.shape, c.bits, c.granularity, c.group_size, c.symmetric, packing, weight.device)
-        qw.qdata = pack_int4(codes) if packing == "int4x2" else codes.contiguous()
-        qw.scale = quantizer.scale.detach().float().clone()
-        if not c.symmetric:
-            qw.zero_point = quantizer.zero_point.detach().float().clone()
-        return qw
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                   granularity: str, group_size: int | None, symmetric: bool) -> QuantizedTensor:
+        """Store integer ``codes`` (shaped like the weight) with one scale (and zero point) per row."""
+        matrix = codes.reshape(codes.shape[0], -1).to(torch.int8)
+        packing = "int4x2" if bits <= 4 and matrix.shape[1] % 2 == 0 else "int8"
+        qt = cls(codes.shape, bits, granularity, group_size, symmetric, packing, codes.device)
+        qt.qdata = pack_int4(matrix) if packing == "int4x2" else matrix.contiguous()
+        qt.scale = scale.detach().float().reshape(-1).clone()
+        if not symmetric:
+            qt.zero_point = zero_point.detach().float().reshape(-1).clone()
+        return qt
 
     @classmethod
-    def from_spec(cls, spec: dict, device="meta") -> QuantizedWeight:
-        keys = ("shape", "bits", "granularity", "group_size", "symmetric", "packing")
-        missing = [k for k in keys if k not in spec]
+    def from_spec(cls, spec: dict, device="meta") -> QuantizedTensor:
+        missing = [k for k in SPEC_KEYS if k not in spec]
         if missing:
             raise DMQuantError(f"quantized weight description lacks {missing}: the checkpoint is damaged; save it again")
-        return cls(*(spec[k] for k in keys), device=device)
+        return cls(*(spec[k] for k in SPEC_KEYS), device=device)
 
     def spec(self) -> dict:
         return {"shape": list(self.shape), "bits": self.bits, "granularity": self.granularity,
@@ -66,7 +67,7 @@ class QuantizedWeight(nn.Module):
         return codes.reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The real-valued weight ``scale * (q - zero_point)``, computed group by group."""
+        """The real-valued weight ``scale * (q - zero_point)``, computed row by row."""
         codes = self.int8().reshape(self.shape[0], -1)
         row_len = {"tensor": codes.numel(), "channel": codes.shape[1], "group": self.group_size}[self.granularity]
         rows = codes.reshape(-1, row_len).to(dtype)

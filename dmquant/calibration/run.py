@@ -1,0 +1,176 @@
+"""The calibration run: explicit phases over a *source* of denoiser calls.
+
+    collect      the source records full-precision denoiser calls (prompts through the pipeline at the
+                 sampler's steps, or calls the user recorded); the TimeTable gets the run's timesteps
+    outliers     smoothing (from the collected calls), rotation, low-rank branch; every weight quantized
+    observe      static activation ranges from the calls; a sampler with ``rounds`` (PCR) records again
+                 along the quantized model's own trajectory and observes again, ``rounds`` times
+    reconstruct  AdaRound / BRECQ rounding and LSQ activation scales (recipes with ``reconstruction``)
+
+Noise correction, fitted on the quantized pipeline's own sampling runs, follows in
+:func:`dmquant.api.quantize`; freezing (integer storage) is :func:`dmquant.api.freeze`. Each phase is a
+function of the run's state; :func:`calibrate` runs those the recipe asks for and returns the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmquant.calibration.collect import collect_denoiser_inputs, process_state
+from dmquant.calibration.observe import observe_activations
+from dmquant.calibration.outliers import prepare_outlier_branches
+from dmquant.calibration.reconstruct import reconstruct
+from dmquant.calibration.records import CalibrationSet
+from dmquant.calibration.samplers import make_sampler
+from dmquant.config import CalibrationConfig, QuantConfig
+from dmquant.errors import DMQuantError
+from dmquant.models.adapters import DenoiserAdapter
+from dmquant.nn.wrap import full_precision, quant_layers, time_table
+from dmquant.quantizers.timetable import single_timestep
+
+
+class CallSource:
+    """Denoiser calls recorded by the user: ``(args, kwargs)`` pairs, replayed as they are."""
+
+    def __init__(self, calls: Iterable[tuple[tuple, dict]], adapter: DenoiserAdapter):
+        self.calls, self.adapter = list(calls), adapter
+        if not self.calls:
+            raise DMQuantError("calibration_data holds no denoiser calls: pass at least one (args, kwargs) pair")
+
+    def collect(self, denoiser: nn.Module, round_index: int, progress: bool) -> None:
+        if round_index:
+            raise DMQuantError("the progressive sampler re-records along the quantized model's trajectory: "
+                               "it needs prompts through a pipeline, not calibration_data")
+
+    def timesteps(self) -> torch.Tensor:
+        ts = {single_timestep(self.adapter.read_timestep(a, k)) for a, k in self.calls}
+        return torch.tensor(sorted(ts, reverse=True), dtype=torch.float64)
+
+    def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
+        return iter(self.calls)
+
+    def summary(self) -> dict:
+        return {"denoiser_calls_given": len(self.calls)}
+
+
+class PipelineSource:
+    """Prompts run through the pipeline; the denoiser's calls at the sampler's steps are recorded into
+    safetensors shards under ``folder`` (one sub-folder per recording round)."""
+
+    def __init__(self, pipe, denoiser: nn.Module, prompts: Sequence, c: CalibrationConfig, folder: Path,
+                 call_kwargs: dict):
+        self.pipe, self.denoiser, self.prompts, self.c = pipe, denoiser, list(prompts), c
+        self.folder, self.call_kwargs = Path(folder), call_kwargs
+        self.sampler = make_sampler(c.sampler, c.num_timesteps, c.seed)
+        self.steps: set[int] = set()
+        self.current: Path | None = None
+
+    def _steps_of(self, batch: int) -> list[int]:
+        steps = self.sampler.select(self.c.num_inference_steps, batch)
+        self.steps.update(steps)
+        return steps
+
+    def collect(self, denoiser: nn.Module, round_index: int, progress: bool) -> None:
+        self.current = self.folder if round_index == 0 else self.folder / f"progressive-{round_index}"
+        c = self.c
+        collect_denoiser_inputs(self.pipe, denoiser, self.prompts, self._steps_of, self.current,
+                                c.num_inference_steps, c.batch_size, c.seed, progress, self.call_kwargs)
+
+    def timesteps(self) -> torch.Tensor:
+        """The timesteps the pipeline's scheduler visits in a run (its own scheduler keeps its state)."""
+        scheduler = self.pipe.scheduler
+        return scheduler_timesteps(type(scheduler).from_config(scheduler.config), self.c.num_inference_steps)
+
+    def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
+        param = next(self.denoiser.parameters())
+        return CalibrationSet(self.current).iter_calls(param.device, param.dtype)
+
+    def summary(self) -> dict:
+        return {"prompts": len(self.prompts), "steps": sorted(self.steps), "sampler": self.c.sampler.kind,
+                "num_inference_steps": self.c.num_inference_steps, "processes": process_state().num_processes}
+
+
+def scheduler_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
+    """The timesteps ``scheduler`` visits in a run of ``num_inference_steps`` (known before sampling)."""
+    try:
+        scheduler.set_timesteps(num_inference_steps)
+    except Exception as exc:  # schedulers raise various types for unsupported step counts
+        raise DMQuantError(f"{type(scheduler).__name__} cannot run {num_inference_steps} steps ({exc})") from exc
+    return torch.as_tensor(scheduler.timesteps).double().reshape(-1)
+
+
+@dataclass
+class CalibrationRun:
+    """The state the phases share."""
+
+    denoiser: nn.Module
+    adapter: DenoiserAdapter
+    config: QuantConfig
+    source: CallSource | PipelineSource | None
+    progress: bool = True
+    report: dict = field(default_factory=dict)
+
+    @property
+    def needs_calls(self) -> bool:
+        c = self.config
+        return c.needs_activation_ranges or c.smoothing is not None or c.reconstruction is not None
+
+
+def collect(run: CalibrationRun) -> None:
+    with full_precision(run.denoiser):
+        run.source.collect(run.denoiser, 0, run.progress)
+    table = time_table(run.denoiser)
+    if table is not None:
+        table.set_keys(run.source.timesteps())
+
+
+def prepare_weights(run: CalibrationRun) -> None:
+    """Outlier branches where the recipe asks for them (they quantize the residual weights); otherwise
+    every layer's weight quantizers are calibrated on the weight."""
+    if run.config.has_outlier_branch:
+        calls = run.source.iter_calls() if run.config.smoothing is not None else None
+        run.report["outliers"] = prepare_outlier_branches(run.denoiser, run.config, calls, run.progress)
+        return
+    for _, layer in quant_layers(run.denoiser):
+        layer.calibrate_weight()
+
+
+def observe(run: CalibrationRun) -> None:
+    run.report["denoiser_calls"] = observe_activations(run.denoiser, run.source.iter_calls(), run.progress)
+    rounds = getattr(getattr(run.source, "sampler", None), "rounds", 0)
+    for r in range(rounds):  # PCR: record again along the quantized model's own trajectory
+        run.source.collect(run.denoiser, r + 1, run.progress)
+        run.report["denoiser_calls"] = observe_activations(run.denoiser, run.source.iter_calls(), run.progress)
+    run.report["progressive_rounds"] = rounds
+
+
+def reconstruct_phase(run: CalibrationRun) -> None:
+    c = run.config
+    learn = c.reconstruction.learn_act_scales and c.activations is not None
+    run.report["reconstruction"] = reconstruct(run.denoiser, c.reconstruction, run.adapter, run.source.iter_calls(),
+                                               learn, c.calibration.seed, run.progress)
+
+
+def calibrate(run: CalibrationRun) -> dict:
+    """Run the phases ``run.config`` asks for, in order; returns the report (with seconds per phase)."""
+    phases = [("collect", collect, run.needs_calls), ("weights", prepare_weights, True),
+              ("observe", observe, run.config.needs_activation_ranges),
+              ("reconstruct", reconstruct_phase, run.config.reconstruction is not None)]
+    if run.needs_calls and run.source is None:
+        raise DMQuantError("this recipe calibrates on data: pass prompts (or calibration_data)")
+    start = time.perf_counter()
+    for name, phase, wanted in phases:
+        if wanted:
+            begin = time.perf_counter()
+            phase(run)
+            run.report[f"seconds_{name}"] = round(time.perf_counter() - begin, 2)
+    if run.source is not None and run.needs_calls:
+        run.report.update(run.source.summary())
+    run.report["seconds"] = round(time.perf_counter() - start, 2)
+    return run.report

@@ -1,0 +1,180 @@
+"""How a quantized layer computes one call: a registry of backends, tried in order; the first whose
+``supports(layer, x)`` holds runs (a layer's ``backend`` attribute forces one by name).
+
+* ``fused-int4`` (CUDA): a frozen linear layer with int4 weights in groups of 64 and 4/8-bit dynamic
+  symmetric activations, with its smoothing and low-rank branch, as one
+  :func:`dmquant.kernels.int4_linear` call (Triton; its torch path elsewhere when forced);
+* ``onednn-int8`` (CPU): a frozen layer with static activations and per-channel symmetric weights as
+  int8 x uint8 -> int32 on oneDNN (:mod:`dmquant.kernels.cpu_int8`), one GEMM/conv per input part;
+* ``reference``: the quantized input times the dequantized (frozen) or fake-quantized (simulated)
+  weight in the layer's float dtype; it supports everything.
+
+The module knows layers only through their methods (no import of :mod:`dmquant.nn.layers`).
+Backends with a ``prepare`` step (packed weights) are prepared once, when a layer is frozen or loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dmquant.errors import DMQuantError
+from dmquant.kernels import cpu_int8
+from dmquant.kernels.gemm import int4_linear
+from dmquant.kernels.int4 import GROUP_SIZE
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    supports: Callable[[object, torch.Tensor | None], bool]  # (layer, input or None for "in principle")
+    run: Callable[[object, torch.Tensor], torch.Tensor]
+    prepare: Callable[[object], object] | None = None
+
+
+_REGISTRY: list[Backend] = []
+
+
+def register(backend: Backend, before: str | None = None) -> None:
+    """Add a backend (before the one named ``before``, else ahead of ``reference``)."""
+    names = [b.name for b in _REGISTRY]
+    if backend.name in names:
+        raise DMQuantError(f"a backend named {backend.name!r} is registered already")
+    anchor = before if before in names else "reference"
+    _REGISTRY.insert(names.index(anchor) if anchor in names else len(_REGISTRY), backend)
+
+
+def names() -> list[str]:
+    return [b.name for b in _REGISTRY]
+
+
+def choose(layer, x: torch.Tensor) -> Backend:
+    forced = layer.backend
+    if forced != "auto" and forced not in names():
+        raise DMQuantError(f"unknown backend {forced!r}: use 'auto' or one of {', '.join(names())}")
+    for backend in _REGISTRY:
+        if forced == backend.name or (forced == "auto" and backend.supports(layer, x)):
+            return backend
+    raise DMQuantError("no backend computes this layer")  # unreachable: 'reference' supports everything
+
+
+def run(layer, x: torch.Tensor) -> torch.Tensor:
+    return choose(layer, x).run(layer, x)
+
+
+def prepare(layer) -> dict:
+    """The prepared state of every backend that could run this (frozen) layer."""
+    return {b.name: b.prepare(layer) for b in _REGISTRY if b.prepare is not None and b.supports(layer, None)}
+
+
+# -- reference -------------------------------------------------------------------------------------------
+def _reference(layer, x: torch.Tensor) -> torch.Tensor:
+    return layer.with_branch(layer.main, x)
+
+
+# -- oneDNN int8 (CPU) -----------------------------------------------------------------------------------
+def _onednn_supports(layer, x) -> bool:
+    if not layer.frozen or (x is not None and x.device.type != "cpu") or not len(layer.input_quantizers):
+        return False
+    if getattr(layer, "geometry", {}).get("padding_mode", "zeros") != "zeros":
+        return False
+    acts = all(q.static and q.fmt.levels <= 256 for q in layer.input_quantizers)
+    weights = all(q.per_channel_symmetric and q.qdata.device.type == "cpu" for q in layer.qweights)
+    return acts and weights and cpu_int8.onednn_available()
+
+
+def _per_part(layer) -> list[tuple]:
+    """``(weight quantized tensor, its input quantizer)`` per input part."""
+    inputs = list(layer.input_quantizers)
+    if len(inputs) == 1 and len(layer.qweights) == 2:
+        inputs = inputs * 2
+    return list(zip(layer.qweights, inputs))
+
+
+def _input_grid(q) -> tuple[float, int, int, int]:
+    """``(scale, zero point, qmin, qmax)`` of the input's current range on the uint8 grid."""
+    shift = 128 if q.fmt.signed else 0
+    scale, zero = q.current_qparams()
+    return float(scale), int(zero.item()) + shift, q.fmt.qmin + shift, q.fmt.qmax + shift
+
+
+def _onednn_prepare(layer) -> list:
+    """Per input part: the packed linear weight, or the conv's packed weight per table entry (oneDNN
+    packs a conv with its input scale)."""
+    packed = []
+    for qw, q in _per_part(layer):
+        if layer.kind == "linear":
+            packed.append(cpu_int8.prepack_linear(qw.int8()))
+            continue
+        entries = len(q.table) if q.table is not None else 1
+        scales = q.scale.reshape(-1) if q.table is not None else q.scale.reshape(1)
+        zeros = q.zero_point.reshape(-1) if q.table is not None else q.zero_point.reshape(1)
+        shift = 128 if q.fmt.signed else 0
+        packed.append([cpu_int8.prepack_conv2d(qw.int8(), qw.channel_scales(), float(scales[i]),
+                                               int(zeros[i].item()) + shift, *layer.conv_args())
+                       for i in range(entries)])
+    return packed
+
+
+def _onednn_run(layer, x: torch.Tensor) -> torch.Tensor:
+    packed = layer.kernels.get("onednn-int8")
+    if packed is None:
+        raise DMQuantError("a frozen layer's int8 kernels were not prepared: call prepare_kernels() after loading")
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+    def main(x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for i, ((qw, q), part) in enumerate(zip(_per_part(layer), layer.input_parts(x))):
+            scale, zero, qmin, qmax = _input_grid(q)
+            codes = cpu_int8.quantize_uint8(part, scale, zero, qmin, qmax)
+            bias = layer.bias if i == 0 else None
+            if layer.kind == "linear":
+                out = cpu_int8.int8_linear(codes, scale, zero, packed[i], qw.channel_scales(), bias, out_dtype)
+            else:
+                entry = packed[i][q.table.index() if q.table is not None else 0]
+                out = cpu_int8.int8_conv2d(codes, scale, zero, entry, qw.channel_scales(), bias, *layer.conv_args(),
+                                           out_dtype=out_dtype)
+            y = out if y is None else y + out
+        return y.to(x.dtype)
+
+    return layer.with_branch(main, x)
+
+
+# -- fused int4 GEMM (Triton on CUDA) --------------------------------------------------------------------
+def fused_int4_supported(layer) -> bool:
+    """Whether :func:`dmquant.kernels.int4_linear` computes this layer in one kernel: a frozen linear
+    layer (no split) with int4 weights in groups of 64 (symmetric), 4- or 8-bit symmetric activations
+    quantized on the fly per token or per group of 64, and a branch without rotation."""
+    if not layer.frozen or layer.kind != "linear" or len(layer.qweights) != 1 or len(layer.input_quantizers) != 1:
+        return False
+    if layer.outlier is not None and layer.outlier.rotation_seed is not None:
+        return False
+    q, a = layer.qweights[0], layer.input_quantizers[0]
+    weight_ok = (q.bits == 4 and q.packing == "int4x2" and q.symmetric and q.granularity == "group"
+                 and q.group_size == GROUP_SIZE)
+    act_ok = (not a.static and a.symmetric and a.fmt.signed and a.bits in (4, 8)
+              and (a.granularity == "token" or a.group_size == GROUP_SIZE))
+    return weight_ok and act_ok
+
+
+def _fused_supports(layer, x) -> bool:
+    return (x is None or x.is_cuda) and fused_int4_supported(layer)
+
+
+def _fused_run(layer, x: torch.Tensor) -> torch.Tensor:
+    if not fused_int4_supported(layer):
+        raise DMQuantError("backend 'fused-int4' cannot compute this layer (see fused_int4_supported)")
+    q, a, branch = layer.qweights[0], layer.input_quantizers[0], layer.outlier
+    low_rank = branch is not None and branch.rank > 0
+    return int4_linear(x, q.qdata, q.scale.reshape(q.shape[0], -1), act_bits=a.bits,
+                       act_group=a.group_size if a.granularity == "group" else None,
+                       smooth=branch.smooth if branch is not None else None,
+                       lora_down=branch.lora_down if low_rank else None,
+                       lora_up=branch.lora_up if low_rank else None, bias=layer.bias, backend=layer.kernel)
+
+
+register(Backend("reference", lambda layer, x: True, _reference))
+register(Backend("onednn-int8", _onednn_supports, _onednn_run, _onednn_prepare))
+register(Backend("fused-int4", _fused_supports, _fused_run), before="onednn-int8")

@@ -1,0 +1,100 @@
+"""The weight quantizer: scales of one weight (per tensor, output channel, or group of input
+elements) and its rounding: to nearest, learned (AdaRound's ``V`` while a reconstruction runs), or
+fixed codes once that rounding is hardened. It takes numbers and formats, never config objects.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dmquant.errors import DMQuantError
+from dmquant.formats import IntFormat
+from dmquant.quantizers.adaround import init_rounding, learned_codes, rounding_regularizer
+from dmquant.quantizers.affine import dequantize, fake_quant, qparams_from_range, quantize
+from dmquant.quantizers.granularity import from_rows, to_rows
+from dmquant.quantizers.ranges import estimate_range
+
+
+class WeightQuantizer(nn.Module):
+    def __init__(self, bits: int = 8, symmetric: bool = True, granularity: str = "channel",
+                 group_size: int | None = None, method: str = "minmax", percentile: float = 99.99):
+        super().__init__()
+        self.fmt = IntFormat(bits, signed=True, narrow=symmetric)
+        self.symmetric, self.granularity, self.group_size = symmetric, granularity, group_size
+        self.method, self.percentile = method, percentile
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+        self.register_buffer("fixed_codes", None)  # hardened learned rounding (int8, shaped as the rows)
+        self.rounding: nn.Parameter | None = None  # AdaRound's V while a reconstruction learns it
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return to_rows(weight, self.granularity, self.group_size)
+
+    @torch.no_grad()
+    def calibrate(self, weight: torch.Tensor) -> None:
+        """Scales (and zero points) from the weight; forgets any learned rounding."""
+        lo, hi = estimate_range(self.rows(weight), self.method, self.fmt, self.symmetric, self.percentile)
+        scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric)
+        self.scale, self.zero_point = scale.to(weight.dtype), zero.to(weight.dtype)
+        self.fixed_codes, self.rounding = None, None
+
+    def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.calibrated:
+            raise DMQuantError("a weight quantizer was used before calibration: call calibrate(weight) first")
+        return self.scale[:, None], self.zero_point[:, None]
+
+    def code_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes of the weight's rows (whole numbers in the weight's dtype)."""
+        scale, zero = self._qparams()
+        if self.fixed_codes is not None:
+            return self.fixed_codes.to(weight.dtype)
+        rows = self.rows(weight)
+        if self.rounding is not None:
+            return learned_codes(rows, scale, zero, self.rounding, self.fmt, hard=True)
+        return quantize(rows, scale, zero, self.fmt)
+
+    @torch.no_grad()
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's integer codes (int8), shaped as the weight."""
+        return from_rows(self.code_rows(weight), weight, self.granularity).to(torch.int8)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized weight: differentiable in the learned rounding (or, with gradients, STE)."""
+        scale, zero = self._qparams()
+        if self.rounding is not None:
+            rows = dequantize(learned_codes(self.rows(weight), scale, zero, self.rounding, self.fmt), scale, zero)
+        elif weight.requires_grad and torch.is_grad_enabled() and self.fixed_codes is None:
+            rows = fake_quant(self.rows(weight), scale, zero, self.fmt)
+        else:
+            rows = dequantize(self.code_rows(weight), scale, zero)
+        return from_rows(rows, weight, self.granularity)
+
+    # -- learned rounding (AdaRound); driven by dmquant.calibration.reconstruct --------------------------
+    def start_rounding(self, weight: torch.Tensor) -> nn.Parameter:
+        """AdaRound's ``V``, initialised at the weight's fractional parts; returns it for an optimizer."""
+        scale, _ = self._qparams()
+        self.fixed_codes = None
+        self.rounding = nn.Parameter(init_rounding(self.rows(weight.detach()) / scale))
+        return self.rounding
+
+    def rounding_loss(self, beta: float) -> torch.Tensor:
+        return rounding_regularizer(self.rounding, beta)
+
+    @torch.no_grad()
+    def harden_rounding(self, weight: torch.Tensor) -> None:
+        """Fix the learned rounding (``V >= 0`` rounds up) as the quantizer's codes."""
+        self.fixed_codes = self.code_rows(weight.detach()).to(torch.int8)
+        self.rounding = None
+
+    def extra_repr(self) -> str:
+        g = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")
+        return f"bits={self.bits}, {g}, symmetric={self.symmetric}"
