@@ -15,10 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from dmquant.calibration.collect import check_prompts, shared_temp_dir
+from dmquant.calibration.collect import shared_temp_dir
 from dmquant.calibration.run import CalibrationRun, CallSource, PipelineSource, calibrate, scheduler_timesteps
 from dmquant.config import QuantConfig, load_recipe
 from dmquant.correction.ptqd import apply_noise_correction, fit_noise_correction
+from dmquant.diffusers_io import check_prompts
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import (

@@ -18,7 +18,7 @@ from dmquant import zoo
 from dmquant.diffusers_io import hub_offline
 from dmquant.errors import DMQuantError
 from dmquant.models.tiny import TINY_NAMES, build_tiny_pipeline
-from dmquant.pipeline import load_quantized_pipeline, quantized_denoiser_attribute
+from dmquant.quantized_pipeline import load_quantized_pipeline, quantized_denoiser_attribute
 
 
 def known_names() -> list[str]:

@@ -8,7 +8,6 @@ process writes its own shards.
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmquant.calibration.records import save_calls
+from dmquant.diffusers_io import conditioning_argument, process_state
 from dmquant.errors import DMQuantError
 
 
@@ -39,39 +39,6 @@ class _StepRecorder:
         if self.index in self.steps:
             self.calls.append((args, dict(kwargs)))
         self.index += 1
-
-
-def process_state():
-    """accelerate's process state. On the CPU it must be created with ``cpu=True`` for the processes of
-    ``accelerate launch --multi_gpu`` / ``torchrun`` to form a (gloo) group; the first call decides."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def conditioning_argument(pipe) -> str:
-    """The name of the pipeline's conditioning argument: ``prompt`` or ``class_labels``."""
-    params = inspect.signature(pipe.__call__).parameters
-    for name in ("prompt", "class_labels"):
-        if name in params:
-            return name
-    raise DMQuantError(
-        f"{type(pipe).__name__} takes neither 'prompt' nor 'class_labels': dmquant cannot drive it for calibration"
-    )
-
-
-def check_prompts(pipe, prompts: Sequence) -> list:
-    """Validate calibration prompts (strings for text pipelines, class ids for class-conditioned ones)."""
-    prompts = list(prompts or [])
-    if not prompts:
-        raise DMQuantError("no calibration prompts: pass prompts=[...] or a non-empty prompt file")
-    if conditioning_argument(pipe) == "class_labels":
-        if not all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
-            raise DMQuantError("this pipeline is class-conditioned: pass integer class ids as prompts")
-    elif not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise DMQuantError("calibration prompts must be non-empty strings")
-    return prompts
 
 
 def collect_denoiser_inputs(

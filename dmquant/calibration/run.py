@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmquant.calibration.collect import collect_denoiser_inputs, process_state
+from dmquant.calibration.collect import collect_denoiser_inputs
 from dmquant.calibration.observe import observe_activations
 from dmquant.calibration.outliers import prepare_outlier_branches
 from dmquant.calibration.reconstruct import reconstruct
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
 from dmquant.config import CalibrationConfig, QuantConfig
+from dmquant.diffusers_io import process_state
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.wrap import full_precision, quant_layers, time_table

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dmquant.calibration.collect import conditioning_argument
+from dmquant.diffusers_io import conditioning_argument
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import full_precision

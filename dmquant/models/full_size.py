@@ -7,6 +7,7 @@ models without downloading them.
 from __future__ import annotations
 
 import torch
+from diffusers import UNet2DConditionModel
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -18,7 +19,6 @@ SD15_UNET = dict(
 
 def sd15_unet(seed: int = 0, dtype: torch.dtype = torch.float32):
     """The Stable Diffusion 1.5 UNet2DConditionModel (859.5M parameters) with random weights."""
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**SD15_UNET).to(dtype).eval()

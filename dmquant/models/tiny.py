@@ -12,13 +12,21 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_NAMES = ("tiny-random-sd", "tiny-random-dit")
 
 
 def char_tokenizer(folder: str | Path | None = None):
     """A CLIPTokenizer whose vocabulary is single characters (built offline, no download)."""
-    from transformers import CLIPTokenizer
 
     folder = Path(folder or tempfile.mkdtemp(prefix="dmquant-tok-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,7 +38,6 @@ def char_tokenizer(folder: str | Path | None = None):
 
 
 def _tiny_vae():
-    from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
@@ -41,8 +48,6 @@ def _tiny_vae():
 
 def build_tiny_sd_pipeline(seed: int = 0):
     """A random-weight StableDiffusionPipeline: 16×16 images, 8×8×4 latents, a 2-level UNet."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = char_tokenizer()
@@ -74,7 +79,6 @@ def _eval_mode(pipe):
 
 def build_tiny_dit_pipeline(seed: int = 0, attention_head_dim: int = 16):
     """A random-weight class-conditioned DiTPipeline on 8×8×4 latents (patch 2, 2 blocks)."""
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
