@@ -54,3 +54,25 @@ def test_apply_int8_attention_selects_self_or_cross():
     assert apply_int8_attention(model, cross_attention=False) == 1
     assert isinstance(model[0].processor, Int8AttnProcessor)
     assert not isinstance(model[1].processor, Int8AttnProcessor)
+
+
+def test_set_attention_gives_the_int8_kernel_or_fake_quant_processor():
+    from dmquant.config import AttentionQuantConfig
+    from dmquant.nn.attention import QuantAttnProcessor
+    from dmquant.nn.wrap import attention_modules, attention_quantizers, set_attention
+
+    model = torch.nn.ModuleList([Attention(query_dim=32, heads=1, dim_head=32),
+                                 Attention(query_dim=32, heads=1, dim_head=32)])
+    assert [name for name, _ in attention_modules(model)] == ["0", "1"]
+    set_attention(model[0], "int8", None)
+    quantizers = attention_quantizers(AttentionQuantConfig(bits=8, probs_bits=None), None, None)()
+    set_attention(model[1], "fake-quant", quantizers)
+    assert isinstance(model[0].processor, Int8AttnProcessor) and not hasattr(model[0], "dmq_quant")
+    assert isinstance(model[1].processor, QuantAttnProcessor) and model[1].dmq_quant is quantizers
+    assert quantizers.probs is None and len(quantizers.quantizers()) == 3
+    x = torch.randn(1, 70, 32)
+    with torch.no_grad():
+        expected = _run(model[0], AttnProcessor2_0(), x)
+        model[0].set_processor(Int8AttnProcessor())
+        assert _cos(model[0](x), expected) >= 0.999
+        assert torch.allclose(model[1](x), _run(model[1], AttnProcessor2_0(), x), atol=1e-5)  # quantizers off

@@ -8,10 +8,10 @@ from torch import nn
 
 from dmquant.config import ActQuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
-from dmquant.nn.int_layers import IntOutlierLayer, freeze_layer
 from dmquant.nn.layers import QuantConv2d, QuantLinear
 from dmquant.nn.outlier import OutlierBranch
-from dmquant.nn.wrap import full_precision
+from dmquant.nn.wrap import full_precision, input_quantizers, set_activation_mode, weight_quantizers
+from dmquant.quantizers.activation import ActQuantizer
 from dmquant.quantizers.outliers import smoothing_factors
 
 W4 = WeightQuantConfig(bits=4, granularity="channel")
@@ -40,13 +40,14 @@ def conv(seed=0, inp=16, out=24, k=3):
 
 
 def with_branch(layer, smooth=None, rotation_seed=None, rank=0, acts=None, weights=W4):
-    twin = (QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d)(layer, weights, acts)
+    cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+    twin = cls.wrap(layer, weight_quantizers(weights), input_quantizers(acts, None, None))
     w = twin.weight
     branch = OutlierBranch(w.shape[1], w.shape[0], twin.branch_geometry(), smooth=smooth is not None,
                            rotation_seed=rotation_seed, rank=rank)
     if smooth is not None:
         branch.smooth.copy_(smooth)
-    twin.attach_outlier_branch(branch)
+    twin.attach_outlier_branch(branch, layer.weight)
     twin.calibrate_weight()
     return twin
 
@@ -69,7 +70,9 @@ def test_branch_leaves_the_full_precision_output_unchanged(make, parts):
 
 def test_low_rank_branch_is_stored_in_16_bit_and_the_residual_absorbs_its_rounding():
     layer = linear()
+    original = layer.weight.detach().clone()
     twin = with_branch(layer, rank=16)
+    assert twin.weight is not layer.weight and torch.equal(layer.weight, original)  # the FP layer is untouched
     assert twin.outlier.lora_up.dtype == torch.float16 and twin.outlier.lora_down.dtype == torch.float16
     dense = twin.weight.double() + twin.outlier.low_rank_weight()
     assert torch.allclose(dense, layer.weight.double(), atol=1e-6)
@@ -87,7 +90,7 @@ def test_low_rank_branch_lowers_the_4bit_layer_error_on_held_out_inputs():
     plain = with_branch(layer, acts=acts)
     low_rank = with_branch(layer, rank=8, acts=acts)
     for twin in (plain, low_rank):
-        twin.set_act_mode("quant")
+        set_activation_mode(twin, "quant")
     gain = sqnr(ref, low_rank(held_out)) - sqnr(ref, plain(held_out))
     assert gain > 6.0, gain
 
@@ -100,10 +103,10 @@ def test_smoothing_lowers_the_error_of_static_activations_with_outlier_channels(
     errors = {}
     for name, smooth in (("plain", None), ("smooth", smoothing_factors(calib.abs().amax(0), layer.weight, 0.5))):
         twin = with_branch(layer, smooth=smooth, acts=acts, weights=WeightQuantConfig(bits=8))
-        twin.set_act_mode("observe")
+        set_activation_mode(twin, "observe")
         twin(calib)
-        twin.input_quantizer.finalize()
-        twin.set_act_mode("quant")
+        twin.input_quantizers[0].finalize()
+        set_activation_mode(twin, "quant")
         errors[name] = sqnr(ref, twin(held_out))
     assert errors["smooth"] - errors["plain"] > 6.0, errors
 
@@ -116,7 +119,7 @@ def test_rotation_lowers_the_error_of_4bit_per_token_activations_with_outliers()
     w8 = WeightQuantConfig(bits=8)  # the activations' error dominates
     plain, rotated = with_branch(layer, acts=acts, weights=w8), with_branch(layer, rotation_seed=0, acts=acts, weights=w8)
     for twin in (plain, rotated):
-        twin.set_act_mode("quant")
+        set_activation_mode(twin, "quant")
     assert sqnr(ref, rotated(held_out)) - sqnr(ref, plain(held_out)) > 3.0
 
 
@@ -127,27 +130,32 @@ def test_frozen_layer_computes_what_the_simulation_computes(make):
     x = outlier_inputs(8, channels, 2) if isinstance(layer, nn.Linear) else torch.randn(2, channels, 8, 8)
     acts = ActQuantConfig(bits=4, symmetric=True, granularity="group", group_size=8)
     twin = with_branch(layer, smooth=torch.rand(channels) + 0.5, rotation_seed=1, rank=4, acts=acts)
-    twin.set_act_mode("quant")
-    frozen = freeze_layer(twin)
-    assert isinstance(frozen, IntOutlierLayer)
-    assert torch.allclose(frozen(x), twin(x), atol=1e-5)
-    packed = frozen.inner.qweight.nbytes()
+    set_activation_mode(twin, "quant")
+    with torch.no_grad():
+        expected = twin(x)
+        frozen = twin.frozen_copy()
+        frozen.prepare_kernels()
+        assert frozen.outlier is not None and frozen.outlier is not twin.outlier
+        assert torch.equal(frozen(x), expected)  # reference backend: the simulation's arithmetic
+    packed = frozen.qweights[0].nbytes()
     assert frozen.weight_nbytes() == packed + 4 * channels + 2 * 4 * (twin.weight[0].numel() + twin.weight.shape[0])
 
 
 def test_rotation_of_an_odd_channel_count_and_grouped_convs_are_refused_or_reported():
     with pytest.raises(DMQuantError, match="even number of input channels"):
         OutlierBranch(15, 8, rotation_seed=0)
-    twin = QuantConv2d(nn.Conv2d(8, 8, 3, groups=2), W4, None)
-    assert twin.branch_geometry() == {"unsupported": True}
+    assert QuantLinear.wrap(nn.Linear(8, 8), weight_quantizers(W4), None).can_take_branch
+    assert QuantConv2d.wrap(nn.Conv2d(8, 8, 3), weight_quantizers(W4), None).can_take_branch
+    twin = QuantConv2d.wrap(nn.Conv2d(8, 8, 3, groups=2), weight_quantizers(W4), None)
+    assert not twin.can_take_branch
+    reflect = QuantConv2d.wrap(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), weight_quantizers(W4), None)
+    assert not reflect.can_take_branch
 
 
 def test_dynamic_group_activations_quantize_each_group_of_each_token():
-    from dmquant.quantizers.modules import ActQuantizer
-
     x = torch.randn(3, 5, 16)
     x[..., 0] *= 100  # an outlier in the first group only
-    q = ActQuantizer(ActQuantConfig(bits=4, symmetric=True, granularity="group", group_size=8))
+    q = ActQuantizer(4, symmetric=True, granularity="group", group_size=8)
     q.set_mode("quant")
     out = q(x)
     expected = torch.cat([_token_quant(x[..., i:i + 8]) for i in (0, 8)], dim=-1)
@@ -157,8 +165,6 @@ def test_dynamic_group_activations_quantize_each_group_of_each_token():
 
 
 def _token_quant(x):
-    from dmquant.quantizers.modules import ActQuantizer
-
-    q = ActQuantizer(ActQuantConfig(bits=4, symmetric=True, granularity="token"))
+    q = ActQuantizer(4, symmetric=True, granularity="token")
     q.set_mode("quant")
     return q(x)

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from dmquant.config import WeightQuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.quantizers.affine import sqnr_db
-from dmquant.quantizers.modules import WeightQuantizer
 from dmquant.quantizers.outliers import hadamard, smoothing_factors, svd_split
+from dmquant.quantizers.weight import WeightQuantizer
 
 
 def test_smoothing_leaves_the_output_unchanged_and_balances_ranges():
@@ -45,7 +44,7 @@ def test_svd_split_is_exact_without_quantization_and_reduces_4bit_error():
     l1, l2, r = svd_split(w, 8)
     assert l1.shape == (64, 8) and l2.shape == (8, 128)
     assert torch.allclose(l1 @ l2 + r, w, atol=1e-5)
-    q = WeightQuantizer(WeightQuantConfig(bits=4, granularity="group", group_size=64))
+    q = WeightQuantizer(4, granularity="group", group_size=64)
     q.calibrate(w)
     plain = sqnr_db(w, q(w))
     q.calibrate(r)
@@ -56,3 +55,16 @@ def test_svd_split_is_exact_without_quantization_and_reduces_4bit_error():
 def test_rank_larger_than_the_layer_is_an_error():
     with pytest.raises(DMQuantError, match="rank=65 is larger than this layer allows"):
         svd_split(torch.randn(64, 128), 65)
+
+
+def test_smoothing_factors_of_a_conv_weight_and_their_bounds():
+    w = torch.randn(8, 4, 3, 3)
+    s = smoothing_factors(torch.tensor([1.0, 4.0, 9.0, 16.0]), w, alpha=1.0)
+    assert torch.allclose(s, torch.tensor([1.0, 4.0, 9.0, 16.0]))  # alpha = 1: the activations' maxima alone
+    with pytest.raises(DMQuantError, match="one activation maximum per input channel \\(4\\)"):
+        smoothing_factors(torch.ones(8), w)
+    with pytest.raises(DMQuantError, match="alpha=1.5 must lie in"):
+        smoothing_factors(torch.ones(4), w, alpha=1.5)
+    l1, l2, r = svd_split(w, 3)  # a conv weight: its matrix view [out, in * kh * kw]
+    assert l2.shape == (3, 36) and r.shape == w.shape
+    assert torch.allclose((l1 @ l2).reshape(w.shape) + r, w, atol=1e-5)

@@ -1,0 +1,123 @@
+"""The backend registry: the first backend whose ``supports`` holds computes a call, in registry order;
+``layer.backend`` forces one by name; backends with a ``prepare`` step are prepared when a layer freezes."""
+
+import pytest
+import torch
+from torch import nn
+
+from dmquant.config import ActQuantConfig, WeightQuantConfig
+from dmquant.errors import DMQuantError
+from dmquant.kernels import cpu_int8
+from dmquant.nn import backends
+from dmquant.nn.layers import QuantConv2d, QuantLinear
+from dmquant.nn.wrap import input_quantizers, set_activation_mode, weight_quantizers
+
+ONEDNN = pytest.mark.skipif(not cpu_int8.onednn_available(), reason="PyTorch's x86 oneDNN engine is missing")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry for tests that register backends."""
+    monkeypatch.setattr(backends, "_REGISTRY", list(backends._REGISTRY))
+    return backends
+
+
+W8, A8 = WeightQuantConfig(bits=8), ActQuantConfig(bits=8)
+
+
+def calibrated(layer, wcfg=W8, acfg=A8, x=None):
+    cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+    q = cls.wrap(layer, weight_quantizers(wcfg), input_quantizers(acfg, None, None))
+    q.calibrate_weight()
+    set_activation_mode(q, "observe")
+    with torch.no_grad():
+        q(x)
+    for a in q.input_quantizers:
+        a.finalize()
+    set_activation_mode(q, "quant")
+    return q
+
+
+def linear_case():
+    torch.manual_seed(0)
+    x = torch.randn(4, 12, 32)
+    return calibrated(nn.Linear(32, 16), x=x), x
+
+
+def run(layer, x, backend):
+    layer.backend = backend
+    with torch.no_grad():
+        return layer(x)
+
+
+def test_registry_order():
+    assert backends.names() == ["fused-int4", "onednn-int8", "reference"]
+
+
+@ONEDNN
+def test_auto_takes_the_first_supporting_backend_and_a_name_forces_one():
+    sim, x = linear_case()
+    assert backends.choose(sim, x).name == "reference"  # a simulated layer has no integer weights
+    frozen = sim.frozen_copy()
+    frozen.prepare_kernels()
+    assert set(frozen.kernels) == {"onednn-int8"}
+    assert backends.choose(frozen, x).name == "onednn-int8"
+    reference = run(frozen, x, "reference")
+    assert backends.choose(frozen, x).name == "reference"
+    assert torch.equal(reference, run(sim, x, "auto"))
+    integer = run(frozen, x, "onednn-int8")
+    assert not torch.equal(integer, reference) and torch.allclose(integer, reference, atol=1e-4)
+    assert torch.equal(run(frozen, x, "auto"), integer)
+
+
+@ONEDNN
+def test_a_forced_backend_runs_even_where_auto_would_not_choose_it():
+    sim, x = linear_case()
+    frozen = sim.frozen_copy()  # not prepared
+    with pytest.raises(DMQuantError, match="call prepare_kernels"):
+        run(frozen, x, "onednn-int8")
+    with pytest.raises(DMQuantError, match="'fused-int4' cannot compute this layer"):
+        run(frozen, x, "fused-int4")
+
+
+def test_unknown_backend_name_is_a_clear_error():
+    sim, x = linear_case()
+    with pytest.raises(DMQuantError, match="unknown backend 'cuda-magic': use 'auto' or one of fused-int4, "
+                                           "onednn-int8, reference"):
+        run(sim, x, "cuda-magic")
+
+
+@pytest.mark.parametrize("case", ["dynamic", "group", "asymmetric", "reflect", "unquantized-input"])
+def test_onednn_takes_only_static_inputs_and_per_channel_symmetric_weights(case):
+    torch.manual_seed(0)
+    acfg = {"dynamic": ActQuantConfig(bits=8, granularity="token"), "unquantized-input": None}.get(case, A8)
+    wcfg = {"group": WeightQuantConfig(bits=4, granularity="group", group_size=16),
+            "asymmetric": WeightQuantConfig(bits=8, symmetric=False)}.get(case, W8)
+    if case == "reflect":
+        layer, x = nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect"), torch.randn(1, 16, 6, 6)
+    else:
+        layer, x = nn.Linear(32, 16), torch.randn(4, 32)
+    frozen = calibrated(layer, wcfg, acfg, x).freeze()
+    assert "onednn-int8" not in frozen.kernels
+    assert backends.choose(frozen, x).name == "reference"
+
+
+def test_registered_backends_go_ahead_of_reference_or_before_a_named_one(registry):
+    sim, x = linear_case()
+    calls = []
+
+    def record(name):
+        return backends.Backend(name, lambda layer, x: True, lambda layer, x: calls.append(name) or x,
+                                prepare=lambda layer: name + "-prepared")
+
+    registry.register(record("mine"))
+    assert registry.names() == ["fused-int4", "onednn-int8", "mine", "reference"]
+    registry.register(record("first"), before="fused-int4")
+    assert registry.names()[0] == "first"
+    with pytest.raises(DMQuantError, match="a backend named 'mine' is registered already"):
+        registry.register(record("mine"))
+    assert torch.equal(run(sim, x, "auto"), x) and calls == ["first"]
+    assert torch.equal(run(sim, x, "mine"), x) and calls == ["first", "mine"]
+    frozen = sim.frozen_copy()
+    frozen.prepare_kernels()
+    assert frozen.kernels["mine"] == "mine-prepared" and frozen.kernels["first"] == "first-prepared"
