@@ -115,7 +115,13 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise DMQuantError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME} (missing {missing}, "
                            f"unexpected {extra}): the folder is damaged or mixed; save it again")
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # shapes differ from the description (e.g. a table longer than time_keys)
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "shapes differ")
+        raise DMQuantError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME} ({detail[:200]}): the stored "
+                           "tensors and the description (layers, timestep tables) disagree; the folder is damaged "
+                           "or mixed; save it again") from None
     model = model.eval().to(device)
     for _, layer in quant_layers(model):
         layer.prepare_kernels()

@@ -188,8 +188,8 @@ def table(rows: list[dict]) -> str:
 
 def collect_ranges(layers: list[str], num_prompts: int = 8) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(timesteps, {layer: [steps, 2] input (min, max)}) of tiny-shapes-sd over a 25-step DDIM run."""
+    from dmquant.calibration.run import scheduler_timesteps
     from dmquant.models.adapters import find_denoiser
-    from dmquant.nn.timestep import scheduler_timesteps
 
     pipe = dmquant.zoo.load(MODELS["sd"])
     _, unet, _ = find_denoiser(pipe)

@@ -97,9 +97,7 @@ def quantized(base, recipe, calib, inputs):
     dmquant.quantize(model, recipe, calibration_data=calib, progress=False)
     seconds = time.perf_counter() - start
     sim = output(model, inputs)
-    from dmquant.freeze import freeze_denoiser
-
-    freeze_denoiser(model)
+    dmquant.freeze(model)
     return model, sim, seconds
 
 

@@ -25,8 +25,8 @@ import torch
 
 import dmquant
 from dmquant.bench import folder_bytes, peak_rss_while_loading
-from dmquant.freeze import frozen_layers
 from dmquant.models.full_size import sd15_unet
+from dmquant.nn.wrap import quant_layers
 from dmquant.serialization import save_quantized_denoiser
 
 FORMATS = {
@@ -46,12 +46,10 @@ def measure_diffusers(dtype: torch.dtype, root: Path) -> dict:
 def measure_quantized(recipe: dict, root: Path) -> dict:
     unet = sd15_unet()
     dmquant.quantize(unet, recipe, progress=False)
-    from dmquant.freeze import freeze_denoiser
-
-    freeze_denoiser(unet)
-    layers = frozen_layers(unet)
-    q_bytes = sum(m.qweight.nbytes() for _, m in layers)
-    q_weights = sum(torch.Size(m.qweight.shape).numel() for _, m in layers)
+    dmquant.freeze(unet)
+    qweights = [q for _, m in quant_layers(unet) for q in m.qweights]
+    q_bytes = sum(q.nbytes() for q in qweights)
+    q_weights = sum(torch.Size(q.shape).numel() for q in qweights)
     folder = root / recipe["name"]
     save_quantized_denoiser(unet, folder, dmquant.load_recipe(recipe))
     load = peak_rss_while_loading(str(folder), "dmquant.serialization:load_quantized_denoiser")

@@ -51,9 +51,7 @@ def build(name: str, base: torch.nn.Module, calib_inputs):
     if name in SPEED_RECIPES:
         model = copy.deepcopy(base)
         dmquant.quantize(model, SPEED_RECIPES[name], calibration_data=calib_inputs, progress=False)
-        from dmquant.freeze import freeze_denoiser
-
-        freeze_denoiser(model)
+        dmquant.freeze(model)
         return model
     if name == "torchao-int8dyn":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_

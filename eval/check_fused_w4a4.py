@@ -2,8 +2,9 @@
 
 The zoo's tiny-shapes-dit is quantized with ``w4a4-g64`` (the fused kernel's layout) from four
 synthetic calls, frozen, and run for one denoiser step on four inputs with its outlier layers on each
-path: ``off`` (the unfused torch ops the simulation uses), ``torch`` (the fused op's torch
-reference) and ``triton`` (the Triton kernel, through its interpreter on the CPU). Printed: the SQNR
+path: ``off`` (backend ``reference``: the unfused torch ops the simulation uses), ``torch`` (backend
+``fused-int4``, the fused op's torch reference) and ``triton`` (``fused-int4``, the Triton kernel,
+through its interpreter on the CPU). Printed: the SQNR
 of each against the simulation and against full precision, and the simulation's own SQNR.
 
     python eval/check_fused_w4a4.py                  # fp32
@@ -25,8 +26,8 @@ from bench_gpu import output  # noqa: E402
 
 import dmquant  # noqa: E402
 from dmquant.bench import denoiser_inputs  # noqa: E402
-from dmquant.freeze import freeze_denoiser  # noqa: E402
-from dmquant.nn.int_layers import IntOutlierLayer  # noqa: E402
+from dmquant.nn.backends import fused_int4_supported  # noqa: E402
+from dmquant.nn.wrap import quant_layers  # noqa: E402
 from dmquant.quantizers.affine import sqnr_db  # noqa: E402
 
 
@@ -50,13 +51,14 @@ def main() -> int:
     dmquant.quantize(model, args.recipe, calibration_data=[step_inputs(base, s, dtype) for s in (1, 2, 3, 4)],
                      progress=False)
     simulation = output(model, inputs)
-    freeze_denoiser(model)
-    layers = [m for m in model.modules() if isinstance(m, IntOutlierLayer)]
-    print(f"{args.recipe}, {args.dtype}: {len(layers)} outlier layers; simulation vs FP "
+    dmquant.freeze(model)
+    layers = [m for _, m in quant_layers(model) if m.outlier is not None and fused_int4_supported(m)]
+    print(f"{args.recipe}, {args.dtype}: {len(layers)} outlier layers the fused kernel computes; simulation vs FP "
           f"{sqnr_db(reference, simulation):.2f} dB")
-    for backend in ("off", "torch", "triton"):
+    paths = {"off": ("reference", "auto"), "torch": ("fused-int4", "torch"), "triton": ("fused-int4", "triton")}
+    for backend, (name, kernel) in paths.items():
         for layer in layers:
-            layer.fused_backend = backend
+            layer.backend, layer.kernel = name, kernel
         out = output(model, inputs)
         print(f"  frozen, path {backend:6s}: vs simulation {sqnr_db(simulation, out):7.2f} dB, "
               f"vs FP {sqnr_db(reference, out):6.2f} dB")

@@ -48,7 +48,7 @@ def test_w8a8_sqnr_at_least_30db(kind, tmp_path):
     assert sqnr >= 30.0
     _, denoiser, _ = find_denoiser(pipe)
     layers = [m for m in denoiser.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
-    assert layers and all(m.input_quantizer.mode == "quant" for m in layers)
+    assert layers and all(len(m.input_quantizers) == 1 and m.input_quantizers[0].mode == "quant" for m in layers)
     assert pipe.dmquant.report.attention  # the attention matmuls are quantized too
 
 
@@ -87,9 +87,17 @@ def test_w4a16_needs_no_prompts_and_weights_are_on_the_4bit_grid():
     pipe = build_tiny_sd_pipeline()
     dmquant.quantize(pipe, "w4a16")
     layer = pipe.unet.down_blocks[0].resnets[0].conv1
-    w = layer.effective_weight()
-    rows = w.reshape(-1, 32) / layer.weight_quantizer.scale[:, None]
+    w = layer.effective_weight(torch.float32)
+    rows = w.reshape(-1, 32) / layer.weight_quantizers[0].scale[:, None]
     assert torch.allclose(rows, rows.round(), atol=1e-4) and rows.abs().max() <= 7
+
+
+def test_max_prompts_cuts_the_calibration_prompts_with_a_warning():
+    pipe = build_tiny_sd_pipeline()
+    with pytest.warns(UserWarning, match="first 2 of 4 prompts"):
+        dmquant.quantize(pipe, "w8a8", prompts=CASES["sd"][1], max_prompts=2, num_inference_steps=2, num_timesteps=1,
+                         progress=False, **SD_KW)
+    assert pipe.dmquant.calibration["prompts"] == 2 and pipe.dmquant.config.calibration.max_prompts == 2
 
 
 def test_bad_inputs():

@@ -10,9 +10,9 @@ import torch
 
 import dmquant
 from dmquant.errors import DMQuantError
-from dmquant.generate import generate_images
+from dmquant.generation import GenerationConfig, generate
 from dmquant.models.tiny import build_tiny_dit_pipeline, build_tiny_sd_pipeline
-from dmquant.nn.int_layers import IntConv2d, IntLinear
+from dmquant.nn.wrap import quant_layers
 
 SD_KW = {"height": 16, "width": 16}
 CASES = {"sd": (build_tiny_sd_pipeline, ["a red circle", "a blue square", "green triangle"], ["a white disk"], SD_KW,
@@ -21,7 +21,8 @@ CASES = {"sd": (build_tiny_sd_pipeline, ["a red circle", "a blue square", "green
 
 
 def images(pipe, prompts, kw):
-    return np.stack([np.asarray(i, dtype=np.float64) for i in generate_images(pipe, prompts, 6, 0, **kw)])
+    config = GenerationConfig(6, None, 0, batch_size=len(prompts), progress=False)
+    return generate(pipe, prompts, config, distributed=False, **kw).astype(np.float64)
 
 
 def psnr(a, b):
@@ -70,9 +71,10 @@ def test_loaded_pipeline_is_the_drop_in_class_with_low_bit_layers(saved):
     expected = dmquant.QuantizedStableDiffusionPipeline if kind == "sd" else dmquant.QuantizedDiTPipeline
     assert type(pipe) is expected and pipe.dmquant.frozen
     denoiser = pipe.unet if kind == "sd" else pipe.transformer
-    layers = [m for m in denoiser.modules() if isinstance(m, (IntLinear, IntConv2d))]
+    layers = [m for _, m in quant_layers(denoiser)]
     assert len(layers) == len(pipe.dmquant.report.quantized) > 10
-    assert all(m.qweight.qdata.dtype == torch.int8 and not hasattr(m, "weight") for m in layers)
+    assert all(m.frozen and m.weight is None and not len(m.weight_quantizers) for m in layers)
+    assert all(q.qdata.dtype == torch.int8 for m in layers for q in m.qweights)  # w8a8: int8 codes
     assert all(not t.is_meta for t in denoiser.state_dict().values())
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] in ("StableDiffusionPipeline",
                                                                                      "DiTPipeline")
@@ -118,10 +120,25 @@ def test_damaged_folders_give_clear_errors(saved, tmp_path):
         dmquant.load_quantized_pipeline(bad)
 
 
+@pytest.mark.parametrize("version", [1, 3])
+def test_older_format_versions_fail_with_one_clear_error(version, tmp_path):
+    pipe = build_tiny_sd_pipeline()
+    dmquant.quantize(pipe, "w4a16")
+    pipe.save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "unet" / "dmquant_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": version}))
+    for load in (dmquant.load_quantized_pipeline, lambda folder: dmquant.load_quantized_denoiser(folder / "unet")):
+        with pytest.raises(DMQuantError) as caught:
+            load(tmp_path / "q")
+        message = str(caught.value)
+        assert "\n" not in message and f"format version {version}" in message
+        assert "quantize and save the model again" in message and "dmquant 0.1" in message
+
+
 def test_saving_is_atomic(tmp_path, monkeypatch):
     pipe = build_tiny_sd_pipeline()
     dmquant.quantize(pipe, "w4a16")
-    import dmquant.pipeline as pipeline_module
+    import dmquant.quantized_pipeline as pipeline_module
 
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -11,10 +11,10 @@ import dmquant
 from dmquant.calibration.collect import collect_denoiser_inputs
 from dmquant.calibration.records import CalibrationSet
 from dmquant.errors import DMQuantError
-from dmquant.generate import generate_images
+from dmquant.generation import GenerationConfig, generate
 from dmquant.models.adapters import UNET, find_denoiser
 from dmquant.models.tiny import build_tiny_dit_pipeline, build_tiny_sd_pipeline
-from dmquant.nn.int_layers import IntSplitLayer
+from dmquant.nn.wrap import quant_layers
 from dmquant.quantizers.affine import sqnr_db
 from dmquant.serialization import FORMAT_VERSION
 
@@ -26,7 +26,8 @@ TIME_SPLIT = {"weights": {"bits": 4, "method": "mse"}, "activations": {"bits": 8
 
 def images(pipe, prompts, steps=6):
     kw = SD_KW if "prompt" in pipe.__call__.__code__.co_varnames else {}
-    return np.stack([np.asarray(i, dtype=np.float64) for i in generate_images(pipe, prompts, steps, 0, **kw)])
+    config = GenerationConfig(steps, None, 0, batch_size=len(prompts), progress=False)
+    return generate(pipe, prompts, config, distributed=False, **kw).astype(np.float64)
 
 
 def psnr(a, b):
@@ -73,11 +74,14 @@ def test_time_tables_and_split_survive_freeze_and_save_load(time_split_sd):
     assert psnr(simulated, reference) > 25.0
     assert pipe.dmquant.report.split and pipe.dmquant.calibration["steps"] == list(range(6))
     description = json.loads((folder / "unet" / "dmquant_config.json").read_text())
-    assert description["version"] == FORMAT_VERSION == 3
+    assert description["version"] == FORMAT_VERSION == 4
+    assert len(description["time_keys"]) == 6  # the one TimeTable's keys, stored once
     entry = description["layers"]["up_blocks.0.resnets.0.conv1"]
-    assert entry["type"] == "split" and entry["parts"][0]["act"]["table"] == 6
+    assert entry["split"] is not None and len(entry["inputs"]) == 2 and all(q["table"] for q in entry["inputs"])
     loaded = dmquant.load_quantized_pipeline(folder)
-    assert any(isinstance(m, IntSplitLayer) for m in loaded.unet.modules())
+    split = [m for _, m in quant_layers(loaded.unet) if m.split is not None]
+    assert split and all(m.frozen and len(m.input_quantizers) == 2 for m in split)
+    assert all(q.scale.shape == (6,) for m in split for q in m.input_quantizers)
     assert psnr(images(loaded, ["a white disk"]), simulated) > 35.0  # integer path vs simulation
 
 
@@ -88,26 +92,16 @@ def test_unseen_schedule_warns_once_and_bad_tables_fail(time_split_sd, tmp_path)
         images(loaded, ["a white disk"], steps=9)
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
-    weights = bad / "unet" / "dmquant_weights.safetensors"
-    state = load_file(str(weights))
-    key = next(k for k in state if k.endswith("input_timesteps"))
-    state[key] = state[key] + 5.0
-    save_file(state, str(weights))
-    with pytest.raises(DMQuantError, match="timestep tables .* disagree"):
+    path = bad / "unet" / "dmquant_config.json"
+    description = json.loads(path.read_text())
+    path.write_text(json.dumps({**description, "time_keys": description["time_keys"][:-1]}))
+    with pytest.raises(DMQuantError, match="timestep tables.* disagree"):
+        dmquant.load_quantized_pipeline(bad)  # 5 keys against the stored 6-entry tables
+    path.write_text(json.dumps({**description, "time_keys": None}))
+    with pytest.raises(DMQuantError, match="no timestep keys"):
         dmquant.load_quantized_pipeline(bad)
-
-
-def test_version_1_folders_still_load(tmp_path):
-    pipe = build_tiny_sd_pipeline()
-    dmquant.quantize(pipe, "w4a16")
-    pipe.save_pretrained(tmp_path / "q")
-    path = tmp_path / "q" / "unet" / "dmquant_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 1}))
-    assert dmquant.load_quantized_pipeline(tmp_path / "q").dmquant.frozen
 
 
 def test_dit_time_tables_with_guidance_batches():
@@ -116,7 +110,7 @@ def test_dit_time_tables_with_guidance_batches():
     recipe = {**TIME_SPLIT, "time": {"mode": "interval", "num_intervals": 2}, "split": None,
               "calibration": {"sampler": {"kind": "beta"}}}
     dmquant.quantize(pipe, recipe, prompts=[1, 2], num_inference_steps=6, num_timesteps=4, progress=False)
-    q = pipe.transformer.transformer_blocks[0].ff.net[2].input_quantizer
+    q = pipe.transformer.transformer_blocks[0].ff.net[2].input_quantizers[0]
     assert q.scale.shape == (6,) and len(set(q.scale.tolist())) <= 2
     assert psnr(images(pipe, [5]), reference) > 25.0
 
@@ -157,6 +151,8 @@ def test_reconstruction_lowers_the_error_on_held_out_inputs(unit, tmp_path):
 def test_learned_tables_precomputed_for_another_schedule(tmp_path):
     import warnings
 
+    from safetensors.torch import load_file
+
     pipe = build_tiny_sd_pipeline()
     recipe = {**TIME_SPLIT, "time": {"mode": "learned", "iterations": 50}}
     dmquant.quantize(pipe, recipe, prompts=["a red circle"], num_inference_steps=4, progress=False, **SD_KW)
@@ -175,9 +171,11 @@ def test_learned_tables_precomputed_for_another_schedule(tmp_path):
     assert not [w for w in caught if "calibrated schedule" in str(w.message)]
     assert psnr(frozen, simulated) > 35.0  # the integer path against the simulation, same 7-step tables
     loaded.save_pretrained(tmp_path / "q7")  # the recomputed 7-entry tables are what is saved now
-    entry = next(e for e in json.loads((tmp_path / "q7" / "unet" / "dmquant_config.json").read_text())["layers"].values()
-                 if e["type"] != "split" and e["act"] and e["act"].get("learned"))
-    assert entry["act"]["table"] == 7
+    description = json.loads((tmp_path / "q7" / "unet" / "dmquant_config.json").read_text())
+    assert len(description["time_keys"]) == 7
+    name = next(n for n, e in description["layers"].items() if e["split"] is None and e["inputs"] and e["inputs"][0]["mlp"])
+    state = load_file(str(tmp_path / "q7" / "unet" / "dmquant_weights.safetensors"))
+    assert state[f"{name}.input_quantizers.0.scale"].shape == (7,)
     plain = build_tiny_sd_pipeline()
     dmquant.quantize(plain, {**TIME_SPLIT, "split": None}, prompts=["a red circle"], num_inference_steps=4,
                      progress=False, **SD_KW)

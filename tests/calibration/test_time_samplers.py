@@ -7,6 +7,7 @@ from dmquant.calibration.samplers import (
     AllStepsSampler,
     BetaSampler,
     NormalSampler,
+    ProgressiveSampler,
     make_sampler,
     skew_normal,
     steps_from_fractions,
@@ -48,6 +49,9 @@ def test_sampler_config_from_recipes():
     assert CalibrationConfig(sampler="all").sampler.kind == "all"
     assert QuantConfig.from_dict(c.to_dict()) == c
     assert isinstance(make_sampler(c.calibration.sampler, 8), NormalSampler)
+    progressive = make_sampler("progressive", 3)
+    assert isinstance(progressive, ProgressiveSampler) and progressive.rounds == 1 and progressive.select(5) == [0, 2, 4]
+    assert [make_sampler(kind, 3).rounds for kind in ("uniform", "all", "normal", "beta")] == [0, 0, 0, 0]
     with pytest.raises(DMQuantError, match="calibration.sampler.kind='gauss'"):
         CalibrationConfig(sampler="gauss")
     with pytest.raises(DMQuantError, match="unknown keys"):
