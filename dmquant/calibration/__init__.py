@@ -1,1 +1,2 @@
-"""Calibration: timestep samplers, collection of denoiser inputs, observation passes."""
+"""Calibration: timestep samplers, recording and replaying denoiser calls, and the calibration run
+(:mod:`dmquant.calibration.run`) with its phases: collect, outliers, observe, reconstruct."""
