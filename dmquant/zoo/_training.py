@@ -42,6 +42,14 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def scheduled_steps(opt: torch.optim.Optimizer, total: int, peak: float, warmup: int = 100):
+    """``range(total)``, setting every parameter group's learning rate by :func:`lr_at` before each step."""
+    for step in range(total):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, peak, warmup)
+        yield step
+
+
 def to_tensor_images(images: np.ndarray) -> torch.Tensor:
     """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -17,15 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dmquant.zoo import configs, data
-from dmquant.zoo._training import (
-    Logger,
-    base_parser,
-    lr_at,
-    seed_everything,
-    to_tensor_images,
-    write_train_log,
-)
+from dmquant.zoo import _training, configs, data
 from dmquant.zoo.tokenizer import build_tokenizer, write_tokenizer_files
 
 NAME = "tiny-shapes-clip"
@@ -80,18 +72,18 @@ def hard_negatives(captions: list[str], tokenizer, context_length: int) -> torch
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__, steps=1500, batch_size=128, lr=1e-3, seed=1)
+    p = _training.base_parser(__doc__, steps=1500, batch_size=128, lr=1e-3, seed=1)
     p.add_argument("--num-scenes", type=int, default=30000)
     p.add_argument("--split", default="all", choices=data.SPLITS,
                    help="the judge is the measuring instrument: it sees every pair (the generators do not)")
     p.add_argument("--hard-negative-weight", type=float, default=1.0)
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
     args = p.parse_args(argv)
-    seed_everything(args.seed, args.threads)
+    _training.seed_everything(args.seed, args.threads)
 
     tokenizer = build_tokenizer()
     images, captions = data.make_dataset(args.num_scenes, seed=args.seed, split=args.split)
-    x_all = to_tensor_images(images).to(args.device)
+    x_all = _training.to_tensor_images(images).to(args.device)
     ids_all = tokenizer(captions, padding="max_length", max_length=configs.CLIP_TEXT["context_length"],
                         truncation=True, return_tensors="pt").input_ids.to(args.device)
     unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}
@@ -101,10 +93,8 @@ def main(argv=None) -> None:
     model = build_model(len(tokenizer)).to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(args.seed)
-    log = Logger(NAME, args.steps, args.log_every)
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
+    log = _training.Logger(NAME, args.steps, args.log_every)
+    for step in _training.scheduled_steps(opt, args.steps, args.lr):
         idx = torch.randint(len(x_all), (args.batch_size,), generator=gen).to(args.device)
         img = model.encode_image(x_all[idx], normalize=True)
         txt = model.encode_text(ids_all[idx], normalize=True)
@@ -125,7 +115,7 @@ def main(argv=None) -> None:
 
     model.eval()
     save(model.cpu(), tokenizer, args.out)
-    write_train_log(args.out, NAME, args, log)
+    _training.write_train_log(args.out, NAME, args, log)
     print(f"saved {args.out}", flush=True)
 
 

@@ -19,15 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from dmquant.zoo import configs, data
-from dmquant.zoo._training import (
-    Logger,
-    base_parser,
-    lr_at,
-    seed_everything,
-    to_tensor_images,
-    write_train_log,
-)
+from dmquant.zoo import _training, configs, data
 from dmquant.zoo.train_sd import encode_latents, inference_scheduler
 
 NAME = "tiny-shapes-dit"
@@ -40,13 +32,13 @@ def class_names() -> list[str]:
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__, steps=8000, batch_size=64, lr=1e-3, seed=4)
+    p = _training.base_parser(__doc__, steps=8000, batch_size=64, lr=1e-3, seed=4)
     p.add_argument("--num-scenes", type=int, default=30000)
     p.add_argument("--class-dropout", type=float, default=0.1)
     p.add_argument("--vae", type=Path, default=configs.WEIGHTS_DIR / "tiny-shapes-sd" / "vae")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
     args = p.parse_args(argv)
-    seed_everything(args.seed, args.threads)
+    _training.seed_everything(args.seed, args.threads)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
     names = class_names()
     images, captions = data.make_dataset(args.num_scenes, seed=args.seed, split="train", two_object_prob=0.0)
@@ -55,7 +47,7 @@ def main(argv=None) -> None:
         obj = data.parse_caption(cap).objects[0]
         labels.append(names.index(f"{obj.color} {obj.shape}"))
     labels_all = torch.tensor(np.array(labels)).to(args.device)
-    lat_mean, lat_std = encode_latents(vae, to_tensor_images(images).to(args.device))
+    lat_mean, lat_std = encode_latents(vae, _training.to_tensor_images(images).to(args.device))
 
     model = DiTTransformer2DModel(**configs.DIT).to(args.device).train()
     for m in model.modules():  # drop labels ourselves, consistently across blocks
@@ -65,10 +57,8 @@ def main(argv=None) -> None:
     alphas = noise_sched.alphas_cumprod.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    log = Logger(NAME, args.steps, args.log_every)
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
+    log = _training.Logger(NAME, args.steps, args.log_every)
+    for step in _training.scheduled_steps(opt, args.steps, args.lr):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen).to(args.device)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen).to(args.device)
         noise = torch.randn(x0.shape, generator=gen).to(args.device)
@@ -91,7 +81,7 @@ def main(argv=None) -> None:
     pipe = DiTPipeline(transformer=model.cpu().eval(), vae=vae.cpu(), scheduler=inference_scheduler(), id2label=id2label)
     pipe.register_to_config(id2label=id2label)  # stored in model_index.json, passed back by from_pretrained
     pipe.save_pretrained(str(args.out), safe_serialization=True)
-    write_train_log(args.out, NAME, args, log)
+    _training.write_train_log(args.out, NAME, args, log)
     print(f"saved {args.out}", flush=True)
 
 

@@ -29,15 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dmquant.zoo import configs, data
-from dmquant.zoo._training import (
-    Logger,
-    base_parser,
-    lr_at,
-    seed_everything,
-    to_tensor_images,
-    write_train_log,
-)
+from dmquant.zoo import _training, configs, data
 from dmquant.zoo.tokenizer import build_tokenizer, write_tokenizer_files
 
 NAME = "tiny-shapes-sd"
@@ -88,7 +80,7 @@ def inference_scheduler():
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__, steps=2500, batch_size=64, lr=1e-3, seed=3)
+    p = _training.base_parser(__doc__, steps=2500, batch_size=64, lr=1e-3, seed=3)
     p.add_argument("--num-scenes", type=int, default=40000)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--color-word-dropout", type=float, default=0.25)
@@ -98,11 +90,11 @@ def main(argv=None) -> None:
     p.add_argument("--resume", type=Path, default=None,
                    help="continue training the UNet and text encoder of this tiny-shapes-sd folder")
     args = p.parse_args(argv)
-    seed_everything(args.seed, args.threads)
+    _training.seed_everything(args.seed, args.threads)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
     tokenizer = build_tokenizer()
     images, captions = data.make_dataset(args.num_scenes, seed=args.seed, split="train")
-    lat_mean, lat_std = encode_latents(vae, to_tensor_images(images).to(args.device))
+    lat_mean, lat_std = encode_latents(vae, _training.to_tensor_images(images).to(args.device))
     aug_rng = np.random.default_rng(args.seed)
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(args.device)
@@ -118,10 +110,8 @@ def main(argv=None) -> None:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
-    log = Logger(NAME, args.steps, args.log_every)
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
+    log = _training.Logger(NAME, args.steps, args.log_every)
+    for step in _training.scheduled_steps(opt, args.steps, args.lr):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen).to(args.device)
         eps_lat = torch.randn(lat_mean[idx].shape, generator=gen).to(args.device)
         x0 = lat_mean[idx] + lat_std[idx] * eps_lat
@@ -154,7 +144,7 @@ def main(argv=None) -> None:
     )
     pipe.save_pretrained(str(args.out), safe_serialization=True)
     write_tokenizer_files(args.out / "tokenizer")
-    write_train_log(args.out, NAME, args, log)
+    _training.write_train_log(args.out, NAME, args, log)
     print(f"saved {args.out}", flush=True)
 
 

@@ -20,40 +20,30 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from dmquant.zoo import configs, data
-from dmquant.zoo._training import (
-    Logger,
-    base_parser,
-    lr_at,
-    seed_everything,
-    to_tensor_images,
-    write_train_log,
-)
+from dmquant.zoo import _training, configs, data
 
 NAME = "vae"
 DEFAULT_OUT = configs.WEIGHTS_DIR / "tiny-shapes-sd" / "vae"
 
 
 def main(argv=None) -> None:
-    p = base_parser(__doc__, steps=600, batch_size=64, lr=1e-3, seed=2)
+    p = _training.base_parser(__doc__, steps=600, batch_size=64, lr=1e-3, seed=2)
     p.add_argument("--num-scenes", type=int, default=20000)
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--finetune-decoder", action="store_true",
                    help="train only the decoder of the VAE in --out (the encoder and latent space stay)")
     args = p.parse_args(argv)
-    seed_everything(args.seed, args.threads)
+    _training.seed_everything(args.seed, args.threads)
     images, _ = data.make_dataset(args.num_scenes, seed=args.seed, split="train")
-    x_all = to_tensor_images(images)
+    x_all = _training.to_tensor_images(images)
     if args.finetune_decoder:
         return finetune_decoder(args, x_all)
     vae = AutoencoderKL(**configs.VAE).to(args.device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    log = Logger("tiny-shapes vae", args.steps, args.log_every)
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, warmup=50)
+    log = _training.Logger("tiny-shapes vae", args.steps, args.log_every)
+    for step in _training.scheduled_steps(opt, args.steps, args.lr, warmup=50):
         x = x_all[torch.randint(len(x_all), (args.batch_size,), generator=gen)].to(args.device)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
@@ -69,7 +59,7 @@ def main(argv=None) -> None:
     scaling = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scaling)
     vae.cpu().save_pretrained(str(args.out), safe_serialization=True)
-    write_train_log(args.out, NAME, args, log, scaling_factor=scaling, latent_mean=float(lat.mean()),
+    _training.write_train_log(args.out, NAME, args, log, scaling_factor=scaling, latent_mean=float(lat.mean()),
                     reconstruction_psnr_db=round(psnr, 2))
     print(f"saved {args.out} scaling_factor={scaling:.4f} reconstruction PSNR={psnr:.2f} dB", flush=True)
 
@@ -98,10 +88,8 @@ def finetune_decoder(args, x_all: torch.Tensor) -> None:
     with torch.no_grad():  # the frozen encoder's posterior of every training image, computed once
         moments = [vae.encode(x_all[i : i + 500].to(args.device)).latent_dist for i in range(0, len(x_all), 500)]
         mean, std = torch.cat([m.mean for m in moments]), torch.cat([m.std for m in moments])
-    log = Logger("tiny-shapes vae decoder", args.steps, args.log_every)
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, warmup=20)
+    log = _training.Logger("tiny-shapes vae decoder", args.steps, args.log_every)
+    for step in _training.scheduled_steps(opt, args.steps, args.lr, warmup=20):
         idx = torch.randint(len(x_all), (args.batch_size,), generator=gen)
         x = x_all[idx].to(args.device)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(args.device)
@@ -113,7 +101,7 @@ def finetune_decoder(args, x_all: torch.Tensor) -> None:
         log.step(step, loss.item())
     _, psnr = _reconstruction(vae, x_all, args.device)
     vae.cpu().save_pretrained(str(args.out), safe_serialization=True)
-    write_train_log(args.out, NAME, args, log, scaling_factor=float(vae.config.scaling_factor),
+    _training.write_train_log(args.out, NAME, args, log, scaling_factor=float(vae.config.scaling_factor),
                     reconstruction_psnr_db=round(psnr, 2), finetuned_decoder=True)
     print(f"saved {args.out} (decoder fine-tuned) reconstruction PSNR={psnr:.2f} dB", flush=True)
 
