@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--table", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--fid-noise", action="store_true", help="FID of the FP model with other seeds (its noise)")
+    p.add_argument("--out", type=Path, default=OUT, help="cache folder (a fresh one reruns every row)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.memory:
@@ -179,13 +180,13 @@ def main() -> None:
             print(model, "FP FID with seeds 1000.., 2000..:", fid_noise(model, args.num_images), flush=True)
         return
     if args.table:
-        print(table(current_rows(OUT)))
+        print(table(current_rows(args.out)))
         return
     for model in args.models.split(","):
         for variant in args.variants.split(","):
             config = variant_config(variant)
             label = variant.replace(":", "_") + ("-fid" if args.fid else "")
-            r = run_config(model, config, variant, label, args.num_images, args.calib_prompts, fid=args.fid, out=OUT)
+            r = run_config(model, config, variant, label, args.num_images, args.calib_prompts, fid=args.fid, out=args.out)
             fid = f" FID {r['fid']:.2f} (FP {r['fid_fp']:.2f})" if "fid" in r else ""
             print(f"{model} {r['bits']} {variant}: CLIP {r['clip_score']:.2f} (FP {r['clip_score_fp']:.2f}) "
                   f"PSNR {r['psnr_vs_reference']:.2f}{fid} calib {r['calibration_seconds']}s", flush=True)

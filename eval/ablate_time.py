@@ -105,13 +105,13 @@ def fingerprint(model: str) -> str:
     return digest.hexdigest()[:10]
 
 
-def reference_images(model: str, n: int, weights: str):
-    path = OUT / f"{model}-{weights}-fp-{n}.npz"
+def reference_images(model: str, n: int, weights: str, out: Path = OUT):
+    path = out / f"{model}-{weights}-fp-{n}.npz"
     if path.is_file():
         return np.load(path)["images"]
     _, prompts = prompts_for(model, n)
     images = generate(dmquant.zoo.load(MODELS[model]), prompts)
-    OUT.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=images)
     return images
 
@@ -138,7 +138,7 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
     path = out / f"{model}-{weights}-{config.tag}-{label}-{n}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    ref = reference_images(model, n, weights)
+    ref = reference_images(model, n, weights, out)
     calib, prompts = prompts_for(model, n)
     start = time.perf_counter()
     kwargs = {"guidance_scale": 5.0}
@@ -158,7 +158,7 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
         real = render_prompts(prompts)
         result["fid"] = compute_fid(images, real, ZOO_CLIP)
         result["fid_fp"] = compute_fid(ref, real, ZOO_CLIP)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
 

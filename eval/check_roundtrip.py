@@ -24,6 +24,7 @@ import numpy as np
 
 import dmquant
 from dmquant import zoo
+from dmquant.diffusers_io import prompts_for_pipeline
 from dmquant.generation import GenerationConfig, generate
 from dmquant.prompts import read_prompts
 
@@ -35,8 +36,12 @@ SD_ONLY = {"w4a4-g64": "dit"}  # the 32-wide tiny UNet cannot take groups of 64:
 
 
 def _prompts(model: str, n: int, kind: str) -> list:
-    name = "shapes_calib.txt" if kind == "calib" else "shapes_eval.txt"
-    return read_prompts(ROOT / "calib" / name)[:n]
+    """The protocol of eval/README.md: SD evaluates held-out captions; the DiT (no class for held-out
+    pairs) calibrates and evaluates on single-object training captions."""
+    if model == "sd":
+        return read_prompts(ROOT / "calib" / ("shapes_calib.txt" if kind == "calib" else "shapes_eval.txt"))[:n]
+    single = [p for p in read_prompts(ROOT / "calib" / "shapes_calib.txt") if " and " not in p]
+    return single[:n] if kind == "calib" else single[-n:]
 
 
 def _images(pipe, prompts: list, steps: int) -> np.ndarray:
@@ -61,7 +66,8 @@ def check(model: str, recipe: str, n: int, steps: int, calib: int) -> dict:
     pipe = zoo.load(MODELS[model])
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    dmquant.quantize(pipe, recipe, _prompts(model, calib, "calib"), num_inference_steps=steps, progress=False)
+    calib_prompts = prompts_for_pipeline(pipe, _prompts(model, calib, "calib"))
+    dmquant.quantize(pipe, recipe, calib_prompts, num_inference_steps=steps, progress=False)
     seconds = time.perf_counter() - start
     sim = _images(pipe, _prompts(model, n, "eval"), steps)
     with tempfile.TemporaryDirectory() as tmp:
