@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import traceback
 
 from dmquant import workflows
 from dmquant.bench import bench_model, format_report
@@ -15,6 +18,37 @@ from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig
 from dmquant.metrics.evaluation import evaluate
 
+MAX_SEED = 2**63 - 2**32  # seed + image index stays a valid torch seed
+
+
+def _integer(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {bound}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+_finite_float.__name__ = "number"
+POSITIVE, SEED = _integer(1), _integer(0, MAX_SEED)
+
 
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="quantize a pipeline's denoiser and calibrate it; write a run folder")
@@ -22,16 +56,17 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (see `dmquant recipes`) or YAML path")
     p.add_argument("--prompts", help="calibration prompt file, one prompt (or class id) per line")
     p.add_argument("--out", required=True, help="run folder to write (must not exist unless --overwrite)")
-    p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps of calibration runs")
-    p.add_argument("--num-timesteps", type=int, help="how many of those steps are recorded")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=POSITIVE, dest="num_inference_steps", help="denoising steps of calibration runs")
+    p.add_argument("--num-timesteps", type=POSITIVE, help="how many of those steps are recorded")
+    p.add_argument("--batch-size", type=POSITIVE)
+    p.add_argument("--max-prompts", type=POSITIVE)
+    p.add_argument("--seed", type=SEED)
+    p.add_argument("--guidance-scale", type=_finite_float)
+    p.add_argument("--height", type=POSITIVE)
+    p.add_argument("--width", type=POSITIVE)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a folder dmquant wrote (never any other folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -40,20 +75,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", required=True, help="run folder, zoo name, local diffusers folder, or hub id")
     p.add_argument("--prompt", required=True, help="text prompt (or class id / label for class-conditioned models)")
     p.add_argument("--out", required=True, help="image file to write (PNG)")
-    p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=POSITIVE, default=25, dest="num_inference_steps")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--guidance-scale", type=_finite_float)
+    p.add_argument("--height", type=POSITIVE)
+    p.add_argument("--width", type=POSITIVE)
     p.add_argument("--device", default="cpu")
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency per denoising step and memory of a model or quantized folder")
     p.add_argument("--model", required=True, help="quantized folder, zoo name, local diffusers folder, or hub id")
-    p.add_argument("--batch", type=int, default=2, help="batch of one step (2 = classifier-free guidance)")
-    p.add_argument("--latent-size", type=int, help="latent height/width (default: the model's sample size)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=POSITIVE, default=2, help="batch of one step (2 = classifier-free guidance)")
+    p.add_argument("--latent-size", type=POSITIVE, help="latent height/width (default: the model's sample size)")
+    p.add_argument("--repeats", type=POSITIVE, default=3)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -62,12 +97,13 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", required=True, help="quantized folder, zoo name, local diffusers folder, or hub id")
     p.add_argument("--reference", help="the model to compare with (same seeds): e.g. the full-precision one")
     p.add_argument("--prompts", required=True, help="prompt file, one prompt per line (image i uses prompt i)")
-    p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, report.md, images/")
-    p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images", type=_integer(2), required=True)
+    p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, report.md, images/ (an "
+                   "earlier evaluation folder there is replaced; any other non-empty folder is refused)")
+    p.add_argument("--steps", type=POSITIVE, default=25, dest="num_inference_steps")
+    p.add_argument("--guidance-scale", type=_finite_float, default=5.0)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--clip-model", default="auto", help="open_clip 'name:pretrained' or local-dir:PATH; auto: "
                    "the zoo judge for zoo prompts, else ViT-L-14:openai")
     p.add_argument("--fid-features", default="auto", help="inception, or a CLIP spec; auto as for --clip-model")
@@ -78,15 +114,16 @@ def _add_evaluate(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="quantize the zoo's tiny-shapes-sd at W8A8 and W4A8, evaluate against FP")
-    p.add_argument("--num-images", type=int, default=32)
-    p.add_argument("--steps", type=int, default=25, dest="num_inference_steps")
+    p.add_argument("--num-images", type=_integer(2), default=32)
+    p.add_argument("--steps", type=POSITIVE, default=25, dest="num_inference_steps")
     p.add_argument("--recipes", default="w8a8,w4a8,w4a4", help="comma-separated recipe names")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="folder to write (an earlier demo folder there is replaced)")
     p.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmquant", description="Post-training quantization for diffusion models.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_calibrate(sub)
     _add_generate(sub)
@@ -94,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_demo(sub)
     sub.add_parser("recipes", help="list the built-in recipes")
+    for command in sub.choices.values():  # --debug after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -101,11 +140,11 @@ def _run(args: argparse.Namespace) -> None:
     if getattr(args, "quiet", False):
         silence_progress_bars()
     if args.command == "calibrate":
-        fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug")}
         out = workflows.calibrate(workflows.CalibrateJob(**fields, progress=not args.quiet))
         print(f"wrote {out}")
     elif args.command == "generate":
-        fields = {k: v for k, v in vars(args).items() if k != "command"}
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
         print(f"wrote {workflows.generate_image(**fields)}")
     elif args.command == "bench":
         report = bench_model(args.model, args.batch, args.latent_size, args.repeats)
@@ -129,14 +168,35 @@ def _run(args: argparse.Namespace) -> None:
             print(f"{name:16s} {config.tag:6s} {' '.join(config.description.split())}")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input or environment (DMQuantError, or an OSError: unreadable file,
+    read-only place, full disk), one line on stderr; 1 a bug of dmquant (any other exception), one line
+    asking for a report; 130 interrupted. ``--debug`` (or DMQUANT_DEBUG=1) adds the traceback."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("DMQUANT_DEBUG", "") not in ("", "0")
     try:
         _run(args)
     except DMQuantError as exc:
-        print(f"dmquant: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        code, line = 2, f"dmquant: error: {_one_line(exc)}"
+    except OSError as exc:  # the environment, not dmquant: a file that cannot be read or written
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        code, line = 2, f"dmquant: error: {_one_line(exc.strerror or exc)}{where}: check the path and its permissions"
+    except KeyboardInterrupt:
+        code, line = 130, "dmquant: interrupted; nothing was written"
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a report request
+        code = 1
+        line = (f"dmquant: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}): this is a bug in dmquant, "
+                f"please report it with the command you ran; rerun with --debug for the traceback")
+    else:
+        return 0
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

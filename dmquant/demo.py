@@ -11,11 +11,14 @@ from pathlib import Path
 
 from dmquant import zoo
 from dmquant.api import quantize
+from dmquant.config import load_recipe
 from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig
 from dmquant.metrics.evaluation import evaluate
-from dmquant.prompts import read_prompts
+from dmquant.prompts import check_enough_prompts, read_prompts
+from dmquant.runs import atomic_folder, check_output_folder
 
+DEMO_KINDS = ("demo",)  # the demo replaces only a folder an earlier demo wrote
 CALIB_DIR = Path(__file__).resolve().parent.parent / "calib"
 
 
@@ -38,23 +41,37 @@ def _prompt_file(name: str) -> Path:
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> list[dict]:
-    """Evaluate FP and each recipe on held-out prompts; returns one row of metrics per model."""
-    out = Path(config.out)
+    """Evaluate FP and each recipe on held-out prompts; returns one row of metrics per model.
+
+    ``config.out`` is written as one folder (complete or not at all); an earlier demo folder there is
+    replaced, any other non-empty folder refused before any work."""
+    # every input is checked before any work: recipes, prompt files, counts, the output folder
+    recipes = {name: load_recipe(name) for name in config.recipes}
+    if not recipes or len(recipes) != len(config.recipes) or "fp32" in recipes:
+        raise DMQuantError(f"--recipes {','.join(config.recipes)!r}: give distinct recipe names (see `dmquant "
+                           "recipes`), e.g. w8a8,w4a8")
     calib = read_prompts(_prompt_file("shapes_calib.txt"))[: config.num_calib_prompts]
     eval_prompts = _prompt_file("shapes_eval.txt")
+    check_enough_prompts(read_prompts(eval_prompts), config.num_images, str(eval_prompts))
+    if config.num_images < 2:
+        raise DMQuantError(f"FID needs at least 2 images; asked for {config.num_images}")
     generation = GenerationConfig(num_inference_steps=config.num_inference_steps, progress=config.progress)
-    reference = zoo.load(config.model)
-    rows = [_row("fp32", evaluate(reference, eval_prompts, config.num_images, out / "fp32", config=generation), 0.0)]
-    for recipe in config.recipes:
-        pipe = zoo.load(config.model)
-        start = time.perf_counter()
-        quantize(pipe, recipe, prompts=calib, num_inference_steps=config.num_inference_steps,
-                 progress=config.progress)
-        seconds = time.perf_counter() - start
-        pipe.save_pretrained(out / recipe / "model")
-        metrics = evaluate(pipe, eval_prompts, config.num_images, out / recipe / "eval", reference=reference,
-                           config=generation)
-        rows.append(_row(recipe, metrics, seconds))
+    check_output_folder(config.out, True, replaceable=DEMO_KINDS)
+    rows = []
+    with atomic_folder(config.out, overwrite=True, kind="demo", replaceable=DEMO_KINDS) as out:
+        reference = zoo.load(config.model)
+        rows.append(_row("fp32", evaluate(reference, eval_prompts, config.num_images, out / "fp32",
+                                          config=generation), 0.0))
+        for name, recipe in recipes.items():
+            pipe = zoo.load(config.model)
+            start = time.perf_counter()
+            quantize(pipe, recipe, prompts=calib, num_inference_steps=config.num_inference_steps,
+                     progress=config.progress)
+            seconds = time.perf_counter() - start
+            pipe.save_pretrained(out / name / "model")
+            metrics = evaluate(pipe, eval_prompts, config.num_images, out / name / "eval", reference=reference,
+                               config=generation)
+            rows.append(_row(name, metrics, seconds))
     return rows
 
 

@@ -65,10 +65,10 @@ def class_id(pipe, prompt) -> int:
     """Class id for a class-conditioned pipeline (DiT): an integer, or a label of ``pipe.labels``
     (exact, else the longest label the prompt contains: "a large red circle at the top" -> "red circle")."""
     if isinstance(prompt, int):
-        return prompt
+        return _checked_class_id(pipe, prompt)
     text = str(prompt).strip()
     if text.lstrip("-").isdigit():
-        return int(text)
+        return _checked_class_id(pipe, int(text))
     labels: dict[str, int] = getattr(pipe, "labels", None) or {}
     if text in labels:
         return int(labels[text])
@@ -80,6 +80,37 @@ def class_id(pipe, prompt) -> int:
             f"(e.g. {', '.join(list(labels)[:5])}): use an integer class id or a label name"
         )
     return int(labels[max(hits, key=len)])
+
+
+def _checked_class_id(pipe, value: int) -> int:
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    count = getattr(getattr(denoiser, "config", None), "num_embeds_ada_norm", None)
+    if value < 0 or (isinstance(count, int) and value >= count):
+        bound = f"0..{count - 1}" if isinstance(count, int) else "a non-negative integer"
+        raise DMQuantError(f"class id {value} does not exist in this class-conditioned pipeline: use {bound}")
+    return value
+
+
+def check_call_inputs(pipe, num_inference_steps: int | None = None, height: int | None = None,
+                      width: int | None = None) -> None:
+    """DMQuantError, before any work, for a step count the scheduler cannot run or an image size the
+    pipeline does not take."""
+    scheduler = getattr(pipe, "scheduler", None)
+    train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if num_inference_steps is not None:
+        if num_inference_steps < 1:
+            raise DMQuantError(f"the number of steps must be >= 1, got {num_inference_steps}")
+        if isinstance(train_steps, int) and num_inference_steps > train_steps:
+            raise DMQuantError(f"{num_inference_steps} steps are more than the scheduler's {train_steps} training "
+                               f"timesteps: use at most {train_steps} steps")
+    sizes = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if not sizes:
+        return
+    if "height" not in inspect.signature(type(pipe).__call__).parameters:
+        raise DMQuantError(f"{type(pipe).__name__} takes no --height/--width: its image size is fixed by the model")
+    for name, value in sizes.items():
+        if value < 8 or value % 8:
+            raise DMQuantError(f"--{name} {value} must be a positive multiple of 8 (e.g. 16, 32, 512)")
 
 
 def prompts_for_pipeline(pipe, prompts: Sequence) -> list:
@@ -97,6 +128,8 @@ def check_prompts(pipe, prompts: Sequence) -> list:
     if is_class_conditional(pipe):
         if not all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
             raise DMQuantError("this pipeline is class-conditioned: pass integer class ids as prompts")
+        for p in prompts:
+            _checked_class_id(pipe, p)
     elif not all(isinstance(p, str) and p.strip() for p in prompts):
         raise DMQuantError("calibration prompts must be non-empty strings")
     return prompts

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmquant.correction.ptqd import check_correction_schedule
-from dmquant.diffusers_io import conditioning_argument, process_state, prompts_for_pipeline
+from dmquant.diffusers_io import check_call_inputs, conditioning_argument, process_state, prompts_for_pipeline
 from dmquant.errors import DMQuantError
 from dmquant.metrics.images import as_uint8_batch
 
@@ -37,6 +37,8 @@ class GenerationConfig:
             raise DMQuantError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.batch_size < 1:
             raise DMQuantError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DMQuantError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "progress"}
@@ -94,6 +96,7 @@ def generate(pipe, prompts: Sequence, config: GenerationConfig | None = None, di
     if not prompts:
         raise DMQuantError("no prompts to generate from")
     prompts_for_pipeline(pipe, prompts)  # fail before generating anything
+    check_call_inputs(pipe, cfg.num_inference_steps, call_kwargs.get("height"), call_kwargs.get("width"))
     rank, world = 0, 1
     if distributed is not False:
         state = process_state(getattr(pipe, "device", None) or "cpu")

@@ -45,6 +45,9 @@ def load_pipeline(spec: Any, device: str = "cpu", dtype: torch.dtype | None = No
             f"model {text!r} is neither a folder, a hub id (owner/name) nor a built-in model: "
             f"use one of {', '.join(known_names())}, a diffusers pipeline folder, or a hub id"
         )
+    if not isinstance(pipe, DiffusionPipeline):
+        raise DMQuantError(f"{text!r} is not a diffusion pipeline ({type(pipe).__name__}): use one of "
+                           f"{', '.join(n for n in known_names() if n != zoo.JUDGE)}, a pipeline folder, or a hub id")
     pipe = pipe.to(device)
     if dtype is not None:
         pipe = pipe.to(dtype=dtype)
@@ -57,13 +60,24 @@ def _from_folder(folder: Path):
             f"{folder} is not a diffusers pipeline folder (no model_index.json): "
             "pass a folder written by save_pretrained, or a dmquant run folder"
         )
-    if quantized_denoiser_attribute(folder) is not None:
-        return load_quantized_pipeline(folder)
     try:
-        return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
+        if quantized_denoiser_attribute(folder) is not None:
+            return load_quantized_pipeline(folder)
+        return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    except DMQuantError:
+        raise
+    except Exception as exc:  # diffusers and transformers raise many types for damaged folders
+        if _pickles(folder):
+            raise DMQuantError(f"{folder} holds pickled weights ({', '.join(_pickles(folder)[:3])}) where safetensors "
+                               "are expected: dmquant reads safetensors only (pickles can run code); convert them "
+                               "with save_pretrained(..., safe_serialization=True)") from None
         raise DMQuantError(f"could not load the pipeline in {folder} ({type(exc).__name__}: {exc}): "
                            "check that the folder is complete, or save it again") from exc
+
+
+def _pickles(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+                  for p in folder.glob(f"*/{ext}"))
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -74,7 +88,7 @@ def _looks_like_hub_id(text: str) -> bool:
 def _from_hub(repo_id: str):
     offline = hub_offline()
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=offline)
+        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=offline, use_safetensors=True)
     except Exception as exc:
         raise DMQuantError(
             f"could not load hub id {repo_id!r} ({type(exc).__name__}): it is not in the local cache and the hub "

@@ -15,7 +15,14 @@ def read_prompts(path: str | Path, num_images: int | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DMQuantError(f"prompt file not found: {path}: pass a text file with one prompt per line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DMQuantError(f"prompt file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as "
+                           "UTF-8, one prompt per line") from None
+    if "\x00" in text:
+        raise DMQuantError(f"prompt file {path} holds NUL bytes (a binary file?): pass a text file, one prompt per line")
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise DMQuantError(f"prompt file {path} has no prompts: write one prompt per line")
@@ -26,7 +33,7 @@ def read_prompts(path: str | Path, num_images: int | None = None) -> list[str]:
 
 
 def check_enough_prompts(prompts: Sequence[str], num_images: int, where: str = "the prompt list") -> None:
-    if num_images < 1:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise DMQuantError(f"num_images must be >= 1, got {num_images}")
     if len(prompts) < num_images:
         raise DMQuantError(

@@ -79,6 +79,7 @@ class QuantizedPipelineMixin:
             raise DMQuantError(f"{folder} holds no dmquant quantized denoiser: pass a folder written by "
                                "save_pretrained of a dmquant-quantized pipeline")
         denoiser = load_quantized_denoiser(folder / attr, device=device)
+        kwargs.setdefault("use_safetensors", True)  # every component from safetensors only, never a pickle
         pipe = super().from_pretrained(str(folder), **{attr: denoiser}, **kwargs)
         _attach_loaded_info(pipe, folder / attr)
         _load_correction(pipe, folder)

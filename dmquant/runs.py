@@ -2,14 +2,19 @@
 
 A run folder is a saved quantized pipeline (diffusers layout, see :mod:`dmquant.pipeline`) plus
 ``run.json`` (base model, recipe, calibration summary), ``recipe.yaml`` and ``summary.md``.
-Folders and images are written atomically: into a temporary sibling, then renamed.
+Folders and images are written atomically: into a temporary sibling, then renamed. Every folder
+dmquant writes carries the marker file :data:`MARKER`; dmquant replaces (``--overwrite``) only such
+folders, and never deletes anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -25,42 +30,186 @@ from dmquant.errors import DMQuantError
 RUN_FORMAT, RUN_VERSION = "dmquant-run", 1
 
 
-@contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False):
-    """Yield a temporary folder that becomes ``out`` only if the block finishes without error."""
-    out = Path(out)
-    check_output_folder(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+MARKER = ".dmquant-folder.json"  # every folder dmquant writes carries it; only such folders are ever replaced
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[^/]*$")
+
+
+def folder_marker(folder: str | Path) -> dict | None:
+    """The marker of a folder dmquant wrote (``{"written_by": "dmquant", "kind": ...}``), else None."""
     try:
-        yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            os.replace(out, old)  # the previous folder stays until the new one is in place
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        data = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("written_by") == "dmquant" else None
+
+
+def _write_marker(folder: Path, kind: str) -> None:
+    text = json.dumps({"written_by": "dmquant", "kind": kind, "dmquant_version": __version__}, sort_keys=True)
+    (folder / MARKER).write_text(text + "\n", encoding="utf-8")
+
+
+def _write_error(out: Path, exc: OSError) -> DMQuantError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return DMQuantError(f"could not write {out}: {exc.strerror or exc}{where}: free some space or choose "
+                        "a writable place for the output; nothing was written")
+
+
+@contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False, *, kind: str = "model",
+                  replaceable: tuple[str, ...] | None = None):
+    """Yield a temporary folder that becomes ``out`` only if the block finishes without error.
+
+    ``out`` may be missing, an empty folder, or (with ``overwrite``) a folder dmquant wrote (it carries
+    :data:`MARKER`; ``replaceable`` limits the kinds replaced); any other folder is never touched.
+    The previous folder stays in place until the new one is complete. OSErrors (read-only place,
+    full disk) become one DMQuantError, and nothing is left behind.
+    """
+    out = Path(out)
+    check_output_folder(out, overwrite, replaceable=replaceable)
+    clean_stale_folders(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
+    try:
+        try:
+            _write_marker(tmp, kind)
+            yield tmp
+            check_output_folder(out, overwrite, replaceable=replaceable)  # nothing appeared meanwhile
+            _swap_in(tmp, out)
+        except OSError as exc:
+            raise _write_error(out, exc) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_output_folder(out: str | Path, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
-        raise DMQuantError(f"output folder {out} exists already: choose another --out, or pass --overwrite")
+def _swap_in(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(out, old)  # the previous folder stays (beside) until the new one is in place
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_folders(out: str | Path) -> list[str]:
+    """Temporary siblings of ``out`` left by killed runs (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*`` whose
+    process is gone): an unfinished new folder is removed; a previous folder that was moved aside is put
+    back if ``out`` is missing, else removed. Those of live processes are named, not touched.
+    Returns one note per folder (also printed on stderr)."""
+    out = Path(out)
+    notes: list[str] = []
+    try:
+        entries = sorted(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return notes
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if match is None or match["name"] != out.name or not entry.is_dir() or entry.is_symlink():
+            continue
+        if folder_marker(entry) is None and any(entry.iterdir()):
+            continue  # not ours: never touched
+        pid = int(match["pid"])
+        if _alive(pid):
+            notes.append(f"{entry} belongs to the running process {pid}: left alone")
+        elif match["what"] == "old" and not out.exists():
+            os.replace(entry, out)
+            notes.append(f"restored {out} from {entry.name} (a run was killed while replacing it)")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed {entry} (left by a killed run, process {pid})")
+    for note in notes:
+        print(f"dmquant: note: {note}", file=sys.stderr)
+    return notes
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_place(path: str | Path, what: str = "--out") -> None:
+    """DMQuantError unless a file or folder can be created at ``path`` (its nearest existing ancestor
+    is a folder where a probe folder can be made): checked before any work starts."""
+    path = Path(path)
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise DMQuantError(f"{what} {path}: {base} is not a folder: choose another {what}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dmquant-probe-", dir=base))
+    except OSError as exc:
+        raise DMQuantError(f"{what} {path} cannot be written ({exc.strerror or exc} in {base}): choose a "
+                           f"writable place for {what}") from None
+
+
+def check_output_folder(out: str | Path, overwrite: bool = False, *,
+                        replaceable: tuple[str, ...] | None = None) -> None:
+    """DMQuantError unless ``out`` may be written (see :func:`atomic_folder`); checked before any work."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DMQuantError(f"output {out} exists and is not a folder: choose another --out")
+    if out.exists() and any(out.iterdir()):
+        marker = folder_marker(out)
+        if marker is None:
+            raise DMQuantError(f"output folder {out} exists already and was not written by dmquant (no {MARKER}): dmquant "
+                               "never deletes such a folder, even with --overwrite; choose another --out, or "
+                               "empty or remove it yourself")
+        if replaceable is not None and marker.get("kind") not in replaceable:
+            raise DMQuantError(f"output folder {out} holds a dmquant {marker.get('kind')} folder, which this command "
+                               f"does not replace (only {', '.join(replaceable)} folders): choose another --out")
+        if not overwrite:
+            raise DMQuantError(f"output folder {out} exists already: choose another --out, or pass --overwrite "
+                               "to replace it")
+    check_writable_place(out)
 
 
 def save_image_atomic(image: np.ndarray, path: str | Path) -> Path:
     """Write a uint8 H x W x 3 image (format from the suffix) through a temporary sibling."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_image_path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(image)).save(tmp)
         tmp.replace(path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_image_path(path: str | Path) -> None:
+    """DMQuantError unless an image can be written at ``path`` (known suffix, not a folder, writable place)."""
+    path = Path(path)
+    suffixes = Image.registered_extensions()
+    if path.suffix.lower() not in suffixes:
+        raise DMQuantError(f"--out {path}: unknown image type {path.suffix!r}: end the name with .png (or .jpg)")
+    if path.is_dir():
+        raise DMQuantError(f"--out {path} is a folder: give an image file name such as {path / 'image.png'}")
+    check_writable_place(path)
 
 
 def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = None, overwrite: bool = False) -> Path:

@@ -67,7 +67,9 @@ def save_quantized_denoiser(denoiser: torch.nn.Module, folder: str | Path, confi
     description = {"format": FORMAT, "version": FORMAT_VERSION, "dmquant_version": __version__,
                    "class_name": type(denoiser).__name__, "recipe": config.to_dict(),
                    "time_keys": None if table is None else table.keys.tolist(), **parts}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+    # one metadata entry: safetensors writes its metadata map in no fixed order, and identical runs must
+    # give identical bytes
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
     (folder / CONFIG_NAME).write_text(json.dumps(description, indent=1))
 
 
@@ -77,11 +79,18 @@ def read_description(folder: str | Path) -> dict:
         description = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise DMQuantError(f"{path} is missing: {folder} is not a dmquant quantized denoiser; save it again") from exc
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise DMQuantError(f"{path} is damaged ({exc}): save the quantized model again") from exc
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise DMQuantError(f"{path} is not a dmquant quantized-denoiser description")
-    version = int(description.get("version", 0))
+    version = description.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DMQuantError(f"{path} is damaged: its format version {version!r} is not an integer; save the "
+                           "quantized model again")
+    for key, kind in (("class_name", str), ("layers", dict), ("attention", dict), ("recipe", dict)):
+        if not isinstance(description.get(key), kind):
+            raise DMQuantError(f"{path} is damaged: {key!r} is missing or not a {kind.__name__}; save the "
+                               "quantized model again")
     if version > FORMAT_VERSION:
         raise DMQuantError(f"{folder} was written by a newer dmquant (format version {version}, this one reads "
                            f"version {FORMAT_VERSION}): upgrade dmquant")
@@ -96,25 +105,41 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
     """A frozen quantized denoiser from ``folder``, built without materialising FP weights."""
     folder = Path(folder)
     description = read_description(folder)
-    cls = getattr(diffusers, description["class_name"], None)
+    name = description["class_name"]
+    cls = getattr(diffusers, name, None)
     if cls is None:
-        raise DMQuantError(f"diffusers has no class {description['class_name']}: upgrade diffusers")
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(cls.load_config(str(folder)))
-    keys = description.get("time_keys")
-    table = None if keys is None else TimeTable(keys).install(model, adapter_for(model).read_timestep)
-    for name, spec in description["layers"].items():
-        model.set_submodule(name, layer_from_spec(spec, table))
-    for name, entry in description["attention"].items():
-        spec = entry["quantizers"]
-        quantizers = None if spec is None else AttentionQuantizers.from_spec(spec, table)
-        set_attention(model.get_submodule(name), entry["processor"], quantizers)
-    state = _load_weights(folder / WEIGHTS_NAME)
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise DMQuantError(f"diffusers has no class {name}: upgrade diffusers (or the folder is damaged)")
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise DMQuantError(f"{folder / CONFIG_NAME} is damaged: class_name {name!r} is not a diffusers model class; "
+                           "save the quantized model again")
+    config = _read_json(folder / "config.json")
+    if config.get("_class_name") not in (None, name):
+        raise DMQuantError(f"{folder}: {CONFIG_NAME} names {name} but config.json names {config.get('_class_name')}: "
+                           "the folder is damaged or mixed; save it again")
+    weights = _load_weights(folder / WEIGHTS_NAME)  # header and tensors checked before building anything
+    try:
+        model = _build_empty(cls, folder, description)
+    except DMQuantError:
+        raise
+    except Exception as exc:  # an edited description: wrong names, kinds or numbers
+        raise DMQuantError(f"{folder / CONFIG_NAME} does not describe a model that can be built ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}): the folder is damaged; save it again") from None
+    state = weights
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
         raise DMQuantError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME} (missing {missing}, "
                            f"unexpected {extra}): the folder is damaged or mixed; save it again")
+    for key, want in expected.items():
+        got = state[key]
+        same_kind = got.dtype == want.dtype or (got.dtype.is_floating_point and want.dtype.is_floating_point)
+        if got.shape != want.shape or not same_kind:
+            raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} is {got.dtype} {tuple(got.shape)} but the "
+                               f"description needs {want.dtype} {tuple(want.shape)}: the folder is damaged or "
+                               "mixed; save it again")
+        if got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
+            raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} holds NaN or Inf values: the saved model is "
+                               "damaged; quantize and save it again")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # shapes differ from the description (e.g. a table longer than time_keys)
@@ -126,6 +151,33 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
     for _, layer in quant_layers(model):
         layer.prepare_kernels()
     return model
+
+
+def _build_empty(cls, folder: Path, description: dict) -> torch.nn.Module:
+    """The denoiser on the meta device with empty frozen layers and attention where the description says."""
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(cls.load_config(str(folder)))
+    keys = description.get("time_keys")
+    table = None if keys is None else TimeTable(keys).install(model, adapter_for(model).read_timestep)
+    for name, spec in description["layers"].items():
+        model.set_submodule(name, layer_from_spec(spec, table))
+    for name, entry in description["attention"].items():
+        spec = entry["quantizers"]
+        quantizers = None if spec is None else AttentionQuantizers.from_spec(spec, table)
+        set_attention(model.get_submodule(name), entry["processor"], quantizers)
+    return model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DMQuantError(f"{path} is missing: the quantized model folder is incomplete; save it again") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DMQuantError(f"{path} is damaged ({exc}): save the quantized model again") from None
+    if not isinstance(data, dict):
+        raise DMQuantError(f"{path} is damaged (not a JSON object): save the quantized model again")
+    return data
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

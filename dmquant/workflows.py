@@ -8,11 +8,12 @@ from pathlib import Path
 
 from dmquant.api import quantize
 from dmquant.config import load_recipe
-from dmquant.diffusers_io import process_state, prompts_for_pipeline
+from dmquant.diffusers_io import check_call_inputs, process_state, prompts_for_pipeline
+from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig, generate
 from dmquant.loading import load_pipeline
 from dmquant.prompts import read_prompts
-from dmquant.runs import check_output_folder, save_image_atomic, save_run
+from dmquant.runs import check_image_path, check_output_folder, save_image_atomic, save_run
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,22 @@ class CalibrateJob:
 
 def calibrate(job: CalibrateJob) -> Path:
     """Load, quantize and calibrate, then write the run folder; returns its path."""
-    config = load_recipe(job.recipe)  # bad recipes fail before the model loads
+    # every input is checked before any work: recipe, numbers, prompt file, output folder, then the model
+    config = load_recipe(job.recipe)
+    for name in ("num_inference_steps", "num_timesteps", "batch_size", "max_prompts", "height", "width"):
+        value = getattr(job, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DMQuantError(f"{name}={value!r} must be a positive integer")
+    if job.seed is not None and (isinstance(job.seed, bool) or not isinstance(job.seed, int) or job.seed < 0):
+        raise DMQuantError(f"seed={job.seed!r} must be a non-negative integer")
     prompts = read_prompts(job.prompts) if job.prompts else None
     if job.max_prompts is not None and prompts:
         prompts = prompts[: job.max_prompts]
-    check_output_folder(job.out, job.overwrite)  # before any work
+    check_output_folder(job.out, job.overwrite)
     start = time.perf_counter()
     pipe = load_pipeline(job.model, device=job.device)
+    steps = job.num_inference_steps or config.calibration.num_inference_steps
+    check_call_inputs(pipe, steps, job.height, job.width)
     if prompts is not None:
         prompts = prompts_for_pipeline(pipe, prompts)
     call_kwargs = {k: v for k, v in dict(guidance_scale=job.guidance_scale, height=job.height,
@@ -60,7 +70,8 @@ def generate_image(model: str, prompt: str, out: str, num_inference_steps: int =
                    guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                    device: str = "cpu") -> Path:
     """One image from ``prompt`` (seed ``seed``; the pipeline's own guidance scale unless given) into ``out``."""
+    config = GenerationConfig(num_inference_steps, guidance_scale, seed, batch_size=1, progress=False)
+    check_image_path(out)  # before any work
     pipe = load_pipeline(model, device=device)
     kwargs = {k: v for k, v in dict(height=height, width=width).items() if v is not None}
-    config = GenerationConfig(num_inference_steps, guidance_scale, seed, batch_size=1, progress=False)
     return save_image_atomic(generate(pipe, [prompt], config, distributed=False, **kwargs)[0], out)

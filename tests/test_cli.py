@@ -38,8 +38,8 @@ def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tm
                    "--steps", 6, "--num-timesteps", 3, "--height", 16, "--width", 16, "--quiet")
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["model_index.json", "recipe.yaml", "run.json", "scheduler", "summary.md", "text_encoder",
-                     "tokenizer", "unet", "vae"]
+    assert names == [".dmquant-folder.json", "model_index.json", "recipe.yaml", "run.json", "scheduler", "summary.md",
+                     "text_encoder", "tokenizer", "unet", "vae"]
     assert sorted(p.name for p in (out / "unet").iterdir()) == [
         "config.json", "dmquant_config.json", "dmquant_weights.safetensors"]
     run = json.loads((out / "run.json").read_text())

@@ -26,9 +26,12 @@ from dmquant.metrics.fid import compute_fid
 from dmquant.metrics.fidelity import fidelity_metrics
 from dmquant.metrics.images import as_uint8_batch, load_pngs, save_pngs, side_by_side_grid
 from dmquant.prompts import check_enough_prompts, read_prompts
-from dmquant.runs import atomic_folder
+from dmquant.runs import atomic_folder, check_output_folder
 from dmquant.zoo.data import parse_caption, render
 from dmquant.zoo.judge import JUDGE, attribute_accuracy
+
+# ``out_dir`` may be missing, empty, or an earlier evaluation folder (replaced); any other folder is refused
+EVALUATION_KINDS = ("evaluation",)
 
 
 def _grammar_prompts(prompts: Sequence[str]) -> bool:
@@ -76,6 +79,8 @@ def evaluate(
     - ``model`` / ``reference``: pipeline objects or specs for :func:`dmquant.loading.load_pipeline` (dir, zoo name, hub id).
     - ``clip_model`` / ``fid_features``: "auto" picks the zoo judge for prompts of the shapes grammar,
       else ``ViT-L-14:openai`` for CLIP score and Inception for FID.
+    - ``out_dir``: missing, empty, or a folder an earlier ``evaluate`` wrote (replaced once the new one is
+      complete); any other folder is refused before any work (DMQuantError).
     - FID is against ``real_images`` (a folder of images or an array) when given, else against the
       procedural ground truth for grammar prompts, else against the reference's images.
     """
@@ -88,7 +93,7 @@ def evaluate(
     if num_images < 2:
         raise DMQuantError(f"FID needs at least 2 images; asked for {num_images}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir, True, replaceable=EVALUATION_KINDS)  # before any work
     grammar = _grammar_prompts(prompt_list)
     clip_spec = (JUDGE if grammar else DEFAULT_REAL_CLIP) if clip_model == "auto" else clip_model
     feat_spec = (JUDGE if grammar else "inception") if isinstance(fid_features, str) and fid_features == "auto" else fid_features
@@ -148,7 +153,7 @@ def evaluate(
 
 
 def _write_outputs(out_dir: Path, metrics: dict, images, ref_images, real, prompts: Sequence[str]) -> None:
-    with atomic_folder(out_dir, overwrite=True) as tmp:
+    with atomic_folder(out_dir, overwrite=True, kind="evaluation", replaceable=EVALUATION_KINDS) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         Image.fromarray(side_by_side_grid(images, ref_images)).save(tmp / "grid.png")
         save_pngs(images, tmp / "images" / "evaluated")

@@ -71,7 +71,7 @@ def load(name: str, device: str = "cpu", dtype: Any = None) -> Any:
     dtype = torch.float32 if dtype is None else dtype
     if name == JUDGE:
         return ClipModel.from_open_clip(f"local-dir:{folder}", device=device, dtype=dtype, name=name)
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
