@@ -182,19 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         _run(args)
     except DMQuantError as exc:
         code, line = 2, f"dmquant: error: {_one_line(exc)}"
+        trace = traceback.format_exc()
     except OSError as exc:  # the environment, not dmquant: a file that cannot be read or written
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         code, line = 2, f"dmquant: error: {_one_line(exc.strerror or exc)}{where}: check the path and its permissions"
+        trace = traceback.format_exc()
     except KeyboardInterrupt:
         code, line = 130, "dmquant: interrupted; nothing was written"
+        trace = traceback.format_exc()
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a report request
         code = 1
         line = (f"dmquant: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}): this is a bug in dmquant, "
                 f"please report it with the command you ran; rerun with --debug for the traceback")
+        trace = traceback.format_exc()
     else:
         return 0
     if debug:
-        traceback.print_exc(file=sys.stderr)
+        print(trace, file=sys.stderr, end="")
     print(line, file=sys.stderr)
     return code
 

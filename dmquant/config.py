@@ -6,6 +6,9 @@ A recipe is a YAML file under ``pipelines/`` (or any path) whose keys mirror :cl
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,7 +413,7 @@ class QuantConfig:
         if not isinstance(data, dict):
             raise DMQuantError(f"a recipe must be a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise DMQuantError(f"unknown recipe keys {unknown}: the known keys are {sorted(known)}")
         kwargs = dict(data)
@@ -430,7 +433,8 @@ class QuantConfig:
         for key, sub_cls in sections.items():
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = _build_section(sub_cls, kwargs[key], key)
-        return cls(**kwargs)
+        _check_types(cls, {k: v for k, v in kwargs.items() if k not in sections}, "")
+        return _construct(cls, kwargs, "top level")
 
 
 def _lists(value: Any) -> Any:
@@ -446,10 +450,66 @@ def _build_section(cls: type, data: Any, key: str):
     if not isinstance(data, dict):
         raise DMQuantError(f"recipe section {key!r} must be a mapping, got {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise DMQuantError(f"unknown keys {unknown} in recipe section {key!r}: the known keys are {sorted(known)}")
-    return cls(**data)
+    _check_types(cls, data, f"{key}.")
+    return _construct(cls, data, key)
+
+
+def _construct(cls: type, data: dict, where: str):
+    try:
+        return cls(**data)
+    except DMQuantError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:  # values the checks above let through
+        raise DMQuantError(f"recipe {where!r} has a value of the wrong kind ({' '.join(str(exc).split())}): see "
+                           "pipelines/README.md for each key's type") from None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML fits a field's annotation (lists stand for tuples; configs for mappings)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = args[:1] if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) == 1 and (origin is list or len(args) == 2):
+            return all(_type_ok(v, items[0]) for v in value)
+        return not items or (len(items) == len(value) and all(_type_ok(v, a) for v, a in zip(value, items)))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, str, hint))
+    return True
+
+
+def _check_types(cls: type, data: dict, prefix: str) -> None:
+    """DMQuantError naming the first key whose value does not have the type the config declares."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        hint = hints.get(key, Any)
+        if not _type_ok(value, hint):
+            raise DMQuantError(f"recipe key {prefix}{key}={value!r} has the wrong type: expected "
+                               f"{_type_name(hint)}")
 
 
 def list_recipes() -> list[str]:
@@ -481,10 +541,17 @@ def load_recipe(recipe: str | Path | dict | QuantConfig) -> QuantConfig:
     if not path.is_file():
         raise DMQuantError(f"recipe file {path} does not exist: pass a recipe name ({', '.join(list_recipes())}) or an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise DMQuantError(f"recipe file {path} is not valid YAML ({exc}): fix the file") from exc
-    data = dict(data or {})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DMQuantError(f"recipe file {path} cannot be read ({exc}): pass a UTF-8 YAML file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DMQuantError(f"recipe file {path} holds a YAML {type(data).__name__}, not a mapping of settings: write "
+                           "keys such as 'weights: {bits: 4}' (see pipelines/README.md)")
+    data = dict(data)
     data.setdefault("name", path.stem)
     return QuantConfig.from_dict(data)
 

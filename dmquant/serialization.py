@@ -135,8 +135,9 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
         same_kind = got.dtype == want.dtype or (got.dtype.is_floating_point and want.dtype.is_floating_point)
         if got.shape != want.shape or not same_kind:
             raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} is {got.dtype} {tuple(got.shape)} but the "
-                               f"description needs {want.dtype} {tuple(want.shape)}: the folder is damaged or "
-                               "mixed; save it again")
+                               f"description needs {want.dtype} {tuple(want.shape)}: the stored tensors and the "
+                               "description (layers, timestep tables) disagree; the folder is damaged or mixed; "
+                               "save it again")
         if got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
             raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} holds NaN or Inf values: the saved model is "
                                "damaged; quantize and save it again")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dmquant.calibration.collect import collect_denoiser_inputs
+from dmquant.calibration.finite import check_finite_quantizers, check_finite_weights
 from dmquant.calibration.observe import observe_activations
 from dmquant.calibration.outliers import prepare_outlier_branches
 from dmquant.calibration.reconstruct import reconstruct
@@ -165,11 +166,13 @@ def calibrate(run: CalibrationRun) -> dict:
               ("reconstruct", reconstruct_phase, run.config.reconstruction is not None)]
     if run.needs_calls and run.source is None:
         raise DMQuantError("this recipe calibrates on data: pass prompts (or calibration_data)")
+    check_finite_weights(run.denoiser)  # NaN/Inf are named here, never saved as scales
     start = time.perf_counter()
     for name, phase, wanted in phases:
         if wanted:
             begin = time.perf_counter()
             phase(run)
+            check_finite_quantizers(run.denoiser, name)
             run.report[f"seconds_{name}"] = round(time.perf_counter() - begin, 2)
     if run.source is not None and run.needs_calls:
         run.report.update(run.source.summary())
