@@ -59,7 +59,7 @@ class QuantizedPipelineMixin:
         attr, denoiser, _ = find_denoiser(self)
         with atomic_folder(save_directory, overwrite=overwrite) as tmp:
             self.save_config(tmp)
-            _set_base_class_name(tmp / "model_index.json", type(self))
+            _set_base_class_name(tmp / "model_index.json", type(self), getattr(self, "labels", None))
             for name, component in self.components.items():
                 if name == attr:
                     save_quantized_denoiser(denoiser, tmp / name, info.config)
@@ -103,11 +103,17 @@ def _load_correction(pipe, folder: Path) -> None:
     apply_noise_correction(pipe, stats, absorb_variance=correction.absorbs_variance)
 
 
-def _set_base_class_name(model_index: Path, cls: type) -> None:
-    """model_index.json names the diffusers pipeline class, so the folder reads as a diffusers one."""
+def _set_base_class_name(model_index: Path, cls: type, labels: dict[str, int] | None = None) -> None:
+    """model_index.json names the diffusers pipeline class, so the folder reads as a diffusers one; a
+    class-conditioned pipeline's label names (DiT's ``labels``) are kept as its ``id2label``."""
     base = next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, QuantizedPipelineMixin))
     data = json.loads(model_index.read_text())
     data["_class_name"] = base.__name__
+    if labels:
+        names: dict[int, list[str]] = {}
+        for name, index in labels.items():
+            names.setdefault(int(index), []).append(name)
+        data["id2label"] = {str(i): ", ".join(n) for i, n in sorted(names.items())}
     model_index.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
