@@ -25,6 +25,7 @@ from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import (
     activation_quantizers,
     quant_layers,
+    quantized_attention,
     set_activation_mode,
     time_table,
     wrap_denoiser,
@@ -74,8 +75,9 @@ def quantize(
         if calibration_data is not None:
             source = CallSource(calibration_data, adapter)
         elif config.needs_calibration_data:
-            source = PipelineSource(pipe, denoiser, prompts, config.calibration, Path(path), call_kwargs)
+            source = PipelineSource(pipe, denoiser, prompts, config.calibration, Path(path), call_kwargs, adapter)
         info.calibration = calibrate(CalibrationRun(denoiser, adapter, config, source, progress))
+    info.report.attention = [name for name, _ in quantized_attention(denoiser)]  # calibration may release some
     set_activation_mode(denoiser, "quant")
     info.outliers = info.calibration.pop("outliers", {})
     attach_info(pipe, info)
@@ -122,12 +124,13 @@ def precompute_time_tables(pipe, num_inference_steps: int) -> int:
     """TDQ (``time.mode: learned``): the activation ranges for the steps of a run of ``num_inference_steps``
     with the pipeline's scheduler, computed before generating (simulated, frozen or loaded models alike);
     returns the quantizers updated."""
-    _, denoiser, _ = find_denoiser(pipe)
+    _, denoiser, adapter = find_denoiser(pipe)
     learned = [q for q in activation_quantizers(denoiser) if q.learned]
     if not learned:
         raise DMQuantError("this model has no learned (TDQ) time-conditioned quantizer: only time.mode='learned' "
                            "can compute ranges for new timesteps; others fall back to the nearest calibrated step")
     keys = scheduler_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), num_inference_steps)
+    keys = keys * adapter.timestep_scale  # as the pipeline passes them to the denoiser
     for q in learned:
         q.retable(keys)
     time_table(denoiser).set_keys(keys)

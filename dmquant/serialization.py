@@ -22,17 +22,15 @@ from dmquant import __version__
 from dmquant.config import QuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import adapter_for
-from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
-from dmquant.nn.int8_attention import Int8AttnProcessor
+from dmquant.nn.attention import AttentionQuantizers
 from dmquant.nn.layers import layer_from_spec
-from dmquant.nn.wrap import attention_modules, quant_layers, set_attention, time_table
+from dmquant.nn.wrap import quant_layers, quantized_attention, set_attention, time_table
 from dmquant.quantizers.timetable import TimeTable
 
 # version 4 (dmquant 0.2): one layer kind per op with its own spec (split parts, outlier branch and
 # input quantizers inside it), the TimeTable's keys stored once, attention modules with their specs.
 FORMAT, FORMAT_VERSION = "dmquant-denoiser", 4
 CONFIG_NAME, WEIGHTS_NAME = "dmquant_config.json", "dmquant_weights.safetensors"
-_PROCESSORS = {Int8AttnProcessor: "int8", QuantAttnProcessor: "fake-quant"}
 
 
 def is_quantized_denoiser_folder(folder: str | Path) -> bool:
@@ -49,11 +47,10 @@ def export_denoiser(denoiser: torch.nn.Module) -> tuple[dict, dict[str, torch.Te
         layers[name] = frozen.spec()
         prefixes.append(name + ".")
         state.update({f"{name}.{k}": v for k, v in frozen.state_dict().items()})
-    for name, attn in attention_modules(denoiser):
-        kind = _PROCESSORS.get(type(attn.processor))
-        if kind is not None:
-            quantizers = getattr(attn, "dmq_quant", None)
-            attention[name] = {"processor": kind, "quantizers": None if quantizers is None else quantizers.spec()}
+    for name, attn in quantized_attention(denoiser):  # loading wraps the module's own processor again
+        quantizers = getattr(attn, "dmq_quant", None)
+        attention[name] = {"processor": attn.processor.kernel,
+                           "quantizers": None if quantizers is None else quantizers.spec()}
     state.update({k: v for k, v in denoiser.state_dict().items() if not k.startswith(tuple(prefixes))})
     return {"layers": layers, "attention": attention}, {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
@@ -185,6 +182,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DMQuantError(f"{path} is missing: the quantized model folder is incomplete; save it again")
     try:
-        return load_file(str(path))
+        # fresh (aligned) copies: tensors at the file's offsets can take other BLAS paths, and a loaded model
+        # must compute bit for bit what the saved one did
+        return {k: v.clone() for k, v in load_file(str(path)).items()}
     except Exception as exc:  # safetensors raises several types for truncated files
         raise DMQuantError(f"{path} is truncated or damaged ({exc}): save or download it again") from exc

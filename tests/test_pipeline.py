@@ -150,8 +150,8 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
 
 
 def test_int8_attention_kernel_recipe_round_trips(tmp_path, monkeypatch):
-    import dmquant.nn.int8_attention as int8_module
-    from dmquant.nn.int8_attention import Int8AttnProcessor
+    import dmquant.nn.attention as int8_module
+    from dmquant.nn.attention import QuantAttention
 
     calls = []
     kernel = int8_module.int8_attention
@@ -160,11 +160,11 @@ def test_int8_attention_kernel_recipe_round_trips(tmp_path, monkeypatch):
     reference = images(pipe, [5], {})
     dmquant.quantize(pipe, "w8a8-sage", prompts=[1, 2], num_inference_steps=4, num_timesteps=2, progress=False)
     processors = [m.processor for m in pipe.transformer.modules() if hasattr(m, "set_processor")]
-    assert processors and all(isinstance(p, Int8AttnProcessor) for p in processors)
+    assert processors and all(isinstance(p, QuantAttention) and p.kernel == "int8" for p in processors)
     quantized = images(pipe, [5], {})
     pipe.save_pretrained(tmp_path / "q")
     loaded = dmquant.load_quantized_pipeline(tmp_path / "q")
-    assert all(isinstance(m.processor, Int8AttnProcessor) for m in loaded.transformer.modules()
-               if hasattr(m, "set_processor"))
+    assert all(isinstance(m.processor, QuantAttention) and m.processor.kernel == "int8"
+               for m in loaded.transformer.modules() if hasattr(m, "set_processor"))
     assert psnr(images(loaded, [5], {}), quantized) > 35.0 and psnr(quantized, reference) > 25.0
     assert len(calls) >= 2 * 4 * 2  # 2 blocks x 4 steps x (quantized + loaded) ran the int8 kernel

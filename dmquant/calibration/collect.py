@@ -1,8 +1,8 @@
 """Collect the denoiser's inputs at chosen denoising steps by running the full-precision pipeline.
 
-A forward pre-hook on the denoiser counts its calls within one pipeline call (one call per step;
-classifier-free guidance batches are recorded as the pipeline builds them) and records the calls
-at the sampler's steps. Batches of prompts can be spread over processes with accelerate; each
+A forward pre-hook on the denoiser counts the steps within one pipeline call and records the calls
+at the sampler's steps (classifier-free guidance as the pipeline builds it: one batched call, or
+separate conditional and unconditional calls, which share a step when ``step_key`` tells the step). Batches of prompts can be spread over processes with accelerate; each
 process writes its own shards.
 """
 
@@ -23,22 +23,29 @@ from dmquant.errors import DMQuantError
 
 
 class _StepRecorder:
-    """Forward pre-hook that keeps the calls whose index within a pipeline call is selected."""
+    """Forward pre-hook that keeps the calls whose step index within a pipeline call is selected.
 
-    def __init__(self, steps: Sequence[int]):
-        self.steps = set(steps)
-        self.calls: list[tuple[tuple, dict]] = []
-        self.index = 0
+    ``step_key(args, kwargs)`` (e.g. the call's timestep) tells calls of one step apart from the next:
+    consecutive calls with the same key are one step; without it, or where it returns None, every
+    call is a step.
+    """
+
+    def __init__(self, steps: Sequence[int], step_key: Callable[[tuple, dict], object] | None = None):
+        self.steps, self.step_key = set(steps), step_key
+        self.reset()
 
     def reset(self, steps: Sequence[int] | None = None) -> None:
-        self.calls, self.index = [], 0
+        self.calls, self.index, self.last = [], -1, None
         if steps is not None:
             self.steps = set(steps)
 
     def __call__(self, module, args, kwargs):
+        key = self.step_key(args, kwargs) if self.step_key is not None else None
+        if key is None or key != self.last:
+            self.index += 1
+        self.last = key
         if self.index in self.steps:
             self.calls.append((args, dict(kwargs)))
-        self.index += 1
 
 
 def collect_denoiser_inputs(
@@ -52,6 +59,7 @@ def collect_denoiser_inputs(
     seed: int = 0,
     progress: bool = True,
     call_kwargs: dict | None = None,
+    step_key: Callable[[tuple, dict], object] | None = None,
 ) -> Path:
     """Run ``pipe`` over ``prompts`` and store the denoiser's inputs at ``steps`` under ``out_dir``.
 
@@ -64,7 +72,7 @@ def collect_denoiser_inputs(
     cond_arg = conditioning_argument(pipe)
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     steps_of = steps if callable(steps) else (lambda _batch, fixed=list(steps): fixed)
-    recorder = _StepRecorder(steps_of(0))
+    recorder = _StepRecorder(steps_of(0), step_key)
     handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from dmquant.nn.wrap import activation_quantizers, set_activation_mode
+from dmquant.nn.wrap import activation_quantizers, release_unrouted_attention, set_activation_mode
 
 
 @torch.no_grad()
@@ -20,6 +20,7 @@ def observe_activations(denoiser: torch.nn.Module, calls: Iterable[tuple[tuple, 
                                  desc="calibration: observing activations", disable=not progress):
             denoiser(*args, **kwargs)
             count += 1
+        release_unrouted_attention(denoiser)
         for quantizer in activation_quantizers(denoiser):
             quantizer.finalize()
     except BaseException:

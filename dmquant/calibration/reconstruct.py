@@ -36,12 +36,16 @@ class _Stop(Exception):
     """Raised by a hook once the unit has run: the rest of the denoiser is not needed."""
 
 
-def _first_tensor(out):
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a unit's output (joint blocks return the text and image streams; SD3's last block
+    returns ``(None, image)``)."""
     if isinstance(out, torch.Tensor):
-        return out
+        return [out]
     if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    return _first_tensor(out[0]) if hasattr(out, "__getitem__") else out.sample
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
 
 
 def _detach(value):
@@ -64,7 +68,7 @@ def capture(denoiser: nn.Module, unit: nn.Module, calls, with_output: bool) -> l
             raise _Stop
 
     def post(module, args, kwargs, out):
-        current["out"] = _first_tensor(out).detach()
+        current["out"] = [t.detach() for t in _tensors(out)]
         raise _Stop
 
     handles = [unit.register_forward_pre_hook(pre, with_kwargs=True)]
@@ -135,7 +139,7 @@ def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qi
         args, kwargs, t, _ = qin[i]
         if table is not None and t is not None:
             table.set_timestep(t)
-        rec = (_first_tensor(unit(*args, **kwargs)) - fp[i][3]).pow(2).mean()
+        rec = sum((q - f).pow(2).mean() for q, f in zip(_tensors(unit(*args, **kwargs)), fp[i][3]))
         beta = annealed_beta(step, r.iterations, r.warmup, r.beta_start, r.beta_end)
         loss = rec if beta is None else rec + r.reg_weight * sum(q.rounding_loss(beta) for q in quantizers)
         opt.zero_grad()

@@ -1,7 +1,9 @@
 """Denoiser calls on disk: each call's positional and keyword arguments in safetensors shards.
 
-Tensors go to the shard; everything else (None, numbers, strings, nesting) to a JSON layout stored
-in the shard's metadata, so a call replays as ``denoiser(*args, **kwargs)``. No pickle.
+Tensors go to the shard; everything else (None, bools, numbers, strings, lists, tuples, dicts, nested:
+``joint_attention_kwargs=None``, ``return_dict=False``, Qwen-Image's ``img_shapes=[(1, h, w)]``, LTX's
+``rope_interpolation_scale`` tuple) to a JSON layout stored in the shard's metadata, so a call replays
+as ``denoiser(*args, **kwargs)`` with the same types. No pickle.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, dict):
         return {"__dict__": {str(k): _flatten(v, f"{prefix}.{k}", tensors) for k, v in value.items()}}
     if isinstance(value, (list, tuple)):
-        return {"__list__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]}
+        kind = "__tuple__" if isinstance(value, tuple) else "__list__"
+        return {kind: [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise DMQuantError(f"cannot record a denoiser argument of type {type(value).__name__} at {prefix!r}")
@@ -44,6 +47,8 @@ def _unflatten(layout: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {k: _unflatten(v, tensors) for k, v in layout["__dict__"].items()}
         if "__list__" in layout:
             return [_unflatten(v, tensors) for v in layout["__list__"]]
+        if "__tuple__" in layout:
+            return tuple(_unflatten(v, tensors) for v in layout["__tuple__"])
     return layout
 
 

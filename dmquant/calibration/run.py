@@ -63,15 +63,29 @@ class CallSource:
 
 class PipelineSource:
     """Prompts run through the pipeline; the denoiser's calls at the sampler's steps are recorded into
-    safetensors shards under ``folder`` (one sub-folder per recording round)."""
+    safetensors shards under ``folder`` (one sub-folder per recording round).
+
+    The time table's keys are the timesteps the denoiser itself received in those runs (as the pipeline
+    passes them: DDPM integers, or flow-matching values such as FLUX's sigma = t / 1000), so they match
+    what the denoiser sees when it generates."""
 
     def __init__(self, pipe, denoiser: nn.Module, prompts: Sequence, c: CalibrationConfig, folder: Path,
-                 call_kwargs: dict):
+                 call_kwargs: dict, adapter: DenoiserAdapter):
         self.pipe, self.denoiser, self.prompts, self.c = pipe, denoiser, list(prompts), c
-        self.folder, self.call_kwargs = Path(folder), call_kwargs
+        self.folder, self.call_kwargs, self.adapter = Path(folder), call_kwargs, adapter
         self.sampler = make_sampler(c.sampler, c.num_timesteps, c.seed)
         self.steps: set[int] = set()
+        self.seen: set[float] = set()
         self.current: Path | None = None
+
+    def _timestep(self, args: tuple, kwargs: dict) -> float | None:
+        """The call's one timestep (remembered), or None (a per-sample or per-token timestep)."""
+        try:
+            t = single_timestep(self.adapter.read_timestep(args, kwargs))
+        except DMQuantError:
+            return None
+        self.seen.add(t)
+        return t
 
     def _steps_of(self, batch: int) -> list[int]:
         steps = self.sampler.select(self.c.num_inference_steps, batch)
@@ -82,12 +96,17 @@ class PipelineSource:
         self.current = self.folder if round_index == 0 else self.folder / f"progressive-{round_index}"
         c = self.c
         collect_denoiser_inputs(self.pipe, denoiser, self.prompts, self._steps_of, self.current,
-                                c.num_inference_steps, c.batch_size, c.seed, progress, self.call_kwargs)
+                                c.num_inference_steps, c.batch_size, c.seed, progress, self.call_kwargs,
+                                step_key=self._timestep)
 
     def timesteps(self) -> torch.Tensor:
-        """The timesteps the pipeline's scheduler visits in a run (its own scheduler keeps its state)."""
+        """The timesteps the denoiser received in the calibration runs (else those the pipeline's
+        scheduler visits, scaled as the adapter says the pipeline passes them)."""
+        if self.seen:
+            return torch.tensor(sorted(self.seen, reverse=True), dtype=torch.float64)
         scheduler = self.pipe.scheduler
-        return scheduler_timesteps(type(scheduler).from_config(scheduler.config), self.c.num_inference_steps)
+        steps = scheduler_timesteps(type(scheduler).from_config(scheduler.config), self.c.num_inference_steps)
+        return steps * self.adapter.timestep_scale
 
     def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
         param = next(self.denoiser.parameters())

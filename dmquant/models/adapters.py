@@ -1,12 +1,17 @@
 """Adapters for diffusers denoisers: where the denoiser lives in a pipeline, what to leave alone.
 
-Defaults follow what the field found necessary: the first and last layers and the timestep
-embedding MLP stay in full precision. Recipes add ``include`` / ``exclude`` glob patterns on top.
+Defaults follow what the field found necessary: the first and last layers (patch / latent embedders,
+the final norm's modulation and projection), the timestep / guidance / pooled-text embedding MLPs and
+the text-side embedders stay in full precision; everything inside the blocks (attention projections,
+feed-forwards, the per-block AdaLN modulation, the text stream of joint blocks) is quantized.
+Recipes add ``include`` / ``exclude`` glob patterns on top. A denoiser of no known family gets the
+``generic`` adapter: its linear and conv layers are quantized, its attention is left in full precision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -21,9 +26,11 @@ class DenoiserAdapter:
     class_names: tuple[str, ...]
     default_exclude: tuple[str, ...]
     timestep_argument: str = "timestep"
-    timestep_position: int = 1  # forward(sample, timestep, ...) in every diffusers denoiser we support
+    timestep_position: int = 1  # its place in forward()'s signature (adapter_for reads it from the signature)
     block_types: tuple[str, ...] = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock",
                                     "Downsample2D", "Upsample2D")  # units of block reconstruction (BRECQ)
+    timestep_scale: float = 1.0  # the denoiser's timestep = the scheduler's * this (FLUX, Qwen-Image: 1/1000)
+    quantize_attention: bool = True  # False: attention left in full precision (unknown denoisers)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.class_names
@@ -86,7 +93,37 @@ DIT = DenoiserAdapter(
     ),
 )
 
-ADAPTERS = (UNET, DIT)
+def _family(name: str, class_name: str, exclude: tuple[str, ...], blocks: tuple[str, ...],
+            timestep_scale: float = 1.0) -> DenoiserAdapter:
+    return DenoiserAdapter(name=name, class_names=(class_name,), default_exclude=exclude, block_types=blocks,
+                           timestep_scale=timestep_scale)
+
+
+# Today's transformer families. Each keeps its embedders (latent patches, text, timestep, guidance, pooled
+# text) and its output (norm_out's modulation, proj_out) in full precision. FLUX and Qwen-Image pipelines
+# pass timestep / 1000 (flow-matching sigmas) to the denoiser.
+FLUX = _family("flux", "FluxTransformer2DModel",
+               ("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out"),
+               ("FluxTransformerBlock", "FluxSingleTransformerBlock"), timestep_scale=1e-3)
+SD3 = _family("sd3", "SD3Transformer2DModel",
+              ("pos_embed.*", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out"),
+              ("JointTransformerBlock",))
+QWEN_IMAGE = _family("qwen-image", "QwenImageTransformer2DModel",
+                     ("img_in", "txt_in", "time_text_embed.*", "norm_out.*", "proj_out"),
+                     ("QwenImageTransformerBlock",), timestep_scale=1e-3)
+WAN = _family("wan", "WanTransformer3DModel", ("patch_embedding", "condition_embedder.*", "proj_out"),
+              ("WanTransformerBlock",))
+LTX = _family("ltx", "LTXVideoTransformer3DModel", ("proj_in", "time_embed.*", "caption_projection.*", "proj_out"),
+              ("LTXVideoTransformerBlock",))
+COGVIDEOX = _family("cogvideox", "CogVideoXTransformer3DModel",
+                    ("patch_embed.*", "time_embedding.*", "ofs_embedding.*", "norm_out.*", "proj_out"),
+                    ("CogVideoXBlock",))
+HUNYUAN_VIDEO = _family("hunyuan-video", "HunyuanVideoTransformer3DModel",
+                        ("x_embedder.*", "context_embedder.*", "time_text_embed.*", "norm_out.*", "proj_out"),
+                        ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"))
+GENERIC = DenoiserAdapter(name="generic", class_names=(), default_exclude=(), block_types=(), quantize_attention=False)
+
+ADAPTERS = (UNET, DIT, FLUX, SD3, QWEN_IMAGE, WAN, LTX, COGVIDEOX, HUNYUAN_VIDEO)
 
 
 def _skip_channels(model: nn.Module) -> list[int]:
@@ -144,15 +181,15 @@ def find_denoiser(pipe) -> tuple[str, nn.Module, DenoiserAdapter]:
 
 
 def adapter_for(model: nn.Module) -> DenoiserAdapter:
-    for adapter in ADAPTERS:
-        if adapter.matches(model):
-            return adapter
-    cls = type(model).__name__
-    if "Transformer" in cls:
-        return DIT
-    if "UNet" in cls:
-        return UNET
-    raise DMQuantError(
-        f"no adapter for the denoiser {cls}: supported are "
-        f"{', '.join(n for a in ADAPTERS for n in a.class_names)}"
-    )
+    """The family adapter of ``model`` (by class name; ``generic`` for an unknown denoiser), with the
+    timestep's position read from its ``forward`` signature."""
+    adapter = next((a for a in ADAPTERS if a.matches(model)), None)
+    if adapter is None:
+        adapter = UNET if "UNet" in type(model).__name__ else GENERIC
+    try:
+        names = [n for n in inspect.signature(model.forward).parameters]
+    except (TypeError, ValueError):  # builtins and odd callables: keep the default position
+        return adapter
+    if adapter.timestep_argument in names:
+        adapter = replace(adapter, timestep_position=names.index(adapter.timestep_argument))
+    return adapter

@@ -1,5 +1,7 @@
 """Wrap a denoiser for a recipe: each selected ``nn.Linear`` / ``nn.Conv2d`` becomes one
-:class:`~dmquant.nn.layers.QuantLayer`, each attention module gets its quantizers and processor.
+:class:`~dmquant.nn.layers.QuantLayer`, each attention module gets its quantizers and its own processor
+wrapped in :class:`~dmquant.nn.attention.QuantAttention` (the core attention call is routed; no
+processor body is copied).
 
 The recipe's layer sections are read here and nowhere else: one handler per section turns it into
 quantizer constructors taking numbers (``weights`` -> :func:`weight_quantizers`, ``activations`` +
@@ -12,6 +14,7 @@ quantizer built for it.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +30,7 @@ from dmquant.config import (
 )
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
-from dmquant.nn.attention import AttentionQuantizers, QuantAttnProcessor
-from dmquant.nn.int8_attention import Int8AttnProcessor
+from dmquant.nn.attention import AttentionQuantizers, QuantAttention
 from dmquant.nn.layers import FLOAT_TYPES, MakeInputQuantizer, MakeWeightQuantizer, QuantLayer
 from dmquant.quantizers.activation import ActQuantizer
 from dmquant.quantizers.granularity import check_group_size
@@ -114,14 +116,37 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
         report.quantized.append(name)
     if not report.quantized:
         raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
-    if config.attention is not None:
+    if config.attention is not None and adapter.quantize_attention:
         make_attention = attention_quantizers(config.attention, table, config.time)
         for name, attn in attention_modules(model):
+            if _excluded_module(name, config, adapter):
+                continue
             set_attention(attn, config.attention.kernel, make_attention())
             report.attention.append(name)
     if config.split is not None:
         report.split = split_concatenations(model, config, adapter, table)
+    if not adapter.quantize_attention:
+        _warn_uncovered(model, config)
     return report
+
+
+def _excluded_module(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
+    """Attention inside an excluded part (e.g. HunyuanVideo's text refiner, ``context_embedder.*``) stays FP."""
+    excludes = config.exclude + (adapter.default_exclude if config.use_default_excludes else ())
+    return any(fnmatch.fnmatchcase(name, p) for p in excludes)
+
+
+def _warn_uncovered(model: nn.Module, config: QuantConfig) -> None:
+    """One warning for a denoiser of no known family: what stays in full precision."""
+    cls = type(model).__name__
+    attention = len(attention_modules(model)) if config.attention is not None else 0
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv3d))})
+    left = ([f"{attention} attention modules"] if attention else []) + ([f"layers of type {', '.join(others)}"]
+                                                                         if others else [])
+    left.append("no default exclusions (embedders and the final layer are quantized unless the recipe excludes "
+                "them) and no block types for BRECQ")
+    warnings.warn(f"dmquant has no adapter for the denoiser {cls}: its Linear and Conv2d layers are quantized; not "
+                  f"covered: {'; '.join(left)}", stacklevel=3)
 
 
 def split_concatenations(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapter,
@@ -145,13 +170,34 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def set_attention(attn: nn.Module, kernel: str, quantizers: AttentionQuantizers | None) -> None:
-    """Give one diffusers attention module its processor: the int8 kernel (no quantizers), or fake-quantized
-    Q, K, V (and probabilities) with ``quantizers`` attached as ``attn.dmq_quant``."""
-    if kernel == "int8":
-        attn.set_processor(Int8AttnProcessor())
-        return
-    attn.dmq_quant = quantizers
-    attn.set_processor(QuantAttnProcessor())
+    """Route one diffusers attention module's core attention through dmquant: the int8 kernel (no
+    quantizers), or fake-quantized Q, K, V (and probabilities) with ``quantizers`` attached as
+    ``attn.dmq_quant``. The module's own processor keeps doing everything else."""
+    if kernel != "int8":
+        attn.dmq_quant = quantizers
+    attn.set_processor(QuantAttention(attn.processor, kernel))
+
+
+def quantized_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention modules whose core attention dmquant routes."""
+    return [(n, m) for n, m in attention_modules(model) if isinstance(m.processor, QuantAttention)]
+
+
+def release_unrouted_attention(model: nn.Module) -> list[str]:
+    """After an observation pass: give the attention modules whose processor never called SDPA (linear
+    attention, a non-native dispatcher backend) their own processor back, with one warning; their names."""
+    released = []
+    for name, attn in quantized_attention(model):
+        if attn.processor.routed == 0:
+            attn.set_processor(attn.processor.processor)
+            if hasattr(attn, "dmq_quant"):
+                del attn.dmq_quant
+            released.append(name)
+    if released:
+        warnings.warn(f"{len(released)} attention modules compute attention without scaled_dot_product_attention "
+                      f"(e.g. linear attention, or a non-native attention backend) and stay in full precision: "
+                      f"{', '.join(released[:4])}{', ...' if len(released) > 4 else ''}", stacklevel=2)
+    return released
 
 
 # -- walking a wrapped denoiser ----------------------------------------------------------------------------

@@ -5,7 +5,11 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
-from dmquant.nn.int8_attention import Int8AttnProcessor, apply_int8_attention, key_bias_from_mask  # noqa: E402
+from dmquant.nn.attention import QuantAttention, key_bias_from_mask  # noqa: E402
+
+
+def Int8AttnProcessor(backend="auto"):  # noqa: N802
+    return QuantAttention(AttnProcessor2_0(), kernel="int8", backend=backend)
 
 
 def _cos(a, b):
@@ -48,17 +52,8 @@ def test_key_bias_from_mask_rejects_per_query_masks():
     assert bias.tolist() == [[0.0, float("-inf"), 0.0]]
 
 
-def test_apply_int8_attention_selects_self_or_cross():
-    model = torch.nn.ModuleList([Attention(query_dim=32, heads=1, dim_head=32),
-                                 Attention(query_dim=32, cross_attention_dim=16, heads=1, dim_head=32)])
-    assert apply_int8_attention(model, cross_attention=False) == 1
-    assert isinstance(model[0].processor, Int8AttnProcessor)
-    assert not isinstance(model[1].processor, Int8AttnProcessor)
-
-
 def test_set_attention_gives_the_int8_kernel_or_fake_quant_processor():
     from dmquant.config import AttentionQuantConfig
-    from dmquant.nn.attention import QuantAttnProcessor
     from dmquant.nn.wrap import attention_modules, attention_quantizers, set_attention
 
     model = torch.nn.ModuleList([Attention(query_dim=32, heads=1, dim_head=32),
@@ -67,8 +62,9 @@ def test_set_attention_gives_the_int8_kernel_or_fake_quant_processor():
     set_attention(model[0], "int8", None)
     quantizers = attention_quantizers(AttentionQuantConfig(bits=8, probs_bits=None), None, None)()
     set_attention(model[1], "fake-quant", quantizers)
-    assert isinstance(model[0].processor, Int8AttnProcessor) and not hasattr(model[0], "dmq_quant")
-    assert isinstance(model[1].processor, QuantAttnProcessor) and model[1].dmq_quant is quantizers
+    assert model[0].processor.kernel == "int8" and not hasattr(model[0], "dmq_quant")
+    assert model[1].processor.kernel == "fake-quant" and model[1].dmq_quant is quantizers
+    assert all(isinstance(m.processor.processor, AttnProcessor2_0) for m in model)  # diffusers' own, wrapped
     assert quantizers.probs is None and len(quantizers.quantizers()) == 3
     x = torch.randn(1, 70, 32)
     with torch.no_grad():

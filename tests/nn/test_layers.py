@@ -5,7 +5,7 @@ from torch import nn
 
 from dmquant.config import ActQuantConfig, AttentionQuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
-from dmquant.nn.attention import QuantAttnProcessor, SDPAProcessor
+from dmquant.nn.attention import QuantAttention
 from dmquant.nn.layers import QuantConv2d, QuantLinear
 from dmquant.nn.wrap import attention_quantizers, full_precision, input_quantizers, weight_quantizers
 from dmquant.quantizers.activation import ActQuantizer
@@ -87,11 +87,10 @@ def test_attention_processors_match_diffusers():
     attn.set_processor(AttnProcessor2_0())
     with torch.no_grad():
         ref = attn(x, encoder_hidden_states=ctx)
-        attn.set_processor(SDPAProcessor())
-        assert torch.allclose(attn(x, encoder_hidden_states=ctx), ref, atol=1e-6)
         attn.dmq_quant = attention_quantizers(AttentionQuantConfig(bits=8, probs_bits=8), None, None)()
-        attn.set_processor(QuantAttnProcessor())
+        attn.set_processor(QuantAttention(attn.processor))
         assert torch.allclose(attn(x, encoder_hidden_states=ctx), ref, atol=1e-5)  # quantizers off: exact math
+        assert attn.processor.routed == 1  # the classic processor's SDPA call went through dmquant
         for q in attn.dmq_quant.quantizers():
             q.set_mode("observe")
         attn(x, encoder_hidden_states=ctx)
