@@ -54,6 +54,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def _median_image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """The median over images of each image's PSNR (one image that diverges does not set it)."""
+    return float(np.median([_psnr(x, y) for x, y in zip(a, b)]))
+
+
 def load_and_generate(folder: str, out: str, n: int, steps: int, model: str) -> None:
     """Run in a fresh process: load the saved folder, generate, store the images."""
     from dmquant.loading import load_pipeline
@@ -81,6 +86,7 @@ def check(model: str, recipe: str, n: int, steps: int, calib: int) -> dict:
     frozen = _images(pipe, _prompts(model, n, "eval"), steps)
     return {"model": MODELS[model], "recipe": recipe, "calibration_s": round(seconds, 1),
             "frozen_equals_sim": bool(np.array_equal(frozen, sim)), "psnr_frozen_vs_sim": _psnr(frozen, sim),
+            "median_image_psnr_frozen_vs_sim": _median_image_psnr(frozen, sim),
             "loaded_equals_frozen": bool(np.array_equal(loaded, frozen)), "psnr_loaded_vs_frozen": _psnr(loaded, frozen)}
 
 
@@ -101,7 +107,7 @@ def main() -> None:
             row = check(model, recipe, args.num_images, args.steps, args.num_calib_prompts)
             rows.append(row)
             print(f"{row['model']:16s} {recipe:10s} frozen==sim {row['frozen_equals_sim']!s:5s} "
-                  f"({row['psnr_frozen_vs_sim']:.2f} dB)  loaded==frozen {row['loaded_equals_frozen']!s:5s} "
+                  f"({row['psnr_frozen_vs_sim']:.2f} dB, median image {row['median_image_psnr_frozen_vs_sim']:.2f} dB)  loaded==frozen {row['loaded_equals_frozen']!s:5s} "
                   f"calibration {row['calibration_s']:.0f} s", flush=True)
             Path(args.out).write_text(json.dumps(rows, indent=1))
 
