@@ -68,11 +68,17 @@ def _generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + batch)
 
 
+@dataclass(frozen=True)
 class _DrawnSampler:
-    """A sampler that draws ``num_timesteps`` diffusion times per prompt batch (``draw``) and maps them
-    to the run's steps."""
+    """A sampler that draws ``num_timesteps`` diffusion times per prompt batch (``sample`` from the
+    batch's seeded generator) and maps them to the run's steps."""
 
+    num_timesteps: int
+    seed: int = 0
     rounds = 0
+
+    def draw(self, n: int, batch: int = 0) -> torch.Tensor:
+        return self.sample(n, _generator(self.seed, batch))
 
     def select(self, num_inference_steps: int, batch: int = 0) -> list[int]:
         _check_steps(num_inference_steps)
@@ -83,30 +89,24 @@ class _DrawnSampler:
 class NormalSampler(_DrawnSampler):
     """``u ~ SkewNormal(mean, std, skew)`` clipped to [0, 1] (PTQ4DM: Normal(0.4, 0.4)), ``num_timesteps`` draws."""
 
-    num_timesteps: int
     mean: float = 0.4
     std: float = 0.4
     skew: float = 0.0
-    seed: int = 0
 
-    def draw(self, n: int, batch: int = 0) -> torch.Tensor:
-        gen = _generator(self.seed, batch)
-        return skew_normal(n, self.mean, self.std, self.skew, gen).clamp(0.0, 1.0)
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return skew_normal(n, self.mean, self.std, self.skew, generator).clamp(0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class BetaSampler(_DrawnSampler):
     """``u ~ Beta(alpha, beta)`` (BitsFusion), ``num_timesteps`` draws per prompt batch."""
 
-    num_timesteps: int
     alpha: float = 2.0
     beta: float = 2.0
-    seed: int = 0
 
-    def draw(self, n: int, batch: int = 0) -> torch.Tensor:
-        gen = _generator(self.seed, batch)
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         # torch.distributions takes no generator: Beta(a, b) = Ga / (Ga + Gb) from seeded gamma draws
-        a, b = _gamma(self.alpha, n, gen), _gamma(self.beta, n, gen)
+        a, b = _gamma(self.alpha, n, generator), _gamma(self.beta, n, generator)
         return a / (a + b)
 
 
@@ -146,7 +146,7 @@ def make_sampler(config: TimestepSamplerConfig | str, num_timesteps: int, seed: 
     if config.kind == "all":
         return AllStepsSampler()
     if config.kind == "normal":
-        return NormalSampler(num_timesteps, config.mean, config.std, config.skew, seed)
+        return NormalSampler(num_timesteps, seed, mean=config.mean, std=config.std, skew=config.skew)
     if config.kind == "beta":
-        return BetaSampler(num_timesteps, config.alpha, config.beta, seed)
+        return BetaSampler(num_timesteps, seed, alpha=config.alpha, beta=config.beta)
     raise DMQuantError(f"unknown timestep sampler {config.kind!r}")
