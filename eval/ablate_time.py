@@ -116,10 +116,10 @@ def reference_images(model: str, n: int, weights: str, out: Path = OUT):
     return images
 
 
-def run_one(model: str, bits: str, variant: str, n: int, calib_prompts: int) -> dict:
+def run_one(model: str, bits: str, variant: str, n: int, calib_prompts: int, out: Path = OUT) -> dict:
     config = recipe_for(bits, variant, calib_prompts)
     label = "recipe_" + Path(variant.split(":", 1)[1]).stem if variant.startswith("recipe:") else variant
-    return run_config(model, config, variant, label, n, calib_prompts)
+    return run_config(model, config, variant, label, n, calib_prompts, out=out)
 
 
 def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int, calib_prompts: int,
@@ -257,18 +257,19 @@ def main() -> None:
     p.add_argument("--calib-prompts", type=int, default=32)
     p.add_argument("--table", action="store_true")
     p.add_argument("--plot", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT, help="cache folder (a fresh one reruns every row)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.plot:
         plot_ranges(ROOT / "time_ranges.png")
         return
     if args.table:
-        print(table(current_rows(OUT)))
+        print(table(current_rows(args.out)))
         return
     for model in args.models.split(","):
         for bits in args.bits.split(","):
             for variant in args.variants.split(","):
-                r = run_one(model, bits, variant, args.num_images, args.calib_prompts)
+                r = run_one(model, bits, variant, args.num_images, args.calib_prompts, args.out)
                 print(f"{model} {bits} {variant}: CLIP {r['clip_score']:.2f} (FP {r['clip_score_fp']:.2f}) "
                       f"PSNR {r['psnr_vs_reference']:.2f} calib {r['calibration_seconds']}s", flush=True)
 
