@@ -1,7 +1,8 @@
 """Tiny random-weight pipelines built from configs, offline: for tests and quick checks.
 
-They have the real diffusers classes (UNet2DConditionModel with cross-attention, DiTTransformer2DModel)
-at toy sizes, so every code path of dmquant runs on them in seconds.
+They have the real diffusers classes (UNet2DConditionModel with cross-attention, DiTTransformer2DModel,
+FLUX's and SD3's MMDiT transformers with their CLIP and T5 text encoders) at toy sizes, so every code path
+of dmquant runs on them in seconds. Tokenizers are built in memory (single-character vocabularies).
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ from diffusers import (
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
-TINY_NAMES = ("tiny-random-sd", "tiny-random-dit")
+TINY_NAMES = ("tiny-random-sd", "tiny-random-dit", "tiny-random-flux", "tiny-random-sd3")
 
 
 def char_tokenizer(folder: str | Path | None = None):
@@ -37,13 +51,41 @@ def char_tokenizer(folder: str | Path | None = None):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
 
 
-def _tiny_vae():
+def char_t5_tokenizer(model_max_length: int = 32):
+    """A T5-style fast tokenizer (single characters and words split on spaces, ``</s>`` appended, ``<pad>``
+    padding) made in memory with the ``tokenizers`` library: no download, no sentencepiece model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    chars = list(string.ascii_lowercase + string.digits + ",.-'")
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="", max_input_chars_per_word=1))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=model_max_length)
+
+
+def _tiny_vae(**kwargs):
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=16,
+        layers_per_block=1, norm_num_groups=8, sample_size=16, **kwargs,
     )
+
+
+def _tiny_clip(tokenizer, cls=CLIPTextModel, hidden_size: int = 32, **kwargs):
+    return cls(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kwargs,
+    ))
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
 
 
 def build_tiny_sd_pipeline(seed: int = 0):
@@ -51,10 +93,7 @@ def build_tiny_sd_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = char_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    text_encoder = _tiny_clip(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -91,9 +130,51 @@ def build_tiny_dit_pipeline(seed: int = 0, attention_head_dim: int = 16):
     return _eval_mode(pipe)
 
 
+def build_tiny_flux_pipeline(seed: int = 0):
+    """A random-weight FluxPipeline: CLIP + T5 text encoders, a 1 + 1 block FLUX transformer with guidance
+    embedding; 16×16 images, 8×8×4 latents packed into 4×4 tokens of 16 channels."""
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = char_tokenizer(), char_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_tiny_vae(shift_factor=0.0), text_encoder=_tiny_clip(tokenizer),
+                        tokenizer=tokenizer, text_encoder_2=_tiny_t5(tokenizer_2), tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+    return _eval_mode(pipe)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A random-weight StableDiffusion3Pipeline: two CLIP text encoders with projection and a T5, a 2-block
+    SD3 (MMDiT) transformer; 16×16 images, 8×8×4 latents in 2×2 patches."""
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = char_tokenizer(), char_tokenizer(), char_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=8, qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(shift_factor=0.0),
+        text_encoder=_tiny_clip(tokenizer, CLIPTextModelWithProjection, 16, projection_dim=16), tokenizer=tokenizer,
+        text_encoder_2=_tiny_clip(tokenizer_2, CLIPTextModelWithProjection, 16, projection_dim=16),
+        tokenizer_2=tokenizer_2, text_encoder_3=_tiny_t5(tokenizer_3), tokenizer_3=tokenizer_3,
+    )
+    return _eval_mode(pipe)
+
+
+_BUILDERS = {"tiny-random-sd": build_tiny_sd_pipeline, "tiny-random-dit": build_tiny_dit_pipeline,
+             "tiny-random-flux": build_tiny_flux_pipeline, "tiny-random-sd3": build_tiny_sd3_pipeline}
+
+
 def build_tiny_pipeline(name: str, seed: int = 0):
-    if name == "tiny-random-sd":
-        return build_tiny_sd_pipeline(seed)
-    if name == "tiny-random-dit":
-        return build_tiny_dit_pipeline(seed)
-    raise KeyError(name)
+    if name not in _BUILDERS:
+        raise KeyError(name)
+    return _BUILDERS[name](seed)
