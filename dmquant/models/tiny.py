@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -32,11 +35,13 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
 )
 
-TINY_NAMES = ("tiny-random-sd", "tiny-random-dit", "tiny-random-flux", "tiny-random-sd3")
+TINY_NAMES = ("tiny-random-sd", "tiny-random-dit", "tiny-random-flux", "tiny-random-sd3", "tiny-random-qwen-image")
 
 
 def char_tokenizer(folder: str | Path | None = None):
@@ -63,6 +68,20 @@ def char_t5_tokenizer(model_max_length: int = 32):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=model_max_length)
+
+
+def char_chat_tokenizer():
+    """A Qwen-style chat tokenizer (``<|im_start|>`` / ``<|im_end|>`` special tokens, ``<|endoftext|>``
+    padding, single characters otherwise) made in memory: no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>",
+                                     continuing_subword_prefix="", max_input_chars_per_word=1))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", additional_special_tokens=specials[1:3], model_max_length=1 << 12)
 
 
 def _tiny_vae(**kwargs):
@@ -170,8 +189,37 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     return _eval_mode(pipe)
 
 
+def build_tiny_qwen_image_pipeline(seed: int = 0):
+    """A random-weight QwenImagePipeline: a 2-layer Qwen2.5-VL text encoder, a 2-block Qwen-Image
+    transformer and the Qwen-Image VAE (scale factor 8 with packing); 32×32 images, 4×4 latent tokens."""
+
+    torch.manual_seed(seed)
+    tokenizer = char_chat_tokenizer()
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), vision_start_token_id=len(tokenizer) - 3,
+        vision_end_token_id=len(tokenizer) - 2, vision_token_id=len(tokenizer) - 1,
+    ))
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    return _eval_mode(pipe)
+
+
 _BUILDERS = {"tiny-random-sd": build_tiny_sd_pipeline, "tiny-random-dit": build_tiny_dit_pipeline,
-             "tiny-random-flux": build_tiny_flux_pipeline, "tiny-random-sd3": build_tiny_sd3_pipeline}
+             "tiny-random-flux": build_tiny_flux_pipeline, "tiny-random-sd3": build_tiny_sd3_pipeline,
+             "tiny-random-qwen-image": build_tiny_qwen_image_pipeline}
 
 
 def build_tiny_pipeline(name: str, seed: int = 0):

@@ -15,9 +15,9 @@ from dmquant.nn.wrap import quantized_attention
 
 CALIBRATION = ["a yellow star", "big purple circle at the left"]
 TEST = ["a red circle", "blue square at the top", "green triangle"]
-SIZE = dict(height=16, width=16)
 CONFIG = GenerationConfig(num_inference_steps=4, batch_size=4, progress=False)
-PIPELINES = {"tiny-random-flux": "FluxPipeline", "tiny-random-sd3": "StableDiffusion3Pipeline"}
+PIPELINES = {"tiny-random-flux": ("FluxPipeline", 16), "tiny-random-sd3": ("StableDiffusion3Pipeline", 16),
+             "tiny-random-qwen-image": ("QwenImagePipeline", 32)}  # image side: 4×4 latent tokens each
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,26 +27,28 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_w8a8_pipeline_end_to_end(name, tmp_path):
+    cls, side = PIPELINES[name]
+    size = dict(height=side, width=side)
     pipe = build_tiny_pipeline(name)
-    assert type(pipe).__name__ == PIPELINES[name]
-    reference = generate(pipe, TEST, CONFIG, **SIZE)
-    dmquant.quantize(pipe, "w8a8", prompts=CALIBRATION, num_inference_steps=4, progress=False, **SIZE)
+    assert type(pipe).__name__ == cls
+    reference = generate(pipe, TEST, CONFIG, **size)
+    dmquant.quantize(pipe, "w8a8", prompts=CALIBRATION, num_inference_steps=4, progress=False, **size)
     attention = quantized_attention(pipe.transformer)
     assert attention and [n for n, _ in attention] == pipe.dmquant.report.attention
     for _, attn in attention:
         assert attn.processor.routed > 0 and all(q.calibrated for q in attn.dmq_quant.quantizers())
-    simulated = generate(pipe, TEST, CONFIG, **SIZE)
-    assert simulated.shape == reference.shape == (len(TEST), 16, 16, 3)
+    simulated = generate(pipe, TEST, CONFIG, **size)
+    assert simulated.shape == reference.shape == (len(TEST), side, side, 3)
     # a tiny random model reaches ~60 dB; wrong scales or an unquantized model would miss 20 dB or equality
     assert not np.array_equal(simulated, reference) and _psnr(simulated, reference) > 20.0
 
     dmquant.freeze(pipe)
-    frozen = generate(pipe, TEST, CONFIG, **SIZE)
+    frozen = generate(pipe, TEST, CONFIG, **size)
     assert _psnr(frozen, reference) > 20.0
     pipe.save_pretrained(tmp_path / "q")
     loaded = dmquant.load_quantized_pipeline(tmp_path / "q")
-    assert type(loaded).__name__ == "Quantized" + PIPELINES[name] and loaded.dmquant.frozen
-    assert np.array_equal(generate(loaded, TEST, CONFIG, **SIZE), frozen)
+    assert type(loaded).__name__ == "Quantized" + cls and loaded.dmquant.frozen
+    assert np.array_equal(generate(loaded, TEST, CONFIG, **size), frozen)
 
 
 def test_cli_calibrate_and_generate_flux(tmp_path):
