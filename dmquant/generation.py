@@ -59,6 +59,9 @@ def _run_batch(pipe, prompts: Sequence, seeds: Sequence[int], cfg: GenerationCon
         kwargs["guidance_scale"] = cfg.guidance_scale
     with torch.no_grad():
         out = pipe(**{conditioning_argument(pipe): prompts_for_pipeline(pipe, prompts)}, **kwargs)
+    if getattr(out, "images", None) is None:
+        raise DMQuantError(f"{type(pipe).__name__} returns {'video frames' if hasattr(out, 'frames') else 'no images'}: "
+                           "generate and evaluate take image pipelines; call a video pipeline directly")
     return as_uint8_batch(np.asarray(out.images))
 
 

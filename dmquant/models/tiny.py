@@ -16,6 +16,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -28,7 +29,10 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
 )
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -39,9 +43,12 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
-TINY_NAMES = ("tiny-random-sd", "tiny-random-dit", "tiny-random-flux", "tiny-random-sd3", "tiny-random-qwen-image")
+TINY_NAMES = ("tiny-random-sd", "tiny-random-dit", "tiny-random-flux", "tiny-random-sd3", "tiny-random-qwen-image",
+              "tiny-random-wan")
 
 
 def char_tokenizer(folder: str | Path | None = None):
@@ -59,8 +66,6 @@ def char_tokenizer(folder: str | Path | None = None):
 def char_t5_tokenizer(model_max_length: int = 32):
     """A T5-style fast tokenizer (single characters and words split on spaces, ``</s>`` appended, ``<pad>``
     padding) made in memory with the ``tokenizers`` library: no download, no sentencepiece model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
     chars = list(string.ascii_lowercase + string.digits + ",.-'")
     vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *chars])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="", max_input_chars_per_word=1))
@@ -73,8 +78,6 @@ def char_t5_tokenizer(model_max_length: int = 32):
 def char_chat_tokenizer():
     """A Qwen-style chat tokenizer (``<|im_start|>`` / ``<|im_end|>`` special tokens, ``<|endoftext|>``
     padding, single characters otherwise) made in memory: no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>",
@@ -217,9 +220,30 @@ def build_tiny_qwen_image_pipeline(seed: int = 0):
     return _eval_mode(pipe)
 
 
+def build_tiny_wan_pipeline(seed: int = 0):
+    """A random-weight text-to-video WanPipeline: a UMT5 text encoder, a 2-block Wan transformer and the
+    Wan VAE (4× in time, 8× in space); e.g. 5 frames of 16×16 (2 latent frames of 2×2 ×16 channels)."""
+
+    torch.manual_seed(seed)
+    tokenizer = char_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    return _eval_mode(pipe)
+
+
 _BUILDERS = {"tiny-random-sd": build_tiny_sd_pipeline, "tiny-random-dit": build_tiny_dit_pipeline,
              "tiny-random-flux": build_tiny_flux_pipeline, "tiny-random-sd3": build_tiny_sd3_pipeline,
-             "tiny-random-qwen-image": build_tiny_qwen_image_pipeline}
+             "tiny-random-qwen-image": build_tiny_qwen_image_pipeline, "tiny-random-wan": build_tiny_wan_pipeline}
 
 
 def build_tiny_pipeline(name: str, seed: int = 0):
