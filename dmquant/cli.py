@@ -64,6 +64,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--guidance-scale", type=_finite_float)
     p.add_argument("--height", type=POSITIVE)
     p.add_argument("--width", type=POSITIVE)
+    p.add_argument("--num-frames", type=POSITIVE, help="video pipelines: frames per video (default: the pipeline's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a folder dmquant wrote (never any other folder)")
@@ -74,12 +75,14 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate an image from a model or a run folder")
     p.add_argument("--model", required=True, help="run folder, zoo name, local diffusers folder, or hub id")
     p.add_argument("--prompt", required=True, help="text prompt (or class id / label for class-conditioned models)")
-    p.add_argument("--out", required=True, help="image file to write (PNG)")
+    p.add_argument("--out", required=True, help="image file to write (PNG); a video pipeline's frames go into "
+                   "one strip, left to right, or an animated GIF if the name ends with .gif")
     p.add_argument("--steps", type=POSITIVE, default=25, dest="num_inference_steps")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--guidance-scale", type=_finite_float)
     p.add_argument("--height", type=POSITIVE)
     p.add_argument("--width", type=POSITIVE)
+    p.add_argument("--num-frames", type=POSITIVE, help="video pipelines: frames per video (default: the pipeline's)")
     p.add_argument("--device", default="cpu")
 
 
@@ -108,6 +111,9 @@ def _add_evaluate(sub) -> None:
                    "the zoo judge for zoo prompts, else ViT-L-14:openai")
     p.add_argument("--fid-features", default="auto", help="inception, or a CLIP spec; auto as for --clip-model")
     p.add_argument("--real-images", help="folder of real images for FID")
+    p.add_argument("--height", type=POSITIVE)
+    p.add_argument("--width", type=POSITIVE)
+    p.add_argument("--num-frames", type=POSITIVE, help="video pipelines: frames per video (default: the pipeline's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
 
@@ -151,10 +157,10 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2) if args.json else format_report(report))
     elif args.command == "evaluate":
         generation = GenerationConfig(args.num_inference_steps, args.guidance_scale, args.seed, args.batch_size,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, num_frames=args.num_frames)
         metrics = evaluate(args.model, args.prompts, args.num_images, args.out, args.reference, config=generation,
                            clip_model=args.clip_model, fid_features=args.fid_features,
-                           real_images=args.real_images, device=args.device)
+                           real_images=args.real_images, device=args.device, height=args.height, width=args.width)
         keys = ("clip_score", "fid", "psnr_vs_reference", "ssim_vs_reference", "seconds")
         print(" ".join(f"{k}={metrics.get(k)}" for k in keys))
         print(f"wrote {args.out}/metrics.json, grid.png, report.md")

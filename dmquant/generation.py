@@ -5,10 +5,14 @@ into batches of ``batch_size`` by global index *before* sharding, and the batche
 round-robin, so every image is the same, bit for bit, whether one process or many generate it. Under
 ``accelerate launch --num_processes K`` (or torchrun) each process generates its batches and the images
 are gathered on every process. ``dmquant generate``, ``dmquant evaluate`` and the metrics all use it.
+
+A video pipeline (one whose output has ``frames``, e.g. WanPipeline) gives video ``i`` from prompt ``i`` and
+seed ``seed + i`` the same way: uint8 N x F x H x W x 3; ``num_frames`` picks F (None: the pipeline's default).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -19,7 +23,7 @@ from tqdm.auto import tqdm
 from dmquant.correction.ptqd import check_correction_schedule
 from dmquant.diffusers_io import check_call_inputs, conditioning_argument, process_state, prompts_for_pipeline
 from dmquant.errors import DMQuantError
-from dmquant.metrics.images import as_uint8_batch
+from dmquant.metrics.images import as_uint8_batch, as_uint8_video
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,12 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 16
     progress: bool = True
+    num_frames: int | None = None  # video pipelines only; None: the pipeline's default
 
     def __post_init__(self) -> None:
+        if self.num_frames is not None and (isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int)
+                                            or self.num_frames < 1):
+            raise DMQuantError(f"num_frames must be a positive integer or None, got {self.num_frames!r}")
         if self.num_inference_steps < 1:
             raise DMQuantError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.batch_size < 1:
@@ -42,6 +50,11 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "progress"}
+
+
+def is_video_pipeline(pipe) -> bool:
+    """True for a pipeline that returns video frames (its call takes ``num_frames``)."""
+    return "num_frames" in inspect.signature(type(pipe).__call__).parameters
 
 
 def shard_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -57,12 +70,16 @@ def _run_batch(pipe, prompts: Sequence, seeds: Sequence[int], cfg: GenerationCon
     kwargs = dict(num_inference_steps=cfg.num_inference_steps, generator=generators, output_type="np", **call_kwargs)
     if cfg.guidance_scale is not None:
         kwargs["guidance_scale"] = cfg.guidance_scale
+    if cfg.num_frames is not None:
+        kwargs["num_frames"] = cfg.num_frames
     with torch.no_grad():
         out = pipe(**{conditioning_argument(pipe): prompts_for_pipeline(pipe, prompts)}, **kwargs)
-    if getattr(out, "images", None) is None:
-        raise DMQuantError(f"{type(pipe).__name__} returns {'video frames' if hasattr(out, 'frames') else 'no images'}: "
-                           "generate and evaluate take image pipelines; call a video pipeline directly")
-    return as_uint8_batch(np.asarray(out.images))
+    if getattr(out, "images", None) is not None:
+        return as_uint8_batch(np.asarray(out.images))
+    if getattr(out, "frames", None) is not None:  # a video pipeline: N x F x H x W x 3
+        return as_uint8_video(out.frames)
+    raise DMQuantError(f"{type(pipe).__name__} returns neither images nor video frames: generate takes image "
+                       "and video pipelines")
 
 
 def generate_shard(pipe, prompts: Sequence, cfg: GenerationConfig, rank: int = 0, world_size: int = 1,
@@ -85,7 +102,7 @@ def generate_shard(pipe, prompts: Sequence, cfg: GenerationConfig, rank: int = 0
 
 def generate(pipe, prompts: Sequence, config: GenerationConfig | None = None, distributed: bool | None = None,
              **call_kwargs) -> np.ndarray:
-    """All images (uint8, N x H x W x 3) for ``prompts`` (strings, or class ids / labels for a class-conditioned
+    """All images (uint8, N x H x W x 3; videos: N x F x H x W x 3) for ``prompts`` (strings, or class ids / labels for a class-conditioned
     pipeline), in prompt order; ``call_kwargs`` (``height``, ``width``, ...) go to the pipeline.
 
     Under a distributed launcher (``distributed`` None or True) the work is sharded over the processes
@@ -100,6 +117,8 @@ def generate(pipe, prompts: Sequence, config: GenerationConfig | None = None, di
         raise DMQuantError("no prompts to generate from")
     prompts_for_pipeline(pipe, prompts)  # fail before generating anything
     check_call_inputs(pipe, cfg.num_inference_steps, call_kwargs.get("height"), call_kwargs.get("width"))
+    if cfg.num_frames is not None and not is_video_pipeline(pipe):
+        raise DMQuantError(f"{type(pipe).__name__} is an image pipeline: --num-frames is for video pipelines")
     rank, world = 0, 1
     if distributed is not False:
         state = process_state(getattr(pipe, "device", None) or "cpu")

@@ -185,14 +185,21 @@ def check_output_folder(out: str | Path, overwrite: bool = False, *,
     check_writable_place(out)
 
 
-def save_image_atomic(image: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 H x W x 3 image (format from the suffix) through a temporary sibling."""
+def save_image_atomic(image: np.ndarray, path: str | Path, fps: int = 8) -> Path:
+    """Write a uint8 H x W x 3 image (format from the suffix) through a temporary sibling. A video
+    (F x H x W x 3) is written as an animated GIF (``fps`` frames a second) when the name ends with .gif,
+    else as one strip of its frames, left to right (H x F*W x 3)."""
     path = Path(path)
     check_image_path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    image = np.asarray(image)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(image)).save(tmp)
+        if image.ndim == 4 and path.suffix.lower() == ".gif":
+            frames = [Image.fromarray(f) for f in image]
+            frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+        else:
+            Image.fromarray(np.concatenate(list(image), axis=1) if image.ndim == 4 else image).save(tmp)
         tmp.replace(path)
     except OSError as exc:
         raise _write_error(path, exc) from exc

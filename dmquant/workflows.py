@@ -10,7 +10,7 @@ from dmquant.api import quantize
 from dmquant.config import load_recipe
 from dmquant.diffusers_io import check_call_inputs, process_state, prompts_for_pipeline
 from dmquant.errors import DMQuantError
-from dmquant.generation import GenerationConfig, generate
+from dmquant.generation import GenerationConfig, generate, is_video_pipeline
 from dmquant.loading import load_pipeline
 from dmquant.prompts import read_prompts
 from dmquant.runs import check_image_path, check_output_folder, save_image_atomic, save_run
@@ -30,6 +30,7 @@ class CalibrateJob:
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
+    num_frames: int | None = None
     device: str = "cpu"
     overwrite: bool = False
     progress: bool = True
@@ -39,7 +40,8 @@ def calibrate(job: CalibrateJob) -> Path:
     """Load, quantize and calibrate, then write the run folder; returns its path."""
     # every input is checked before any work: recipe, numbers, prompt file, output folder, then the model
     config = load_recipe(job.recipe)
-    for name in ("num_inference_steps", "num_timesteps", "batch_size", "max_prompts", "height", "width"):
+    for name in ("num_inference_steps", "num_timesteps", "batch_size", "max_prompts", "height", "width",
+                 "num_frames"):
         value = getattr(job, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DMQuantError(f"{name}={value!r} must be a positive integer")
@@ -53,10 +55,12 @@ def calibrate(job: CalibrateJob) -> Path:
     pipe = load_pipeline(job.model, device=job.device)
     steps = job.num_inference_steps or config.calibration.num_inference_steps
     check_call_inputs(pipe, steps, job.height, job.width)
+    if job.num_frames is not None and not is_video_pipeline(pipe):
+        raise DMQuantError(f"{type(pipe).__name__} is an image pipeline: --num-frames is for video pipelines")
     if prompts is not None:
         prompts = prompts_for_pipeline(pipe, prompts)
     call_kwargs = {k: v for k, v in dict(guidance_scale=job.guidance_scale, height=job.height,
-                                         width=job.width).items() if v is not None}
+                                         width=job.width, num_frames=job.num_frames).items() if v is not None}
     quantize(pipe, config, prompts, num_inference_steps=job.num_inference_steps, num_timesteps=job.num_timesteps,
              batch_size=job.batch_size, seed=job.seed, progress=job.progress, **call_kwargs)
     state = process_state(job.device)
@@ -68,9 +72,12 @@ def calibrate(job: CalibrateJob) -> Path:
 
 def generate_image(model: str, prompt: str, out: str, num_inference_steps: int = 25, seed: int = 0,
                    guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-                   device: str = "cpu") -> Path:
-    """One image from ``prompt`` (seed ``seed``; the pipeline's own guidance scale unless given) into ``out``."""
-    config = GenerationConfig(num_inference_steps, guidance_scale, seed, batch_size=1, progress=False)
+                   device: str = "cpu", num_frames: int | None = None) -> Path:
+    """One image from ``prompt`` (seed ``seed``; the pipeline's own guidance scale unless given) into ``out``.
+    A video pipeline's frames go into one strip image, left to right, or an animated GIF if ``out`` ends
+    with .gif (``num_frames``: the pipeline's default when None)."""
+    config = GenerationConfig(num_inference_steps, guidance_scale, seed, batch_size=1, progress=False,
+                              num_frames=num_frames)
     check_image_path(out)  # before any work
     pipe = load_pipeline(model, device=device)
     kwargs = {k: v for k, v in dict(height=height, width=width).items() if v is not None}

@@ -3,6 +3,12 @@
 Writes ``out_dir/metrics.json``, ``grid.png`` (reference | evaluated), ``report.md`` and the images
 (``images/evaluated``, ``images/reference``, ``images/real``). Everything is written into a temporary
 folder beside ``out_dir`` and renamed into place at the end, so a failure leaves nothing half written.
+
+Video pipelines (frames N x F x H x W x 3): PSNR / SSIM / LPIPS against the reference over all frames
+(the mean over every frame of every video), CLIP score (and the judge's accuracy) on the middle frame
+(index F // 2), no FID (``fid`` and ``fid_vs_reference`` are None, ``fid_note`` says why), grid.png with
+one row of evenly spaced frames per video (reference | evaluated), and each video saved as one strip
+PNG of all its frames, left to right.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from dmquant.loading import load_pipeline
 from dmquant.metrics.clip_score import DEFAULT_REAL_CLIP, compute_clip_score, load_clip
 from dmquant.metrics.fid import compute_fid
 from dmquant.metrics.fidelity import fidelity_metrics
-from dmquant.metrics.images import as_uint8_batch, load_pngs, save_pngs, side_by_side_grid
+from dmquant.metrics.images import (
+    as_frames,
+    as_uint8_batch,
+    frame_strip,
+    frame_strip_grid,
+    load_pngs,
+    save_pngs,
+    side_by_side_grid,
+)
 from dmquant.prompts import check_enough_prompts, read_prompts
 from dmquant.runs import atomic_folder, check_output_folder
 from dmquant.zoo.data import parse_caption, render
@@ -73,6 +87,8 @@ def evaluate(
     real_images: str | Path | np.ndarray | None = None,
     device: str = "cpu",
     distributed: bool | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> dict:
     """Generate ``num_images`` images from the first prompts, measure them, write the report; returns metrics.
 
@@ -83,6 +99,8 @@ def evaluate(
       complete); any other folder is refused before any work (DMQuantError).
     - FID is against ``real_images`` (a folder of images or an array) when given, else against the
       procedural ground truth for grammar prompts, else against the reference's images.
+    - ``height`` / ``width``: the generated size (None: the pipeline's default); the number of frames of
+      a video pipeline is ``config.num_frames``. Videos: see the module's docstring.
     """
     start = time.time()
     cfg = config or GenerationConfig()
@@ -108,9 +126,17 @@ def evaluate(
     pipe = load_pipeline(model, device)
 
     t_gen = time.time()
-    images = generate(pipe, prompt_list, cfg, distributed=distributed)
-    ref_images = generate(ref_pipe, prompt_list, cfg, distributed=distributed) if ref_pipe is not None else None
+    size = {k: v for k, v in dict(height=height, width=width).items() if v is not None}
+    images = generate(pipe, prompt_list, cfg, distributed=distributed, **size)
+    ref_images = generate(ref_pipe, prompt_list, cfg, distributed=distributed, **size) if ref_pipe is not None else None
     gen_seconds = time.time() - t_gen
+    video = images.ndim == 5
+    if video:  # FID is for image sets: skipped; CLIP (and the judge) on the middle frame
+        return _evaluate_video(images, ref_images, prompt_list, out_dir, clip_spec, grammar, device, distributed,
+                               dict(num_images=num_images, seconds_generation=round(gen_seconds, 2), model=_name(model),
+                                    reference=_name(reference) if reference is not None else None,
+                                    prompts=prompt_file or f"{len(prompt_list)} prompts given in code",
+                                    generation=cfg.to_dict(), clip_model=clip_spec), start)
 
     fid_set = None
     if real is not None:
@@ -152,13 +178,43 @@ def evaluate(
     return metrics
 
 
+def _evaluate_video(videos, ref_videos, prompts, out_dir: Path, clip_spec, grammar: bool, device: str,
+                    distributed, info: dict, start: float) -> dict:
+    """The video branch of :func:`evaluate` (videos N x F x H x W x 3)."""
+    middle = videos.shape[1] // 2
+    metrics: dict[str, Any] = {
+        "clip_score": compute_clip_score(videos[:, middle], prompts, clip_spec, device),
+        "fid": None,
+        "fid_vs_reference": None,
+        "psnr_vs_reference": None,
+        "ssim_vs_reference": None,
+        "lpips_vs_reference": None,
+    }
+    if ref_videos is not None:
+        metrics.update(fidelity_metrics(as_frames(videos), as_frames(ref_videos)))
+        metrics["clip_score_reference"] = compute_clip_score(ref_videos[:, middle], prompts, clip_spec, device)
+    if grammar and clip_spec == JUDGE:
+        acc = attribute_accuracy(load_clip(JUDGE, device), videos[:, middle], prompts)
+        metrics.update({f"judge_{k}_accuracy": v for k, v in acc.items()})
+    metrics.update(num_frames=int(videos.shape[1]), frame_size=list(videos.shape[2:4]),
+                   clip_frame=f"middle frame (index {middle} of {videos.shape[1]})",
+                   fid_note="FID skipped for video (an image-set metric)", seconds=round(time.time() - start, 2),
+                   **info, fid_features=None, fid_against=None)
+    metrics = {k: _finite(v) for k, v in metrics.items()}
+    if distributed is False or process_state(device).is_main_process:
+        _write_outputs(out_dir, metrics, videos, ref_videos, None, prompts)
+    return metrics
+
+
 def _write_outputs(out_dir: Path, metrics: dict, images, ref_images, real, prompts: Sequence[str]) -> None:
+    video = images.ndim == 5
+    grid, to_files = (frame_strip_grid, lambda v: [frame_strip(x) for x in v]) if video else (side_by_side_grid, as_uint8_batch)
     with atomic_folder(out_dir, overwrite=True, kind="evaluation", replaceable=EVALUATION_KINDS) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        Image.fromarray(side_by_side_grid(images, ref_images)).save(tmp / "grid.png")
-        save_pngs(images, tmp / "images" / "evaluated")
+        Image.fromarray(grid(images, ref_images)).save(tmp / "grid.png")
+        save_pngs(to_files(images), tmp / "images" / "evaluated")
         if ref_images is not None:
-            save_pngs(ref_images, tmp / "images" / "reference")
+            save_pngs(to_files(ref_images), tmp / "images" / "reference")
         if real is not None and (metrics.get("fid_against") or "").startswith("procedural"):
             save_pngs(real, tmp / "images" / "real")
         (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
@@ -195,6 +251,9 @@ def _report(m: dict) -> str:
         f"{g['seed'] + m['num_images'] - 1} (image i: seed {g['seed']} + i), batch {g['batch_size']}",
         f"- CLIP model: `{m['clip_model']}`; FID features: `{m['fid_features']}`",
         f"- time: {m['seconds']} s ({m['seconds_generation']} s generating)",
+        *([f"- video: {m['num_frames']} frames of {m['frame_size'][0]}x{m['frame_size'][1]} per prompt; PSNR / SSIM "
+           f"/ LPIPS over all frames (mean over frames and videos); CLIP score on the {m['clip_frame']}; "
+           f"{m['fid_note']}; grid.png: evenly spaced frames, one row per video"] if "num_frames" in m else []),
         "",
         "| metric | value |",
         "| --- | --- |",

@@ -1,4 +1,5 @@
-"""Image batches in one canonical form (uint8, N x H x W x 3), checks, and the side-by-side grid."""
+"""Image batches in one canonical form (uint8, N x H x W x 3; videos N x F x H x W x 3), checks, and the
+side-by-side grids (images; a frame strip per video)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,31 @@ def as_uint8_batch(images) -> np.ndarray:
     if arr.dtype != np.uint8:
         arr = np.clip(np.rint(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     return arr
+
+
+def as_uint8_video(videos) -> np.ndarray:
+    """uint8 N x F x H x W x 3 from a pipeline's ``frames``: an array N x F x H x W x 3 (floats in [0, 1]),
+    a tensor of that shape, or a list (one per video) of frame lists / arrays."""
+    if isinstance(videos, torch.Tensor):
+        videos = videos.detach().cpu().numpy()
+    if isinstance(videos, np.ndarray):
+        if videos.ndim != 5 or videos.shape[-1] != 3:
+            raise DMQuantError(f"expected videos N x F x H x W x 3, got shape {videos.shape}")
+        return as_uint8_batch(videos.reshape(-1, *videos.shape[2:])).reshape(videos.shape)
+    items = [as_uint8_batch(v) for v in videos]
+    if len({a.shape for a in items}) > 1:
+        raise DMQuantError(f"videos of mismatched shapes in one set: {sorted({a.shape for a in items})}")
+    return np.stack(items)
+
+
+def as_frames(images: np.ndarray) -> np.ndarray:
+    """Videos N x F x H x W x 3 as one batch of N*F frames (video-major); image batches unchanged."""
+    return images.reshape(-1, *images.shape[2:]) if images.ndim == 5 else images
+
+
+def frame_strip(video: np.ndarray) -> np.ndarray:
+    """The frames of one video (F x H x W x 3) side by side, left to right: H x F*W x 3."""
+    return np.concatenate(list(video), axis=1)
 
 
 def check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -93,6 +119,26 @@ def side_by_side_grid(
         grid = grids[0]
     if scale is None:
         scale = max(1, 256 // max(1, evaluated.shape[1]))
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def frame_strip_grid(evaluated: np.ndarray, reference: np.ndarray | None = None, max_videos: int = 8,
+                     max_frames: int = 4, scale: int | None = None) -> np.ndarray:
+    """Grid for videos (N x F x H x W x 3): one row per video, ``max_frames`` frames evenly spaced from the
+    first to the last; the reference strips (left block) next to the evaluated ones (right block)."""
+    evaluated = evaluated[:max_videos]
+    idx = np.unique(np.linspace(0, evaluated.shape[1] - 1, min(max_frames, evaluated.shape[1])).round().astype(int))
+    blocks = [evaluated]
+    if reference is not None:
+        reference = reference[:max_videos]
+        check_same_shape(reference, evaluated, "grid")
+        blocks = [reference, evaluated]
+    grids = [tile(as_frames(b[:, idx]), cols=len(idx)) for b in blocks]
+    if len(grids) == 2:
+        grids.insert(1, np.full((grids[0].shape[0], 8, 3), 0, dtype=np.uint8))
+    grid = np.concatenate(grids, axis=1)
+    if scale is None:
+        scale = max(1, 256 // max(1, evaluated.shape[2]))
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
