@@ -48,6 +48,30 @@ def _write_marker(folder: Path, kind: str) -> None:
     (folder / MARKER).write_text(text + "\n", encoding="utf-8")
 
 
+def make_own_temp_folder(prefix: str) -> str:
+    """A new temporary folder (system temp place) carrying the marker, so :func:`remove_own_folder` may delete it."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    _write_marker(Path(folder), "temporary")
+    return folder
+
+
+def remove_own_folder(folder: Path) -> bool:
+    """Delete ``folder`` only if dmquant wrote it (it carries :data:`MARKER`); an unmarked folder is only
+    removed when it is empty (``rmdir``: nothing of anyone's is lost), else left in place and named on
+    stderr. The one place where dmquant deletes a folder; returns whether it did."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if folder_marker(folder) is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return not folder.exists()
+    try:
+        folder.rmdir()
+        return True
+    except OSError:
+        print(f"dmquant: note: {folder} was not written by dmquant and is not empty: left in place", file=sys.stderr)
+        return False
+
+
 def _write_error(out: Path, exc: OSError) -> DMQuantError:
     where = f" ({exc.filename})" if exc.filename else ""
     return DMQuantError(f"could not write {out}: {exc.strerror or exc}{where}: free some space or choose "
@@ -81,8 +105,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False, *, kind: str = "mode
         except OSError as exc:
             raise _write_error(out, exc) from exc
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_own_folder(tmp)  # still there only if the block failed (it carries the marker)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -97,7 +120,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_own_folder(old)  # a marked previous folder, or an empty one
 
 
 def _alive(pid: int) -> bool:
@@ -135,8 +158,7 @@ def clean_stale_folders(out: str | Path) -> list[str]:
         elif match["what"] == "old" and not out.exists():
             os.replace(entry, out)
             notes.append(f"restored {out} from {entry.name} (a run was killed while replacing it)")
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
+        elif remove_own_folder(entry):
             notes.append(f"removed {entry} (left by a killed run, process {pid})")
     for note in notes:
         print(f"dmquant: note: {note}", file=sys.stderr)
@@ -191,10 +213,13 @@ def save_image_atomic(image: np.ndarray, path: str | Path, fps: int = 8) -> Path
     else as one strip of its frames, left to right (H x F*W x 3)."""
     path = Path(path)
     check_image_path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     image = np.asarray(image)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+        os.close(handle)
+        tmp = Path(name)  # made here (exclusively), so removing it below removes only dmquant's own file
         if image.ndim == 4 and path.suffix.lower() == ".gif":
             frames = [Image.fromarray(f) for f in image]
             frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
@@ -204,7 +229,8 @@ def save_image_atomic(image: np.ndarray, path: str | Path, fps: int = 8) -> Path
     except OSError as exc:
         raise _write_error(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
 
 

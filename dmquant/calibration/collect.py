@@ -8,8 +8,6 @@ process writes its own shards.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +18,7 @@ from tqdm.auto import tqdm
 from dmquant.calibration.records import save_calls
 from dmquant.diffusers_io import conditioning_argument, process_state
 from dmquant.errors import DMQuantError
+from dmquant.runs import make_own_temp_folder, remove_own_folder
 
 
 class _StepRecorder:
@@ -103,7 +102,7 @@ def shared_temp_dir(prefix: str = "dmquant-calib-") -> Iterator[Path]:
     from accelerate.utils import broadcast_object_list
 
     state = process_state()
-    path = [tempfile.mkdtemp(prefix=prefix) if state.is_main_process else None]
+    path = [make_own_temp_folder(prefix) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(path)
     try:
@@ -111,4 +110,4 @@ def shared_temp_dir(prefix: str = "dmquant-calib-") -> Iterator[Path]:
     finally:
         state.wait_for_everyone()
         if state.is_main_process:
-            shutil.rmtree(path[0], ignore_errors=True)
+            remove_own_folder(Path(path[0]))
