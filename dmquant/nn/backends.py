@@ -76,7 +76,10 @@ def _reference(layer, x: torch.Tensor) -> torch.Tensor:
 
 # -- oneDNN int8 (CPU) -----------------------------------------------------------------------------------
 def _onednn_supports(layer, x) -> bool:
-    if not layer.frozen or (x is not None and x.device.type != "cpu") or not len(layer.input_quantizers):
+    """Per call: a CPU input and the kernels prepared (the layer checks below ran once, at preparation)."""
+    if x is not None:
+        return x.device.type == "cpu" and "onednn-int8" in layer.kernels
+    if not layer.frozen or not len(layer.input_quantizers):
         return False
     if getattr(layer, "geometry", {}).get("padding_mode", "zeros") != "zeros":
         return False

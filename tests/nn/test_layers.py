@@ -91,19 +91,18 @@ def test_attention_processors_match_diffusers():
         attn.set_processor(QuantAttention(attn.processor))
         assert torch.allclose(attn(x, encoder_hidden_states=ctx), ref, atol=1e-5)  # quantizers off: exact math
         assert attn.processor.routed == 1  # the classic processor's SDPA call went through dmquant
-        for q in attn.dmq_quant.quantizers():
-            q.set_mode("observe")
-        attn(x, encoder_hidden_states=ctx)
-        for q in attn.dmq_quant.quantizers():
-            q.finalize()
-            q.set_mode("quant")
-        out8 = attn(x, encoder_hidden_states=ctx)
+        out8 = _calibrated_output(attn, 8, x, ctx)
         assert 30.0 < sqnr_db(ref, out8) < 60.0
-        attn.dmq_quant = attention_quantizers(AttentionQuantConfig(bits=4, probs_bits=4), None, None)()
-        for q in attn.dmq_quant.quantizers():
-            q.set_mode("observe")
-        attn(x, encoder_hidden_states=ctx)
-        for q in attn.dmq_quant.quantizers():
-            q.finalize()
-            q.set_mode("quant")
-        assert sqnr_db(ref, attn(x, encoder_hidden_states=ctx)) < sqnr_db(ref, out8) - 10.0
+        assert sqnr_db(ref, _calibrated_output(attn, 4, x, ctx)) < sqnr_db(ref, out8) - 10.0
+
+
+def _calibrated_output(attn, bits: int, x, ctx):
+    """The attention's output with fresh ``bits``-bit Q/K/V/probability quantizers calibrated on ``x``."""
+    attn.dmq_quant = attention_quantizers(AttentionQuantConfig(bits=bits, probs_bits=bits), None, None)()
+    for q in attn.dmq_quant.quantizers():
+        q.set_mode("observe")
+    attn(x, encoder_hidden_states=ctx)
+    for q in attn.dmq_quant.quantizers():
+        q.finalize()
+        q.set_mode("quant")
+    return attn(x, encoder_hidden_states=ctx)
