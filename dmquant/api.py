@@ -16,10 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from dmquant.calibration.collect import shared_temp_dir
-from dmquant.calibration.run import CalibrationRun, CallSource, PipelineSource, calibrate, scheduler_timesteps
+from dmquant.calibration.run import CalibrationRun, CallSource, PipelineSource, calibrate
 from dmquant.config import QuantConfig, load_recipe
 from dmquant.correction.ptqd import apply_noise_correction, fit_noise_correction
-from dmquant.diffusers_io import check_prompts
+from dmquant.diffusers_io import check_prompts, scheduler_timesteps
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import (
@@ -129,7 +129,7 @@ def precompute_time_tables(pipe, num_inference_steps: int) -> int:
     if not learned:
         raise DMQuantError("this model has no learned (TDQ) time-conditioned quantizer: only time.mode='learned' "
                            "can compute ranges for new timesteps; others fall back to the nearest calibrated step")
-    keys = scheduler_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), num_inference_steps)
+    keys = scheduler_timesteps(pipe.scheduler, num_inference_steps)
     keys = keys * adapter.timestep_scale  # as the pipeline passes them to the denoiser
     for q in learned:
         q.retable(keys)

@@ -26,6 +26,17 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def scheduler_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
+    """The timesteps ``scheduler``'s class visits in a run of ``num_inference_steps`` (known before sampling;
+    computed on a copy, so the pipeline's own scheduler keeps its state)."""
+    copy = type(scheduler).from_config(scheduler.config)
+    try:
+        copy.set_timesteps(num_inference_steps)
+    except Exception as exc:  # schedulers raise various types for unsupported step counts
+        raise DMQuantError(f"{type(scheduler).__name__} cannot run {num_inference_steps} steps ({exc})") from exc
+    return torch.as_tensor(copy.timesteps).double().reshape(-1)
+
+
 def process_state(device: str | torch.device | None = None):
     """accelerate's process state (one per process: the first call decides its device).
 

@@ -188,7 +188,7 @@ def table(rows: list[dict]) -> str:
 
 def collect_ranges(layers: list[str], num_prompts: int = 8) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(timesteps, {layer: [steps, 2] input (min, max)}) of tiny-shapes-sd over a 25-step DDIM run."""
-    from dmquant.calibration.run import scheduler_timesteps
+    from dmquant.diffusers_io import scheduler_timesteps
     from dmquant.models.adapters import find_denoiser
 
     pipe = dmquant.zoo.load(MODELS["sd"])
@@ -201,7 +201,7 @@ def collect_ranges(layers: list[str], num_prompts: int = 8) -> tuple[np.ndarray,
          generator=torch.Generator().manual_seed(0), output_type="latent")
     for h in handles:
         h.remove()
-    t = scheduler_timesteps(type(pipe.scheduler).from_config(pipe.scheduler.config), 25).numpy()
+    t = scheduler_timesteps(pipe.scheduler, 25).numpy()
     return t, {n: np.array(v) for n, v in ranges.items()}
 
 

@@ -420,8 +420,9 @@ def test_identical_runs_write_identical_bytes(work, tmp_path, capsys):
     assert run(["calibrate", "--model", "tiny-random-sd", "--recipe", "w4a16", "--out", out, "--quiet"], capsys)[0] == 0
     first, second = snapshot(work / "q"), snapshot(out)
     assert first.keys() == second.keys()
-    differ = sorted(k for k in first if first[k] != second[k])
-    assert differ == ["run.json", "summary.md"]  # only the time stamps and durations
+    differ = {k for k in first if first[k] != second[k]}
+    assert differ <= {"run.json", "summary.md"}  # only the time stamps and durations (which may coincide)
+    assert "run.json" in differ and any(k.endswith("dmquant_weights.safetensors") for k in first)
 
 
 def test_api_names_the_layer_with_non_finite_weights():

@@ -30,7 +30,7 @@ from dmquant.calibration.reconstruct import reconstruct
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
 from dmquant.config import CalibrationConfig, QuantConfig
-from dmquant.diffusers_io import process_state
+from dmquant.diffusers_io import process_state, scheduler_timesteps
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.wrap import full_precision, quant_layers, time_table
@@ -104,8 +104,7 @@ class PipelineSource:
         scheduler visits, scaled as the adapter says the pipeline passes them)."""
         if self.seen:
             return torch.tensor(sorted(self.seen, reverse=True), dtype=torch.float64)
-        scheduler = self.pipe.scheduler
-        steps = scheduler_timesteps(type(scheduler).from_config(scheduler.config), self.c.num_inference_steps)
+        steps = scheduler_timesteps(self.pipe.scheduler, self.c.num_inference_steps)
         return steps * self.adapter.timestep_scale
 
     def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
@@ -115,15 +114,6 @@ class PipelineSource:
     def summary(self) -> dict:
         return {"prompts": len(self.prompts), "steps": sorted(self.steps), "sampler": self.c.sampler.kind,
                 "num_inference_steps": self.c.num_inference_steps, "processes": process_state().num_processes}
-
-
-def scheduler_timesteps(scheduler, num_inference_steps: int) -> torch.Tensor:
-    """The timesteps ``scheduler`` visits in a run of ``num_inference_steps`` (known before sampling)."""
-    try:
-        scheduler.set_timesteps(num_inference_steps)
-    except Exception as exc:  # schedulers raise various types for unsupported step counts
-        raise DMQuantError(f"{type(scheduler).__name__} cannot run {num_inference_steps} steps ({exc})") from exc
-    return torch.as_tensor(scheduler.timesteps).double().reshape(-1)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dmquant.diffusers_io import conditioning_argument
+from dmquant.diffusers_io import conditioning_argument, scheduler_timesteps
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import full_precision
@@ -271,11 +271,9 @@ def check_correction_schedule(pipe, num_inference_steps: int) -> None:
     correction = getattr(pipe, "_dmquant_noise_correction", None)
     if correction is None:
         return
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    fitted = len(correction.stats.table)
+    fitted, timesteps = len(correction.stats.table), scheduler_timesteps(pipe.scheduler, num_inference_steps)
     try:
-        for t in scheduler.timesteps:
+        for t in timesteps:
             correction.stats.index(t)
     except DMQuantError:
         raise DMQuantError(

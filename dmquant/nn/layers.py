@@ -196,9 +196,8 @@ class QuantLayer(nn.Module):
         return [(c, q) for c in parts]
 
     def frozen_copy(self) -> QuantLayer:
-        """A frozen copy (this layer is left as it is); it shares the denoiser's TimeTable, not a copy of it."""
-        memo = {id(q.table): q.table for q in self.input_quantizers if q.table is not None}
-        return copy.deepcopy(self, memo).freeze(prepare=False)
+        """A frozen copy (this layer is left as it is); it shares the denoiser's TimeTable (see its ``__deepcopy__``)."""
+        return copy.deepcopy(self).freeze(prepare=False)
 
     def prepare_kernels(self) -> None:
         self.kernels = backends.prepare(self)

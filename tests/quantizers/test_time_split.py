@@ -1,6 +1,7 @@
 """The TimeTable (keys, lookup policies, float timesteps), time-conditioned range tables, and split
 quantizers of a layer (== two quantizers on the two parts of the skip concatenation)."""
 
+import copy
 import warnings
 
 import pytest
@@ -221,3 +222,18 @@ def test_shipped_time_recipes():
     qd = load_recipe("w4a8-qdiffusion")
     assert qd.split is not None and qd.reconstruction.unit == "block"
     assert load_recipe("w4a8").reconstruction == qd.reconstruction and load_recipe("w4a8-rtn").reconstruction is None
+
+
+
+def test_a_deep_copy_shares_the_time_table():
+    """A copied quantizer (or layer, or denoiser) reads the one table that the denoiser's pre-hook writes:
+    the hook's closure is not copied, so a copied table would never see the current step."""
+    table = TimeTable([900.0, 500.0, 100.0])
+    model = nn.Identity()
+    table.install(model, lambda args, kwargs: args[1])
+    quantizer = ActQuantizer(8, table=table)
+    clone = copy.deepcopy(quantizer)
+    assert clone.table is table
+    model.register_forward_pre_hook(lambda m, args: args[:1])  # Identity takes one input
+    model(torch.zeros(1), 500.0)
+    assert clone.table.index() == 1
