@@ -1,5 +1,8 @@
-"""How a quantized layer computes one call: a registry of backends, tried in order; the first whose
-``supports(layer, x)`` holds runs (a layer's ``backend`` attribute forces one by name).
+"""The backends of a quantized layer (the registry is :mod:`dmquant.nn.backend_registry`); importing this
+module registers all of them, the CUDA ones from their own modules:
+
+* ``cuda-int8`` (:mod:`dmquant.nn.backend_cuda_int8`): static int8 activations times per-channel int8
+  weights on the tensor cores (``torch._int_mm``), linear and conv;
 
 * ``fused-int4`` (CUDA): a frozen linear layer with int4 weights in groups of 64 and 4/8-bit dynamic
   symmetric activations, with its smoothing and low-rank branch, as one
@@ -9,14 +12,10 @@
 * ``reference``: the quantized input times the dequantized (frozen) or fake-quantized (simulated)
   weight in the layer's float dtype; it supports everything.
 
-The module knows layers only through their methods (no import of :mod:`dmquant.nn.layers`).
 Backends with a ``prepare`` step (packed weights) are prepared once, when a layer is frozen or loaded.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -24,49 +23,9 @@ from dmquant.errors import DMQuantError
 from dmquant.kernels import cpu_int8
 from dmquant.kernels.gemm import int4_linear
 from dmquant.kernels.int4 import GROUP_SIZE
+from dmquant.nn.backend_registry import Backend, choose, names, prepare, register, run
 
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    supports: Callable[[object, torch.Tensor | None], bool]  # (layer, input or None for "in principle")
-    run: Callable[[object, torch.Tensor], torch.Tensor]
-    prepare: Callable[[object], object] | None = None
-
-
-_REGISTRY: list[Backend] = []
-
-
-def register(backend: Backend, before: str | None = None) -> None:
-    """Add a backend (before the one named ``before``, else ahead of ``reference``)."""
-    names = [b.name for b in _REGISTRY]
-    if backend.name in names:
-        raise DMQuantError(f"a backend named {backend.name!r} is registered already")
-    anchor = before if before in names else "reference"
-    _REGISTRY.insert(names.index(anchor) if anchor in names else len(_REGISTRY), backend)
-
-
-def names() -> list[str]:
-    return [b.name for b in _REGISTRY]
-
-
-def choose(layer, x: torch.Tensor) -> Backend:
-    forced = layer.backend
-    if forced != "auto" and forced not in names():
-        raise DMQuantError(f"unknown backend {forced!r}: use 'auto' or one of {', '.join(names())}")
-    for backend in _REGISTRY:
-        if forced == backend.name or (forced == "auto" and backend.supports(layer, x)):
-            return backend
-    raise DMQuantError("no backend computes this layer")  # unreachable: 'reference' supports everything
-
-
-def run(layer, x: torch.Tensor) -> torch.Tensor:
-    return choose(layer, x).run(layer, x)
-
-
-def prepare(layer) -> dict:
-    """The prepared state of every backend that could run this (frozen) layer."""
-    return {b.name: b.prepare(layer) for b in _REGISTRY if b.prepare is not None and b.supports(layer, None)}
+__all__ = ["Backend", "choose", "names", "prepare", "register", "run", "fused_int4_supported"]
 
 
 # -- reference -------------------------------------------------------------------------------------------

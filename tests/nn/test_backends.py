@@ -8,7 +8,7 @@ from torch import nn
 from dmquant.config import ActQuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.kernels import cpu_int8
-from dmquant.nn import backends
+from dmquant.nn import backend_registry, backends
 from dmquant.nn.layers import QuantConv2d, QuantLinear
 from dmquant.nn.wrap import input_quantizers, set_activation_mode, weight_quantizers
 
@@ -18,7 +18,7 @@ ONEDNN = pytest.mark.skipif(not cpu_int8.onednn_available(), reason="PyTorch's x
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the registry for tests that register backends."""
-    monkeypatch.setattr(backends, "_REGISTRY", list(backends._REGISTRY))
+    monkeypatch.setattr(backend_registry, "_REGISTRY", list(backend_registry._REGISTRY))
     return backends
 
 
