@@ -23,6 +23,7 @@ from dmquant.errors import DMQuantError
 from dmquant.kernels import cpu_int8
 from dmquant.kernels.gemm import int4_linear
 from dmquant.kernels.int4 import GROUP_SIZE
+from dmquant.nn import backend_cuda_int8  # noqa: F401  (registers cuda-int8)
 from dmquant.nn.backend_registry import Backend, choose, names, prepare, register, run
 
 __all__ = ["Backend", "choose", "names", "prepare", "register", "run", "fused_int4_supported"]
@@ -35,9 +36,11 @@ def _reference(layer, x: torch.Tensor) -> torch.Tensor:
 
 # -- oneDNN int8 (CPU) -----------------------------------------------------------------------------------
 def _onednn_supports(layer, x) -> bool:
-    """Per call: a CPU input and the kernels prepared (the layer checks below ran once, at preparation)."""
+    """Per call: a CPU input and the kernels prepared (the layer checks below ran once, at preparation),
+    outside ``torch.compile`` (the packed weights are opaque oneDNN objects and the input grid is read as
+    Python numbers: a compiled model takes the reference backend, whose dequantized weights inductor fuses)."""
     if x is not None:
-        return x.device.type == "cpu" and "onednn-int8" in layer.kernels
+        return x.device.type == "cpu" and "onednn-int8" in layer.kernels and not torch.compiler.is_compiling()
     if not layer.frozen or not len(layer.input_quantizers):
         return False
     if getattr(layer, "geometry", {}).get("padding_mode", "zeros") != "zeros":

@@ -1,0 +1,88 @@
+"""Backend ``cuda-int8``: a frozen W8A8 layer on the integer tensor cores (:mod:`dmquant.kernels.int8_gemm`).
+
+It takes frozen linear and ``groups == 1`` zero-padded conv layers whose weights are int8 codes with one
+symmetric scale per output channel and whose inputs have static 8-bit quantizers (one per input part of a
+split skip concatenation; a time table's entry is read as a tensor). Chosen automatically for CUDA inputs;
+forced by name (``layer.backend = "cuda-int8"``) it runs on the CPU too, which is how it is tested. The
+weight codes are used in place; the only prepared state is the weight's int32 row sums (the zero-point
+correction), a few bytes per output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmquant.errors import DMQuantError
+from dmquant.kernels import int8_gemm
+from dmquant.nn.backend_registry import Backend, register
+
+NAME = "cuda-int8"
+
+
+def _parts(layer) -> list[tuple]:
+    """``(weight quantized tensor, its input quantizer)`` per input part."""
+    inputs = list(layer.input_quantizers)
+    if len(inputs) == 1 and len(layer.qweights) == 2:
+        inputs = inputs * 2
+    return list(zip(layer.qweights, inputs))
+
+
+def eligible(layer) -> bool:
+    """Whether the layer's stored form is one this backend computes (checked once, at preparation)."""
+    if not layer.frozen or not len(layer.input_quantizers) or layer.kind not in ("linear", "conv2d"):
+        return False
+    if layer.kind == "conv2d" and (layer.geometry["groups"] != 1 or layer.geometry["padding_mode"] != "zeros"):
+        return False
+    acts = all(q.static and q.fmt.levels == 256 for q in layer.input_quantizers)
+    weights = all(q.per_channel_symmetric and q.packing == "int8" for q in layer.qweights)
+    if not (acts and weights):
+        return False
+    return all(int8_gemm.gemm_shapes_ok(qw.qdata.shape[1], qw.shape[0]) for qw in layer.qweights)
+
+
+def _supports(layer, x) -> bool:
+    if x is None:
+        return eligible(layer)
+    return x.is_cuda and NAME in layer.kernels
+
+
+def _prepare(layer) -> list[torch.Tensor]:
+    """The int32 row sums of each part's weight codes."""
+    return [qw.qdata.to(torch.int32).sum(dim=1) for qw in layer.qweights]
+
+
+def _grid(q) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    shift = 0 if q.fmt.signed else 128
+    scale, zero = q.current_qparams()
+    return scale, zero, q.fmt.qmin, q.fmt.qmax, shift
+
+
+def _run(layer, x: torch.Tensor) -> torch.Tensor:
+    colsums = layer.kernels.get(NAME)
+    if colsums is None:
+        if not eligible(layer):
+            raise DMQuantError(f"backend {NAME!r} cannot compute this layer (int8 per-channel weights and static "
+                               "8-bit inputs only): use backend='auto'")
+        raise DMQuantError("a frozen layer's int8 kernels were not prepared: call prepare_kernels() after loading")
+
+    def main(x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for i, ((qw, q), part) in enumerate(zip(_parts(layer), layer.input_parts(x))):
+            scale, zero, qmin, qmax, shift = _grid(q)
+            bias = layer.bias if i == 0 else None
+            if layer.kind == "linear":
+                codes = int8_gemm.quantize_static(part, scale, zero, qmin, qmax, shift)
+                out = int8_gemm.int8_linear(codes, zero - shift, scale, qw.qdata, qw.channel_scales(), colsums[i],
+                                            bias, x.dtype)
+            else:
+                g = layer.geometry
+                out = int8_gemm.int8_conv2d(part, scale, zero, qmin, qmax, shift, qw.qdata.reshape(qw.shape),
+                                            qw.channel_scales(), colsums[i], bias, g["kernel_size"], g["stride"],
+                                            g["padding"], g["dilation"])
+            y = out if y is None else y + out
+        return y
+
+    return layer.with_branch(main, x)
+
+
+register(Backend(NAME, _supports, _run, _prepare))
