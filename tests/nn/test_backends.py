@@ -62,7 +62,7 @@ def test_auto_takes_the_first_supporting_backend_and_a_name_forces_one():
     assert backends.choose(sim, x).name == "reference"  # a simulated layer has no integer weights
     frozen = sim.frozen_copy()
     frozen.prepare_kernels()
-    assert set(frozen.kernels) == {"onednn-int8"}
+    assert set(frozen.kernels) == {"onednn-int8", "cuda-int8"}  # both could run it (CPU / CUDA)
     assert backends.choose(frozen, x).name == "onednn-int8"
     reference = run(frozen, x, "reference")
     assert backends.choose(frozen, x).name == "reference"
@@ -84,7 +84,7 @@ def test_a_forced_backend_runs_even_where_auto_would_not_choose_it():
 
 def test_unknown_backend_name_is_a_clear_error():
     sim, x = linear_case()
-    with pytest.raises(DMQuantError, match="unknown backend 'cuda-magic': use 'auto' or one of fused-int4, "
+    with pytest.raises(DMQuantError, match="unknown backend 'cuda-magic': use 'auto' or one of .*fused-int4, "
                                            "onednn-int8, reference"):
         run(sim, x, "cuda-magic")
 
@@ -113,7 +113,7 @@ def test_registered_backends_go_ahead_of_reference_or_before_a_named_one(registr
                                 prepare=lambda layer: name + "-prepared")
 
     registry.register(record("mine"))
-    assert registry.names() == ["fused-int4", "onednn-int8", "mine", "reference"]
+    assert registry.names()[-4:] == ["fused-int4", "onednn-int8", "mine", "reference"]
     registry.register(record("first"), before="fused-int4")
     assert registry.names()[0] == "first"
     with pytest.raises(DMQuantError, match="a backend named 'mine' is registered already"):
