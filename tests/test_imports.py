@@ -24,7 +24,8 @@ PACKAGE = Path(dmquant.__file__).parent
 # only the metrics / distributed paths use them; clean-fid only FID.
 ALLOWED_LOCAL_IMPORTS = {"triton", "open_clip", "torchmetrics", "accelerate", "cleanfid",
                          # dmquant's Triton kernels import triton at their top (loaded on first use)
-                         "dmquant.kernels._attention_triton", "dmquant.kernels._gemm_triton"}
+                         "dmquant.kernels._attention_triton", "dmquant.kernels._gemm_triton",
+                         "dmquant.kernels._w4a16_triton"}
 
 # Files (or folders, ending in "/") held to the rule above: the whole package.
 CHECKED_FOR_LOCAL_IMPORTS = [
