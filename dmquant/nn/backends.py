@@ -23,7 +23,10 @@ from dmquant.errors import DMQuantError
 from dmquant.kernels import cpu_int8
 from dmquant.kernels.gemm import int4_linear
 from dmquant.kernels.int4 import GROUP_SIZE
-from dmquant.nn import backend_cuda_int8  # noqa: F401  (registers cuda-int8)
+from dmquant.nn import (
+    backend_cuda_int8,  # noqa: F401  (registers cuda-int8)
+    backend_weight_only,  # noqa: F401  (registers cuda-w4a16)
+)
 from dmquant.nn.backend_registry import Backend, choose, names, prepare, register, run
 
 __all__ = ["Backend", "choose", "names", "prepare", "register", "run", "fused_int4_supported"]
