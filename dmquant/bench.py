@@ -25,7 +25,8 @@ from dmquant.models.adapters import find_denoiser
 
 def denoiser_inputs(denoiser: torch.nn.Module, batch: int = 2, latent_size: int | None = None,
                     text_tokens: int = 77, seed: int = 0) -> tuple[tuple, dict]:
-    """One step's ``(args, kwargs)`` for a UNet2DConditionModel, a DiT or a PixArt transformer."""
+    """One step's ``(args, kwargs)`` for a UNet2DConditionModel (SD1.5/SDXL), a DiT, a PixArt or a FLUX
+    transformer (``latent_size`` latent pixels a side, packed 2x2 into tokens for FLUX)."""
     cfg = denoiser.config
     size = latent_size or cfg.sample_size
     g = torch.Generator().manual_seed(seed)
@@ -35,7 +36,25 @@ def denoiser_inputs(denoiser: torch.nn.Module, batch: int = 2, latent_size: int 
     name = type(denoiser).__name__
     if name.startswith("UNet2DCondition"):
         ctx = torch.randn(batch, text_tokens, cfg.cross_attention_dim, generator=g).to(x)
-        return (x, t), {"encoder_hidden_states": ctx}
+        kwargs = {"encoder_hidden_states": ctx}
+        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and the size/crop conditioning
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            time_ids = torch.tensor([size * 8, size * 8, 0, 0, size * 8, size * 8], dtype=torch.float32)
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=g).to(x),
+                                           "time_ids": time_ids.repeat(batch, 1).to(x)}
+        return (x, t), kwargs
+    if name == "FluxTransformer2DModel":  # packed 2x2 latents: ``size`` x ``size`` latent pixels
+        side = size // 2
+        tokens = torch.randn(batch, side * side, cfg.in_channels, generator=g).to(x)
+        ctx = torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=g).to(x)
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] = torch.arange(side)[:, None]
+        img_ids[..., 2] = torch.arange(side)[None, :]
+        kwargs = {"encoder_hidden_states": ctx, "timestep": torch.full((batch,), 0.5).to(x),
+                  "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(x),
+                  "img_ids": img_ids.reshape(-1, 3).to(x), "txt_ids": torch.zeros(text_tokens, 3).to(x),
+                  "guidance": torch.full((batch,), 3.5).to(x) if cfg.guidance_embeds else None}
+        return (tokens,), kwargs
     if name == "DiTTransformer2DModel":
         return (x,), {"timestep": t, "class_labels": torch.arange(batch) % 10}
     if name == "PixArtTransformer2DModel":
