@@ -32,6 +32,13 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qm
     return (codes - shift).to(torch.int8)
 
 
+def quantize_fast(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
+    """:func:`quantize_static` for a full signed 8-bit grid with Python-number qparams, in one fused kernel
+    (``quantize_per_tensor``, which reads float32 only: a 16-bit input costs one cast more); not traceable by
+    ``torch.compile``, which uses :func:`quantize_static`."""
+    return torch.quantize_per_tensor(x.float(), scale, zero, torch.qint8).int_repr()
+
+
 def gemm_shapes_ok(k: int, n: int) -> bool:
     """cuBLASLt's int8 GEMM needs the inner and output dimensions to be multiples of 8."""
     return k % 8 == 0 and n % 8 == 0

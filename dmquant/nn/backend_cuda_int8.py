@@ -4,8 +4,10 @@ It takes frozen linear and ``groups == 1`` zero-padded conv layers whose weights
 symmetric scale per output channel and whose inputs have static 8-bit quantizers (one per input part of a
 split skip concatenation; a time table's entry is read as a tensor). Chosen automatically for CUDA inputs;
 forced by name (``layer.backend = "cuda-int8"``) it runs on the CPU too, which is how it is tested. The
-weight codes are used in place; the only prepared state is the weight's int32 row sums (the zero-point
-correction), a few bytes per output channel.
+weight codes are used in place; the prepared state is a few float32/int32 numbers per output channel.
+Eager calls of a table-free linear layer take four kernels (``quantize_per_tensor``, its codes, the int8
+GEMM, one ``addcmul`` epilogue); under ``torch.compile`` the plain tensor expression of
+:mod:`dmquant.kernels.int8_gemm` runs instead, which inductor fuses with the neighbouring ops.
 """
 
 from __future__ import annotations
@@ -46,9 +48,23 @@ def _supports(layer, x) -> bool:
     return x.is_cuda and NAME in layer.kernels
 
 
-def _prepare(layer) -> list[torch.Tensor]:
-    """The int32 row sums of each part's weight codes."""
-    return [qw.qdata.to(torch.int32).sum(dim=1) for qw in layer.qweights]
+def _prepare(layer) -> list[dict]:
+    """Per input part: the int32 row sums of the weight codes (the zero-point correction) and, for an input
+    quantizer without a time table, its grid as Python numbers with the epilogue folded into two float32
+    vectors (``y = acc * combined + offset``), so that an eager call is four kernels."""
+    prepared = []
+    for i, (qw, q) in enumerate(_parts(layer)):
+        colsum = qw.qdata.to(torch.int32).sum(dim=1)
+        part = {"colsum": colsum}
+        if q.table is None:
+            scale, zero, qmin, qmax, shift = _grid(q)
+            combined = scale.float() * qw.channel_scales().float()
+            offset = -(zero - shift).float() * colsum.float() * combined
+            if i == 0 and layer.bias is not None:
+                offset = offset + layer.bias.float()
+            part.update(combined=combined, offset=offset, scale=float(scale), zero=int(zero) - shift)
+        prepared.append(part)
+    return prepared
 
 
 def _grid(q) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
@@ -57,9 +73,21 @@ def _grid(q) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
     return scale, zero, q.fmt.qmin, q.fmt.qmax, shift
 
 
+def _linear_part(part: torch.Tensor, qw, q, prepared: dict, bias, out_dtype) -> torch.Tensor:
+    if "combined" in prepared and not torch.compiler.is_compiling():  # eager: the fused torch kernels
+        codes = int8_gemm.quantize_fast(part, prepared["scale"], prepared["zero"])
+        rows = codes.reshape(-1, codes.shape[-1])
+        y = torch.addcmul(prepared["offset"], int8_gemm.int_mm(rows, qw.qdata.t()), prepared["combined"])
+        return y.to(out_dtype).reshape(*codes.shape[:-1], qw.shape[0])
+    scale, zero, qmin, qmax, shift = _grid(q)
+    codes = int8_gemm.quantize_static(part, scale, zero, qmin, qmax, shift)
+    return int8_gemm.int8_linear(codes, zero - shift, scale, qw.qdata, qw.channel_scales(), prepared["colsum"],
+                                 bias, out_dtype)
+
+
 def _run(layer, x: torch.Tensor) -> torch.Tensor:
-    colsums = layer.kernels.get(NAME)
-    if colsums is None:
+    prepared = layer.kernels.get(NAME)
+    if prepared is None:
         if not eligible(layer):
             raise DMQuantError(f"backend {NAME!r} cannot compute this layer (int8 per-channel weights and static "
                                "8-bit inputs only): use backend='auto'")
@@ -68,16 +96,14 @@ def _run(layer, x: torch.Tensor) -> torch.Tensor:
     def main(x: torch.Tensor) -> torch.Tensor:
         y = None
         for i, ((qw, q), part) in enumerate(zip(_parts(layer), layer.input_parts(x))):
-            scale, zero, qmin, qmax, shift = _grid(q)
             bias = layer.bias if i == 0 else None
             if layer.kind == "linear":
-                codes = int8_gemm.quantize_static(part, scale, zero, qmin, qmax, shift)
-                out = int8_gemm.int8_linear(codes, zero - shift, scale, qw.qdata, qw.channel_scales(), colsums[i],
-                                            bias, x.dtype)
+                out = _linear_part(part, qw, q, prepared[i], bias, x.dtype)
             else:
+                scale, zero, qmin, qmax, shift = _grid(q)
                 g = layer.geometry
-                out = int8_gemm.int8_conv2d(part, scale, zero, qmin, qmax, shift, qw.qdata.reshape(qw.shape),
-                                            qw.channel_scales(), colsums[i], bias, g["kernel_size"], g["stride"],
+                out = int8_gemm.int8_conv2d(part, scale, zero, qmin, qmax, shift, qw.qdata, qw.channel_scales(),
+                                            prepared[i]["colsum"], bias, g["kernel_size"], g["stride"],
                                             g["padding"], g["dilation"])
             y = out if y is None else y + out
         return y

@@ -104,6 +104,16 @@ def test_eligibility():
     assert backends.choose(layer, x).name != backend_cuda_int8.NAME
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_inputs(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(40, 64)
+    layer = frozen_layer(nn.Linear(64, 48), x)
+    layer.to(dtype)
+    ref, out = run(layer, x.to(dtype), "reference"), run(layer, x.to(dtype), "cuda-int8")
+    assert out.dtype == dtype and sqnr_db(ref.float(), out.float()) > 35.0  # 16-bit rounding of the reference
+
+
 def test_kernel_against_float64():
     torch.manual_seed(1)
     x = torch.randn(33, 40) * 2
