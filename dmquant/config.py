@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from dmquant.errors import DMQuantError
-from dmquant.formats import check_bits
+from dmquant.formats import FORMAT_NAMES, check_bits
 from dmquant.quantizers.ranges import RANGE_METHODS
 
 RECIPE_DIRS = (
@@ -46,9 +46,24 @@ def _check_percentile(percentile: float) -> None:
         raise DMQuantError(f"percentile={percentile} must lie in (50, 100], e.g. 99.9 or 99.99")
 
 
+def _check_format(config, section: str) -> None:
+    """``format``: ``int`` (a grid of ``bits``) or ``fp8_e4m3`` (8 bits, symmetric: no zero point)."""
+    _check_choice(config.format, FORMAT_NAMES, f"{section}.format")
+    if config.format == "fp8_e4m3":
+        if config.bits != 8:
+            raise DMQuantError(f"{section}.format='fp8_e4m3' has 8 bits: set {section}.bits=8 (or leave it out)")
+        if config.symmetric is False:
+            raise DMQuantError(f"{section}.format='fp8_e4m3' is symmetric (no zero point): set "
+                               f"{section}.symmetric=true (or leave it out)")
+
+
 @dataclass(frozen=True)
 class WeightQuantConfig:
-    """How weights are quantized: bits, grid and granularity (per tensor/channel/group)."""
+    """How weights are quantized: bits, grid and granularity (per tensor/channel/group).
+
+    ``format``: ``int`` (an integer grid of ``bits``) or ``fp8_e4m3`` (float8 e4m3 codes, 8 bits,
+    symmetric, ``scale = amax / 448`` per row; rounding to nearest only).
+    """
 
     bits: int = 8
     symmetric: bool = True
@@ -56,9 +71,11 @@ class WeightQuantConfig:
     group_size: int | None = None
     method: str = "minmax"
     percentile: float = 99.99
+    format: str = "int"
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "weights.bits")
+        _check_format(self, "weights")
         _check_choice(self.granularity, ("tensor", "channel", "group"), "weights.granularity")
         _check_choice(self.method, RANGE_METHODS, "weights.method")
         _check_percentile(self.percentile)
@@ -69,17 +86,25 @@ class WeightQuantConfig:
 @dataclass(frozen=True)
 class ActQuantConfig:
     """How layer inputs are quantized: static per tensor (calibrated), or dynamic per token or per
-    group of ``group_size`` channels of each token (computed on the fly, as the W4A4 kernel does)."""
+    group of ``group_size`` channels of each token (computed on the fly, as the W4A4 kernel does).
+
+    ``format``: ``int`` or ``fp8_e4m3`` (float8 e4m3, ``scale = amax / 448`` of the tensor or token).
+    ``symmetric`` left out means asymmetric for ``int`` and symmetric for ``fp8_e4m3`` (its only kind).
+    """
 
     bits: int = 8
-    symmetric: bool = False
+    symmetric: bool | None = None
     granularity: str = "tensor"
     method: str = "minmax"
     percentile: float = 99.99
     group_size: int | None = None
+    format: str = "int"
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "activations.bits")
+        _check_format(self, "activations")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.format == "fp8_e4m3")
         _check_choice(self.granularity, ("tensor", "token", "group"), "activations.granularity")
         _check_choice(self.method, RANGE_METHODS, "activations.method")
         _check_percentile(self.percentile)
@@ -381,6 +406,13 @@ class QuantConfig:
         if (self.time is not None and self.time.mode == "learned" and r is not None and r.learn_act_scales):
             raise DMQuantError("time.mode='learned' (TDQ) and reconstruction.learn_act_scales both set the "
                                "activation ranges: keep one of them")
+        if r is not None and self.weights.format == "fp8_e4m3":
+            raise DMQuantError("reconstruction learns the rounding of integer weights (AdaRound), but "
+                               "weights.format='fp8_e4m3' rounds to nearest: drop 'reconstruction'")
+        if self.activations is not None and self.activations.format != self.weights.format:
+            raise DMQuantError(f"activations.format={self.activations.format!r} with weights.format="
+                               f"{self.weights.format!r}: no kernel mixes integer and float8 operands; give both "
+                               "the same format")
 
     @property
     def needs_activation_ranges(self) -> bool:
@@ -403,7 +435,8 @@ class QuantConfig:
     @property
     def tag(self) -> str:
         a = "16" if self.activations is None else str(self.activations.bits)
-        return f"W{self.weights.bits}A{a}"
+        fp8 = "-FP8" if self.weights.format == "fp8_e4m3" else ""
+        return f"W{self.weights.bits}A{a}{fp8}"
 
     def to_dict(self) -> dict[str, Any]:
         return _lists(dataclasses.asdict(self))

@@ -1,7 +1,7 @@
 """Save and load quantized denoisers (format 4): ``config.json`` (the diffusers config),
 ``dmquant_config.json`` (format version, recipe, the timestep keys of the denoiser's TimeTable, one
 ``spec()`` per quantized layer and per quantized attention module) and ``dmquant_weights.safetensors``
-(the frozen state dict).
+(the frozen state dict; float8 weight codes as F8_E4M3 tensors).
 
 Saving freezes a copy of each simulated layer (the model itself is not changed). Loading builds the
 denoiser on the meta device (no full-precision weights are materialised), puts empty frozen layers
@@ -129,13 +129,15 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
                            f"unexpected {extra}): the folder is damaged or mixed; save it again")
     for key, want in expected.items():
         got = state[key]
-        same_kind = got.dtype == want.dtype or (got.dtype.is_floating_point and want.dtype.is_floating_point)
+        float8 = torch.float8_e4m3fn in (got.dtype, want.dtype)  # codes: only their own dtype will do
+        same_kind = got.dtype == want.dtype or (got.dtype.is_floating_point and want.dtype.is_floating_point
+                                                and not float8)
         if got.shape != want.shape or not same_kind:
             raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} is {got.dtype} {tuple(got.shape)} but the "
                                f"description needs {want.dtype} {tuple(want.shape)}: the stored tensors and the "
                                "description (layers, timestep tables) disagree; the folder is damaged or mixed; "
                                "save it again")
-        if got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
+        if got.dtype.is_floating_point and not bool(torch.isfinite(got.float() if float8 else got).all()):
             raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} holds NaN or Inf values: the saved model is "
                                "damaged; quantize and save it again")
     try:

@@ -25,6 +25,7 @@ from dmquant.kernels.gemm import int4_linear
 from dmquant.kernels.int4 import GROUP_SIZE
 from dmquant.nn import (
     backend_cuda_int8,  # noqa: F401  (registers cuda-int8)
+    backend_fp8,  # noqa: F401  (registers cuda-fp8)
     backend_weight_only,  # noqa: F401  (registers cuda-w4a16)
 )
 from dmquant.nn.backend_registry import Backend, choose, names, prepare, register, run

@@ -48,7 +48,8 @@ class WrapReport:
 
 # -- one handler per recipe section ------------------------------------------------------------------------
 def weight_quantizers(c: WeightQuantConfig) -> MakeWeightQuantizer:
-    return lambda: WeightQuantizer(c.bits, c.symmetric, c.granularity, c.group_size, c.method, c.percentile)
+    return lambda: WeightQuantizer(c.bits, c.symmetric, c.granularity, c.group_size, c.method, c.percentile,
+                                   number_format=c.format)
 
 
 def _time_kwargs(table: TimeTable | None, time: TimeConditioningConfig | None) -> dict:
@@ -64,7 +65,8 @@ def input_quantizers(c: ActQuantConfig | None, table: TimeTable | None,
         return None
     return lambda channel_dim: ActQuantizer(c.bits, symmetric=c.symmetric, granularity=c.granularity,
                                             group_size=c.group_size, method=c.method, percentile=c.percentile,
-                                            channel_dim=channel_dim, **_time_kwargs(table, time))
+                                            channel_dim=channel_dim, number_format=c.format,
+                                            **_time_kwargs(table, time))
 
 
 def attention_quantizers(c: AttentionQuantConfig, table: TimeTable | None,

@@ -5,6 +5,9 @@ per group of channels, computed on the fly). It takes numbers and formats, never
 ``mode`` is ``"off"`` (pass-through), ``"observe"`` (record statistics, pass-through) or ``"quant"``.
 Observers are made when observation starts (``set_mode("observe")``: one per table key for a
 time-conditioned quantizer, so the table's keys must be set first) and dropped by ``finalize``.
+
+``number_format="fp8_e4m3"`` rounds to float8 e4m3 instead of an integer grid (symmetric: the scale is
+``amax / 448`` of the tensor, or of each token when dynamic, computed in float32).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import torch
 from torch import nn
 
 from dmquant.errors import DMQuantError
-from dmquant.formats import IntFormat
+from dmquant.formats import format_named, is_float
 from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_from_range
 from dmquant.quantizers.granularity import dynamic_rows, from_dynamic_rows
 from dmquant.quantizers.observer import RangeObserver
 from dmquant.quantizers.ranges import estimate_range
-from dmquant.quantizers.timetable import RangeMLP, TimeTable, interval_groups, nearest_filled
+from dmquant.quantizers.timetable import RangeMLP, TimeTable, interval_groups, nearest_filled, take
 
 MODES = ("off", "observe", "quant")
 TABLE_MODES = ("step", "interval", "learned")
@@ -36,9 +39,11 @@ class ActQuantizer(nn.Module):
                  granularity: str = "tensor", group_size: int | None = None, method: str = "minmax",
                  percentile: float = 99.99, channel_dim: int = -1, table: TimeTable | None = None,
                  table_mode: str = "step", num_intervals: int = 4, mlp: tuple[int, int] | None = None,
-                 mlp_iterations: int = 300):
+                 mlp_iterations: int = 300, number_format: str = "int"):
         super().__init__()
-        self.fmt = IntFormat(bits, signed=symmetric if signed is None else signed)
+        self.fmt = format_named(number_format, bits, signed=symmetric if signed is None else signed)
+        if is_float(self.fmt) and not symmetric:
+            raise DMQuantError("float8 activations are symmetric (no zero point): set symmetric=True")
         self.symmetric, self.granularity, self.group_size = symmetric, granularity, group_size
         self.method, self.percentile, self.channel_dim = method, percentile, channel_dim
         self.table = table if self.static else None
@@ -54,6 +59,10 @@ class ActQuantizer(nn.Module):
     @property
     def bits(self) -> int:
         return self.fmt.bits
+
+    @property
+    def number_format(self) -> str:
+        return "fp8_e4m3" if is_float(self.fmt) else "int"
 
     @property
     def static(self) -> bool:
@@ -72,7 +81,7 @@ class ActQuantizer(nn.Module):
         mlp = None if self.range_mlp is None else [self.range_mlp.num_frequencies, self.range_mlp.net[0].out_features]
         return {"bits": self.bits, "signed": self.fmt.signed, "symmetric": self.symmetric,
                 "granularity": self.granularity, "group_size": self.group_size, "channel_dim": self.channel_dim,
-                "table": self.table is not None, "mlp": mlp}
+                "table": self.table is not None, "mlp": mlp, "format": self.number_format}
 
     @classmethod
     def from_spec(cls, spec: dict, table: TimeTable | None, device="meta") -> ActQuantizer:
@@ -83,7 +92,8 @@ class ActQuantizer(nn.Module):
         q = cls(spec["bits"], symmetric=spec["symmetric"], signed=spec["signed"], granularity=spec["granularity"],
                 group_size=spec["group_size"], channel_dim=spec["channel_dim"],
                 table=table if spec["table"] else None, table_mode="learned" if spec["mlp"] else "step",
-                mlp=tuple(spec["mlp"]) if spec["mlp"] else None)
+                mlp=tuple(spec["mlp"]) if spec["mlp"] else None,
+                number_format=spec.get("format", "int"))  # "format" is new in dmquant 0.2's format 4
         shape = (len(table),) if spec["table"] else ()
         if q.static:
             q.scale, q.zero_point = torch.empty(shape, device=device), torch.empty(shape, device=device)
@@ -136,7 +146,7 @@ class ActQuantizer(nn.Module):
         if self.table is None:
             return self.scale, self.zero_point
         index = self.table.index()
-        return self.scale[index], self.zero_point[index]
+        return take(self.scale, index), take(self.zero_point, index)
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         rows = dynamic_rows(x, self.granularity, self.group_size, self.channel_dim)
@@ -211,4 +221,5 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         time = f", table={self.table_mode}" if self.table is not None else ""
-        return f"bits={self.bits}, {self.granularity}, mode={self.mode}{time}"
+        fmt = ", fp8_e4m3" if is_float(self.fmt) else ""
+        return f"bits={self.bits}{fmt}, {self.granularity}, mode={self.mode}{time}"

@@ -1,6 +1,9 @@
 """The weight quantizer: scales of one weight (per tensor, output channel, or group of input
 elements) and its rounding: to nearest, learned (AdaRound's ``V`` while a reconstruction runs), or
 fixed codes once that rounding is hardened. It takes numbers and formats, never config objects.
+
+``number_format="fp8_e4m3"`` stores float8 e4m3 codes instead of integers (symmetric, ``scale =
+amax / 448`` per row, rounding to the nearest float8 only: learned rounding is for integer grids).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import torch
 from torch import nn
 
 from dmquant.errors import DMQuantError
-from dmquant.formats import IntFormat
+from dmquant.formats import format_named, is_float
 from dmquant.quantizers.adaround import init_rounding, learned_codes, rounding_regularizer
 from dmquant.quantizers.affine import dequantize, fake_quant, qparams_from_range, quantize
 from dmquant.quantizers.granularity import from_rows, to_rows
@@ -18,9 +21,12 @@ from dmquant.quantizers.ranges import estimate_range
 
 class WeightQuantizer(nn.Module):
     def __init__(self, bits: int = 8, symmetric: bool = True, granularity: str = "channel",
-                 group_size: int | None = None, method: str = "minmax", percentile: float = 99.99):
+                 group_size: int | None = None, method: str = "minmax", percentile: float = 99.99,
+                 number_format: str = "int"):
         super().__init__()
-        self.fmt = IntFormat(bits, signed=True, narrow=symmetric)
+        self.fmt = format_named(number_format, bits, signed=True, narrow=symmetric)
+        if is_float(self.fmt) and not symmetric:
+            raise DMQuantError("float8 weights are symmetric (no zero point): set symmetric=True")
         self.symmetric, self.granularity, self.group_size = symmetric, granularity, group_size
         self.method, self.percentile = method, percentile
         self.register_buffer("scale", torch.empty(0))
@@ -31,6 +37,10 @@ class WeightQuantizer(nn.Module):
     @property
     def bits(self) -> int:
         return self.fmt.bits
+
+    @property
+    def number_format(self) -> str:
+        return "fp8_e4m3" if is_float(self.fmt) else "int"
 
     @property
     def calibrated(self) -> bool:
@@ -64,8 +74,9 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight's integer codes (int8), shaped as the weight."""
-        return from_rows(self.code_rows(weight), weight, self.granularity).to(torch.int8)
+        """The weight's codes, shaped as the weight: int8, or ``float8_e4m3fn`` for the float format."""
+        dtype = self.fmt.dtype if is_float(self.fmt) else torch.int8
+        return from_rows(self.code_rows(weight), weight, self.granularity).to(dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The fake-quantized weight: differentiable in the learned rounding (or, with gradients, STE)."""
@@ -81,6 +92,9 @@ class WeightQuantizer(nn.Module):
     # -- learned rounding (AdaRound); driven by dmquant.calibration.reconstruct --------------------------
     def start_rounding(self, weight: torch.Tensor) -> nn.Parameter:
         """AdaRound's ``V``, initialised at the weight's fractional parts; returns it for an optimizer."""
+        if is_float(self.fmt):
+            raise DMQuantError("learned rounding (AdaRound) needs an integer grid: float8 weights round to nearest; "
+                               "drop 'reconstruction' from the recipe")
         scale, _ = self._qparams()
         self.fixed_codes = None
         self.rounding = nn.Parameter(init_rounding(self.rows(weight.detach()) / scale))
@@ -97,4 +111,5 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")
-        return f"bits={self.bits}, {g}, symmetric={self.symmetric}"
+        fmt = ", fp8_e4m3" if is_float(self.fmt) else ""
+        return f"bits={self.bits}{fmt}, {g}, symmetric={self.symmetric}"
