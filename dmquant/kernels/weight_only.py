@@ -8,9 +8,11 @@ and a weight stored as a :class:`~dmquant.quantizers.qtensor.QuantizedTensor` st
 * ``scale``: one per group of ``group_size`` consecutive input features per output row (``[N, K/group]``
   or flat, as the quantized tensor keeps it), or one per output row when ``group_size`` is ``None``.
 
-On CUDA with 16-bit ``x`` the Triton kernel (:mod:`dmquant.kernels._w4a16_triton`) dequantizes weight tiles
-inside the GEMM, so no full-size dequantized weight is ever written (falling back to the torch path with a
-warning if it fails). Elsewhere (and for ``backend="torch"``) the torch path dequantizes the whole weight
+On CUDA with 16-bit ``x`` either the Triton kernel (:mod:`dmquant.kernels._w4a16_triton`) dequantizes weight
+tiles inside the GEMM, so no full-size dequantized weight is ever written, or a one-pass Triton kernel writes a
+temporary 16-bit weight that cuBLAS multiplies (freed after the call; the stored weight stays 4-bit): the
+faster of the two as measured on an H200 (:func:`fused_is_faster`; the fused GEMM wins only for large M on
+small weights). Either falls back to the torch path with a warning if Triton fails. Elsewhere (and for ``backend="torch"``) the torch path dequantizes the whole weight
 exactly as :meth:`QuantizedTensor.dequantize` does and calls ``F.linear``: bit for bit the reference
 backend's result. ``w4a16_linear_reference`` is dequantization in ``x``'s dtype, then one float64 matmul.
 """
@@ -54,9 +56,14 @@ def w4a16_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, grou
 
 
 def fused_is_faster(m: int, n: int, k: int, group_size: int | None) -> bool:
-    """Whether the fused GEMM beats the one-pass dequantization + cuBLAS at this shape (measured on an H200,
-    ``eval/bench_weight_only.py``)."""
-    return True
+    """Whether the fused GEMM beats the one-pass dequantization + cuBLAS at this shape.
+
+    Measured on an H200 (Triton 3.6, ``eval/bench_weight_only.py``, fp16, CUDA graphs): the fused kernel
+    is 0.99-1.12x cuBLAS FP16 at 8192x320x320 (where dequantization + cuBLAS is 1.17-1.19x) but 1.3-3.4x
+    at every larger weight or smaller M, where the one-pass dequantization + cuBLAS is 1.04-1.16x (M >= 2048)
+    and 1.4-1.6x (M <= 512, a few microseconds of launch). So: fused only for large M on small weights.
+    """
+    return m >= 4096 and n * k <= 320 * 384
 
 
 w8a16_linear = w4a16_linear  # the codes' storage (uint8 packed int4 or int8) tells the kernel which

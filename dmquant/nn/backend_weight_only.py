@@ -1,5 +1,5 @@
-"""Backend ``cuda-w4a16``: a frozen weight-only layer (W4A16, W8A16) with the dequantization inside the GEMM
-(:func:`dmquant.kernels.weight_only.w4a16_linear`), so no full 16-bit copy of the weight is made per call.
+"""Backend ``cuda-w4a16``: a frozen weight-only layer (W4A16, W8A16) computed from its stored integer codes
+(:func:`dmquant.kernels.weight_only.w4a16_linear`): stored weights stay 3-4x smaller than FP16.
 
 It takes frozen layers without input quantizers (activations stay 16-bit) whose single weight part is
 symmetric and either 4-bit in groups of 32, 64 or 128 input features (packed two per byte) or 8-bit with
@@ -8,8 +8,11 @@ around the kernel through ``layer.with_branch`` as in the other backends. Chosen
 inputs only; forced by name (``layer.backend = "cuda-w4a16"``) it runs on the CPU too, with
 ``layer.kernel`` choosing the Triton kernel or the torch path (tests).
 
-* linear: one GEMM with in-kernel dequantization;
-* 1x1 conv (stride 1, no padding, ``groups == 1``): the same GEMM over pixels (channels last);
+* linear: :func:`~dmquant.kernels.weight_only.w4a16_linear` (``method="auto"``): the GEMM with in-kernel
+  dequantization where it measured faster, else the one-pass Triton dequantization into a temporary
+  16-bit weight and cuBLAS (on an H200 the fused Triton GEMM is 1.3-3.4x cuBLAS FP16 at most SD1.5 shapes,
+  the one-pass dequantization + cuBLAS 1.04-1.16x at M >= 2048; see ``fused_is_faster``);
+* 1x1 conv (stride 1, no padding, ``groups == 1``): the same call over pixels (channels last);
 * any other conv (3x3...): an implicit-GEMM conv with in-kernel dequantization is not written; the weight
   is dequantized by a one-pass Triton kernel (codes read once, the 16-bit weight written once) into a
   temporary that cuDNN's conv reads and that is freed after the call. Stored weights stay 4-bit; the

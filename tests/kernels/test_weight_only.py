@@ -2,6 +2,7 @@
 tensors through Triton's interpreter), its torch path, and the ``cuda-w4a16`` backend of a frozen layer (issue 15)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from dmquant.nn.outlier import OutlierBranch
 from dmquant.nn.wrap import weight_quantizers
 from dmquant.quantizers.qtensor import QuantizedTensor
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# compiled kernels on a GPU: run with TRITON_INTERPRET=0 (the conftest's default interprets every Triton kernel)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                          reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -102,6 +105,15 @@ def test_torch_path_is_dequantize_then_linear_bit_for_bit(bits, group):
     bias = torch.randn(48)
     out = w4a16_linear(x, qt.qdata, qt.scale, group, bias)  # CPU tensors: auto is the torch path
     assert torch.equal(out, torch.nn.functional.linear(x, qt.dequantize(x.dtype), bias))
+
+
+def test_dequantize_then_linear_method():
+    x, qdata, scale, bias = problem(m=9, group=32, dtype=torch.float16)
+    out = w4a16_linear(x, qdata, scale, 32, bias, backend="triton", method="dequant")  # one-pass kernel + F.linear
+    ref = torch.nn.functional.linear(x, dequantize_weight(qdata, scale, 32, 256, x.dtype, backend="torch"), bias)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="method"):
+        w4a16_linear(x, qdata, scale, 32, bias, method="cublas")
 
 
 def test_bad_arguments_are_refused():
@@ -202,7 +214,8 @@ def test_on_cuda_auto_takes_the_fused_kernel():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_at_unet_shapes(m, n, k, group, dtype):
     x, qdata, scale, bias = problem(m, n, k, group, dtype=dtype, device="cuda")
-    out = w4a16_linear(x, qdata, scale, group, bias)
     ref = w4a16_linear_reference(x, qdata, scale, group, bias)
-    assert out.dtype == dtype
-    assert sqnr_db(out, ref) >= (45 if dtype == torch.bfloat16 else 60)  # the output's own rounding: 8 vs 11 bits
+    for method in ("fused", "dequant"):
+        out = w4a16_linear(x, qdata, scale, group, bias, method=method)
+        assert out.dtype == dtype
+        assert sqnr_db(out, ref) >= (45 if dtype == torch.bfloat16 else 60), method  # the output's rounding
