@@ -8,10 +8,17 @@
 * Q quantized to int8 with one scale per query (SageAttention uses blocks of 128 queries; a scale
   per row costs the kernel nothing and removes about a fifth of the error on random inputs);
 * Q·Kᵀ in int8 with int32 accumulation, the softmax in FP32, and P·V in 16-bit (V's dtype; FP16
-  for FP32 inputs) with FP32 accumulation.
+  for FP32 inputs) with FP32 accumulation (``pv="fp16"``);
+* or (``pv="fp8"``, SageAttention2's recipe, for GPUs with FP8 tensor cores) P·V in float8 e4m3: V
+  smoothed by subtracting its per-channel mean over tokens (added back to the output: each softmax
+  row sums to 1) and quantized with one scale per channel (``amax / 448``), P (in [0, 1] after the
+  max subtraction) scaled by 448 and cast to e4m3, the product accumulated in FP32 and divided by
+  the row sums of the unquantized 448·P. K then has one scale per ``K_BLOCK_FP8`` keys.
 
-On CUDA tensors the Triton kernel runs (falling back to the torch path with a warning if it fails);
-elsewhere the torch path below, which computes the same quantized math query-chunk by query-chunk.
+``pv="auto"`` picks ``"fp8"`` on CUDA devices of compute capability >= 8.9 and ``"fp16"`` elsewhere.
+On CUDA tensors the Triton kernel runs (falling back with a warning if it fails: an automatically
+chosen FP8 variant to the FP16 one, else to the torch path); elsewhere the torch path below, which
+computes the same quantized math query-chunk by query-chunk.
 """
 
 from __future__ import annotations
@@ -21,24 +28,29 @@ import torch
 from dmquant.kernels._dispatch import run_with_fallback, use_triton
 
 K_BLOCK = 64
+K_BLOCK_FP8 = 128  # keys per K scale with pv="fp8" (the kernel's key block is 64 or 128)
+FP8_MAX = 448.0  # largest float8 e4m3 (torch.float8_e4m3fn) value
+PV_MODES = ("auto", "fp16", "fp8")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 _EPS = 1e-12
 _QUERY_CHUNK = 1024  # torch path: queries per chunk
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                   key_bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                   key_bias: torch.Tensor | None = None, backend: str = "auto", pv: str = "auto") -> torch.Tensor:
     """Int8 Q·Kᵀ attention on ``(B, H, N, D)`` tensors; returns ``(B, H, N_q, D)`` in ``q``'s dtype.
 
     ``scale`` defaults to ``D ** -0.5``; ``key_bias`` (``[B, N_kv]``, additive, ``-inf`` allowed) masks
-    or biases keys per batch element; ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``.
+    or biases keys per batch element; ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``; ``pv``:
+    ``"auto"``, ``"fp16"`` or ``"fp8"`` (the precision of P·V, see the module docstring).
     """
     _check_inputs(q, k, v, key_bias)
+    chosen = resolve_pv(pv, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     key_bias = None if key_bias is None else key_bias.float().contiguous()
 
     def slow() -> torch.Tensor:
-        return int8_attention_reference(q, k, v, scale=scale, key_bias=key_bias)
+        return int8_attention_reference(q, k, v, scale=scale, key_bias=key_bias, pv=chosen)
 
     if not use_triton(backend, q):
         return slow()
@@ -47,9 +59,26 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
         from dmquant.kernels import _attention_triton
 
         q_, k_, v_ = _last_dim_contiguous(q, k, v)
-        return _attention_triton.attention(q_, k_, v_, scale, key_bias)
+        return _attention_triton.attention(q_, k_, v_, scale, key_bias, pv=chosen)
 
-    return run_with_fallback("int8_attention", backend, fast, slow)
+    if chosen == "fp16":
+        return run_with_fallback("int8_attention", backend, fast, slow)
+
+    def fp16_kernel() -> torch.Tensor:  # an automatically chosen FP8 kernel that fails degrades to this
+        return int8_attention(q, k, v, scale=scale, key_bias=key_bias, backend=backend, pv="fp16")
+
+    return run_with_fallback("int8_attention_fp8", backend, fast, fp16_kernel if pv == "auto" else slow)
+
+
+def resolve_pv(pv: str, t: torch.Tensor) -> str:
+    """``"fp16"`` or ``"fp8"``: ``pv`` itself, or for ``"auto"`` FP8 on CUDA devices of capability >= 8.9."""
+    if pv not in PV_MODES:
+        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+    if pv != "auto":
+        return pv
+    if t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9):
+        return "fp8"
+    return "fp16"
 
 
 def smooth_k(k: torch.Tensor) -> torch.Tensor:
@@ -83,16 +112,51 @@ def pv_dtype(v: torch.Tensor) -> torch.dtype:
     return v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
+def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V minus its per-channel mean over tokens, in float8 e4m3 with one scale per channel.
+
+    Returns (``torch.float8_e4m3fn`` ``[..., N, D]``, scale ``[..., 1, D]``, mean ``[..., 1, D]``, FP32):
+    ``v ≈ codes·scale + mean``, ``scale = max_n |v - mean| / 448``.
+    """
+    v = v.float()
+    mean = v.mean(dim=-2, keepdim=True)
+    centred = v - mean
+    amax = centred.abs().amax(dim=-2, keepdim=True).clamp_min(_EPS)
+    codes = (centred * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, amax / FP8_MAX, mean
+
+
 def int8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                             key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch version of the kernel's math (also the CPU path), chunked over queries."""
+                             key_bias: torch.Tensor | None = None, pv: str = "fp16") -> torch.Tensor:
+    """Plain-torch version of the kernel's math (also the CPU path), chunked over queries.
+
+    ``pv``: ``"fp16"`` or ``"fp8"`` (``"auto"`` resolves as in ``int8_attention``).
+    """
+    pv = resolve_pv(pv, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kq, ks = quantize_blocks(smooth_k(k), K_BLOCK)
+    kq, ks = quantize_blocks(smooth_k(k), K_BLOCK if pv == "fp16" else K_BLOCK_FP8)
+    kq_t = kq.float().transpose(-1, -2)
+    if pv == "fp8":
+        codes, v_scale, v_mean = quantize_v_fp8(v)
+        vv = codes.float()
+        chunks = [_reference_chunk_fp8(q[..., i:i + _QUERY_CHUNK, :], kq_t, ks, vv, scale, key_bias, v_scale, v_mean)
+                  for i in range(0, q.shape[-2], _QUERY_CHUNK)]
+        return torch.cat(chunks, dim=-2).to(q.dtype)
     p_dtype = pv_dtype(v)
-    kq_t, vv = kq.float().transpose(-1, -2), v.to(p_dtype).float()
+    vv = v.to(p_dtype).float()
     chunks = [_reference_chunk(q[..., i:i + _QUERY_CHUNK, :], kq_t, ks, vv, scale, key_bias, p_dtype)
               for i in range(0, q.shape[-2], _QUERY_CHUNK)]
     return torch.cat(chunks, dim=-2).to(q.dtype)
+
+
+def _reference_chunk_fp8(q, kq_t, ks, codes, scale, key_bias, v_scale, v_mean):
+    qq, qs = quantize_blocks(q, 1)
+    scores = (qq.float() @ kq_t) * (qs[..., :, None] * ks[..., None, :] * scale)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, None, :]
+    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * FP8_MAX  # 448·P, in [0, 448]
+    p8 = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
+    return (p8 @ codes) * (v_scale / p.sum(dim=-1, keepdim=True)) + v_mean
 
 
 def _reference_chunk(q, kq_t, ks, v, scale, key_bias, p_dtype):
