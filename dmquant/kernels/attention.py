@@ -15,7 +15,9 @@
   max subtraction) scaled by 448 and cast to e4m3, the product accumulated in FP32 and divided by
   the row sums of the unquantized 448·P. K then has one scale per ``K_BLOCK_FP8`` keys.
 
-``pv="auto"`` picks ``"fp8"`` on CUDA devices of compute capability >= 8.9 and ``"fp16"`` elsewhere.
+``pv="auto"`` is ``"fp16"`` everywhere for now: the FP8 kernel has not yet run on a GPU (``AUTO_FP8``
+turns it on for CUDA devices of compute capability >= 8.9 once eval/bench_gpu.py has measured it faster
+than cuDNN at cos >= 0.999; its torch reference gives cos 0.9992 at 4096 tokens). ``pv="fp8"`` opts in.
 On CUDA tensors the Triton kernel runs (falling back with a warning if it fails: an automatically
 chosen FP8 variant to the FP16 one, else to the torch path); elsewhere the torch path below, which
 computes the same quantized math query-chunk by query-chunk.
@@ -28,6 +30,7 @@ import torch
 from dmquant.kernels._dispatch import run_with_fallback, use_triton
 
 K_BLOCK = 64
+AUTO_FP8 = False  # not measured on a GPU yet: see the module docstring
 K_BLOCK_FP8 = 128  # keys per K scale with pv="fp8" (the kernel's key block is 64 or 128)
 FP8_MAX = 448.0  # largest float8 e4m3 (torch.float8_e4m3fn) value
 PV_MODES = ("auto", "fp16", "fp8")
@@ -71,12 +74,13 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
 
 
 def resolve_pv(pv: str, t: torch.Tensor) -> str:
-    """``"fp16"`` or ``"fp8"``: ``pv`` itself, or for ``"auto"`` FP8 on CUDA devices of capability >= 8.9."""
+    """``"fp16"`` or ``"fp8"``: ``pv`` itself, or for ``"auto"`` FP8 on CUDA devices of capability >= 8.9 when
+    ``AUTO_FP8`` is on (it is off until measured)."""
     if pv not in PV_MODES:
         raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
     if pv != "auto":
         return pv
-    if t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9):
+    if AUTO_FP8 and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9):
         return "fp8"
     return "fp16"
 
