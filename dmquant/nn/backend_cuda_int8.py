@@ -93,7 +93,7 @@ def _run(layer, x: torch.Tensor) -> torch.Tensor:
                                "8-bit inputs only): use backend='auto'")
         raise DMQuantError("a frozen layer's int8 kernels were not prepared: call prepare_kernels() after loading")
 
-    def main(x: torch.Tensor) -> torch.Tensor:
+    def main(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: see apply_branch
         y = None
         for i, ((qw, q), part) in enumerate(zip(_parts(layer), layer.input_parts(x))):
             bias = layer.bias if i == 0 else None

@@ -60,7 +60,7 @@ def _run(layer, x: torch.Tensor) -> torch.Tensor:
                            "per channel and float8 inputs per token or tensor only): use backend='auto'")
     qw, a = layer.qweights[0], layer.input_quantizers[0]
 
-    def main(x: torch.Tensor) -> torch.Tensor:
+    def main(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: see apply_branch
         act_scale = a.current_qparams()[0] if a.static else None
         return fp8.fp8_linear(x, qw.qdata, qw.channel_scales(), act_scale, layer.bias)
 

@@ -88,7 +88,7 @@ def _run(layer, x: torch.Tensor) -> torch.Tensor:
     group = _group(q)
     k = q.qdata.shape[1] * (2 if q.packing == "int4x2" else 1)
 
-    def main(x: torch.Tensor) -> torch.Tensor:
+    def main(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: see apply_branch
         if layer.kind == "linear":  # the torch path: F.linear on the weight as QuantizedTensor.dequantize has it
             return w4a16_linear(x, q.qdata, q.scale, group, layer.bias, backend=layer.kernel)
         if layer.kernel == "torch" or not triton_shapes_ok(k, group):

@@ -93,7 +93,7 @@ def _onednn_run(layer, x: torch.Tensor) -> torch.Tensor:
         raise DMQuantError("a frozen layer's int8 kernels were not prepared: call prepare_kernels() after loading")
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
 
-    def main(x: torch.Tensor) -> torch.Tensor:
+    def main(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: see apply_branch
         y = None
         for i, ((qw, q), part) in enumerate(zip(_per_part(layer), layer.input_parts(x))):
             scale, zero, qmin, qmax = _input_grid(q)

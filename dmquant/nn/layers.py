@@ -154,9 +154,12 @@ class QuantLayer(nn.Module):
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def main(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer on its (already transformed) input, with the quantized input and weight."""
-        return self.op(self.quant_input(x), self.effective_weight(x.dtype), self.bias)
+    def main(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The layer on its (already transformed) input, with the quantized input and weight; the product in
+        ``dtype`` (``x``'s by default: a float32 ``x`` of a 16-bit layer is quantized in float32, see
+        :func:`~dmquant.nn.outlier.apply_branch`)."""
+        dtype = dtype or x.dtype
+        return self.op(self.quant_input(x).to(dtype), self.effective_weight(dtype), self.bias)
 
     def with_branch(self, main: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return apply_branch(self.outlier, main, x, self.channel_dim)

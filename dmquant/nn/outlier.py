@@ -132,10 +132,18 @@ class OutlierBranch(nn.Module):
 
 
 def apply_branch(branch: OutlierBranch | None, main, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``main(T(x)) + low_rank(T(x))``, or ``main(x)`` without a branch."""
+    """``main(T(x), dtype) + low_rank(T(x))``, or ``main(x)`` without a branch (``main`` takes the input
+    and the dtype of the product).
+
+    With smoothing and a 16-bit ``x``, ``T(x)`` and the quantized main path are computed in float32 (as the
+    fused kernels do: the smoothed input rounded to 16 bits would move near-tie activation codes, and a
+    frozen layer would then no longer compute what was calibrated); the low-rank branch reads ``T(x)``
+    rounded to ``x``'s dtype, as the kernels' branch does; the sum is returned in ``x``'s dtype."""
     if branch is None:
         return main(x)
-    x = branch.transform(x, channel_dim)
-    y = main(x)
-    extra = branch.low_rank(x)
-    return y if extra is None else y + extra
+    wide = branch.smooth is not None and x.dtype in (torch.float16, torch.bfloat16)
+    xt = branch.transform(x.float() if wide else x, channel_dim)
+    y = main(xt, x.dtype)
+    extra = branch.low_rank(xt.to(x.dtype))
+    y = y if extra is None else y + extra
+    return y.to(x.dtype)

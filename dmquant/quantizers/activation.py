@@ -149,10 +149,14 @@ class ActQuantizer(nn.Module):
         return take(self.scale, index), take(self.zero_point, index)
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        rows = dynamic_rows(x, self.granularity, self.group_size, self.channel_dim)
+        """Scales and codes in float32 whatever ``x``'s dtype (as the fused GPU kernels compute them: a
+        16-bit scale would move near-tie codes), the result in ``x``'s dtype."""
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        rows = dynamic_rows(wide, self.granularity, self.group_size, self.channel_dim)
         lo, hi = rows.detach().amin(dim=1), rows.detach().amax(dim=1)
         scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric)
-        return from_dynamic_rows(fake_quant(rows, scale[:, None], zero[:, None], self.fmt), x, self.channel_dim)
+        out = from_dynamic_rows(fake_quant(rows, scale[:, None], zero[:, None], self.fmt), wide, self.channel_dim)
+        return out.to(x.dtype)
 
     # -- calibration -------------------------------------------------------------------------------------
     def _range_of(self, obs: RangeObserver) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +165,8 @@ class ActQuantizer(nn.Module):
 
     def _set_range(self, lo: torch.Tensor, hi: torch.Tensor, shape) -> None:
         scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric)
-        self.scale, self.zero_point = scale.reshape(shape), zero.reshape(shape)
+        device = self.scale.device  # the module's device (statistics may live elsewhere)
+        self.scale, self.zero_point = scale.reshape(shape).to(device), zero.reshape(shape).to(device)
 
     @torch.no_grad()
     def finalize(self) -> None:
