@@ -30,7 +30,7 @@ from dmquant.diffusers_io import conditioning_argument, scheduler_timesteps
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import full_precision
-from dmquant.quantizers.timetable import TimeTable, single_timestep
+from dmquant.quantizers.timetable import TimeTable, single_timestep, take
 
 
 @dataclass
@@ -174,10 +174,13 @@ class NoiseCorrection:
         self._patch_scheduler()
 
     def _correct_output(self, module, args, kwargs, output):
-        i = self.stats.index(self.read_timestep(args, kwargs))
+        compiling = torch.compiler.is_compiling()  # traced with a compiled denoiser: graph ops only (no check)
+        timestep = self.read_timestep(args, kwargs)
+        i = self.stats.table.traced_lookup(timestep) if compiling else self.stats.index(timestep)
         eps = _output_tensor(output)[:, : self.channels]
-        mu = self.stats.mu[i].to(eps)[None, :, None, None] if eps.ndim == 4 else self.stats.mu[i].to(eps)
-        eps.sub_(mu).div_(1.0 + float(self.stats.k[i]))
+        mu = take(self.stats.mu, i).to(eps)
+        mu = mu[None, :, None, None] if eps.ndim == 4 else mu
+        eps.sub_(mu).div_(1.0 + (take(self.stats.k, i).to(eps) if compiling else float(self.stats.k[i])))
         return output
 
     def residual_std(self, timestep) -> float:

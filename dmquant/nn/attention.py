@@ -125,20 +125,23 @@ class QuantAttention:
     """An attention processor that runs ``processor`` (the module's own) with its core attention routed
     through dmquant (``kernel``: ``fake-quant`` or ``int8``).
 
-    diffusers filters the keyword arguments of an attention call by the processor's signature, so the
-    wrapper presents ``processor``'s; other attributes (``_attention_backend``, ...) are ``processor``'s.
+    diffusers filters the keyword arguments of an attention call by the signature of the processor's
+    ``__call__``, so the wrapper presents ``processor``'s: ``QuantAttention(processor)`` is an instance of a
+    subclass made once per processor class, whose ``__call__`` carries that signature. (A ``__call__``
+    set on the instance would do for diffusers, but ``torch.compile`` cannot trace calling such an
+    object.) Other attributes (``_attention_backend``, ...) are ``processor``'s.
     """
+
+    def __new__(cls, processor=None, *args, **kwargs):
+        if cls is QuantAttention and processor is not None:  # copies call __new__ with no arguments
+            cls = _quant_attention_class(type(_unwrapped(processor)))
+        return super().__new__(cls)
 
     def __init__(self, processor, kernel: str = "fake-quant", backend: str = "auto"):
         if kernel not in KERNELS:
             raise DMQuantError(f"unknown attention kernel {kernel!r}: use one of {', '.join(KERNELS)}")
-        if isinstance(processor, QuantAttention):
-            processor = processor.processor
-        self.processor, self.kernel, self.backend = processor, kernel, backend
-        self.routed = 0  # core attention calls routed through dmquant (calibration checks it)
-        call = functools.partial(QuantAttention._run, self)
-        call.__signature__ = inspect.signature(processor.__call__)
-        self.__call__ = call  # what diffusers inspects; calling the wrapper goes through the class's __call__
+        self.processor, self.kernel, self.backend = _unwrapped(processor), kernel, backend
+        self.routed = 0  # core attention calls routed through dmquant in eager mode (calibration checks it)
 
     def __call__(self, attn, *args, **kwargs):
         return self._run(attn, *args, **kwargs)
@@ -153,10 +156,31 @@ class QuantAttention:
             attend = functools.partial(int8_core_attention, self.backend)
         else:
             attend = functools.partial(fake_quant_attention, attn.dmq_quant)
-
-        def routed(*a, **k):
-            self.routed += 1
-            return attend(*a, **k)
+        if torch.compiler.is_compiling():
+            routed = attend  # no Python counter in a compiled graph (an int attribute read is a guard: a recompile per call)
+        else:
+            def routed(*a, **k):
+                self.routed += 1
+                return attend(*a, **k)
 
         with _CoreAttentionMode(routed):
             return self.processor(attn, *args, **kwargs)
+
+
+def _unwrapped(processor):
+    return processor.processor if isinstance(processor, QuantAttention) else processor
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_attention_class(processor_cls: type) -> type:
+    """The subclass of :class:`QuantAttention` whose ``__call__`` has ``processor_cls.__call__``'s signature."""
+    bound = inspect.signature(processor_cls.__call__)
+    params = list(bound.parameters.values())[1:]  # the processor's own ``self`` dropped
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+
+    def __call__(self, attn, *args, **kwargs):
+        return self._run(attn, *args, **kwargs)
+
+    __call__.__signature__ = bound.replace(parameters=[this, *params])
+    return type(QuantAttention.__name__, (QuantAttention,), {"__call__": __call__, "__module__": __name__,
+                                                             "__qualname__": QuantAttention.__qualname__})

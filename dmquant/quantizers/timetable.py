@@ -8,6 +8,12 @@ receives the same object in its constructor and only indexes its own ``[K]`` sca
 keys, with the ``exact`` policy. Keys may be floats (flow-matching schedulers): a timestep matches a
 key when it lies within half of the smallest gap between keys (and within 0.5).
 
+Under ``torch.compile`` the pre-hook is traced with the denoiser: the current entry is then a 0-d long
+tensor computed in the graph (the nearest key, an argmin), not a Python int, so one compiled graph
+serves every timestep (no recompile per step). A compiled call cannot raise or warn on its data: it
+neither checks that the batch has one timestep (it reads the first) nor warns about a timestep outside
+the calibrated schedule (it takes the nearest key, as the eager ``nearest`` policy does).
+
 The range MLP of TDQ (``mode: learned``) and the grouping of steps into intervals live here too.
 """
 
@@ -90,11 +96,26 @@ class TimeTable:
         return index
 
     def set_timestep(self, timestep) -> None:
+        if torch.compiler.is_compiling():
+            self._set_timestep_traced(timestep)
+            return
         self.timestep = single_timestep(timestep)
         self._index = self.lookup(self.timestep) if len(self) else None
 
-    def index(self) -> int:
-        """The table entry of the current denoiser call."""
+    def _set_timestep_traced(self, timestep) -> None:
+        """``set_timestep`` inside a compiled region (see :meth:`traced_lookup`)."""
+        self._index = self.traced_lookup(timestep) if len(self) else None
+
+    def traced_lookup(self, timestep) -> torch.Tensor:
+        """The index of the key nearest to ``timestep`` (of a batch: its first entry) as a 0-d long tensor,
+        by graph ops only (what a compiled call uses instead of :meth:`lookup`: no check, no warning). A
+        tensor timestep keeps one graph for every step; a Python number is a constant of the graph."""
+        t = torch.as_tensor(timestep).detach().reshape(-1)[0]
+        keys = self.keys.to(t.device)
+        return (keys - t.to(keys.dtype)).abs().argmin()
+
+    def index(self) -> int | torch.Tensor:
+        """The table entry of the current denoiser call (a 0-d long tensor inside ``torch.compile``)."""
         if self._index is None:
             raise DMQuantError(f"the {self.what} ran outside a denoiser call (no timestep seen) or before their "
                                "table had keys: call the denoiser itself, whose pre-hook reads the timestep")
@@ -105,6 +126,14 @@ class TimeTable:
         model.register_forward_pre_hook(lambda _m, args, kwargs: self.set_timestep(read_timestep(args, kwargs)),
                                         with_kwargs=True)
         return self
+
+
+def take(values: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an index of :meth:`TimeTable.index` (a 0-d tensor one inside ``torch.compile``:
+    gathered by ``index_select``, which keeps the index a tensor in the graph instead of a number)."""
+    if isinstance(index, torch.Tensor):
+        return values.index_select(0, index.reshape(1).to(values.device)).squeeze(0)
+    return values[index]
 
 
 def interval_groups(num_keys: int, num_intervals: int) -> list[int]:
