@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dmquant  # noqa: E402
-from dmquant.bench import denoiser_inputs  # noqa: E402
+from dmquant.bench import compile_regions, denoiser_inputs, uncompile  # noqa: E402
 from dmquant.quantizers.affine import sqnr_db  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
@@ -214,25 +214,6 @@ def cuda_graph(model, inputs):
         return static
 
     return replay
-
-
-REGIONS = {"BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D", "FluxTransformerBlock",
-           "FluxSingleTransformerBlock"}
-
-
-def compile_regions(model) -> list:
-    """Regional compilation (as diffusers' ``compile_repeated_blocks``): each transformer / ResNet / resampling
-    block is compiled in place, so alike blocks share their compiled code and compiling takes a fraction of
-    a whole-model compile; the blocks hold nearly all the FLOPs. Returns the compiled modules."""
-    blocks = [m for m in model.modules() if type(m).__name__ in REGIONS]
-    for m in blocks:
-        m.compile(dynamic=False)
-    return blocks
-
-
-def uncompile(blocks) -> None:
-    for m in blocks:
-        m._compiled_call_impl = None
 
 
 def measure(report, section, config, model, inputs, device, args, ref, extra=None, compiled=False, graphed=False):

@@ -9,6 +9,9 @@ configuration runs in this one process, one after another, and is reported as a 
   them), frozen, so linear and conv layers run int8 x uint8 on oneDNN;
 * torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto W8A8 (qint8 weights and
   activations, calibrated, frozen): eager, as their users run them.
+* ``<config>+compile``: the same after regional ``torch.compile`` (inductor on the CPU;
+  :func:`dmquant.bench.compile_regions`), the compile time in ``setup_seconds``; e.g.
+  ``torchao-int8dyn+compile``, the peer a user would pick, and ``w8a8+compile``.
 
 Then the GEMM alone at UNet shapes: fp32 ``F.linear`` against oneDNN int8 (quantize + GEMM +
 dequantize) and ``torch._int_mm`` (GEMM only); int8 VNNI does 4x the multiply-adds of fp32 per cycle.
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import dmquant
-from dmquant.bench import denoiser_inputs, time_step
+from dmquant.bench import compile_regions, denoiser_inputs, time_step, uncompile
 from dmquant.models.full_size import sd15_unet
 
 SPEED_RECIPES = {
@@ -79,14 +82,19 @@ def bench_unet(names, repeats: int, latent_size: int) -> list[dict]:
     rows = []
     for name in names:
         start = time.perf_counter()
-        model = build(name, base, calib)
-        setup = time.perf_counter() - start
+        config, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+        model = build(config, base, calib)
+        blocks = compile_regions(model) if compiled else []
         step_inputs = inputs
-        if name == "bf16":
+        if config == "bf16":
             step_inputs = ((inputs[0][0].bfloat16(), inputs[0][1]), {"encoder_hidden_states": inputs[1]["encoder_hidden_states"].bfloat16()})
+        if compiled:  # the first call compiles
+            time_step(model, step_inputs, warmup=0, repeats=1)
+        setup = time.perf_counter() - start
         seconds = time_step(model, step_inputs, warmup=1, repeats=repeats)
         rows.append({"config": name, "seconds_per_step": round(seconds, 3), "setup_seconds": round(setup, 1)})
         print(f"  {name:16s} {seconds:7.3f} s/step  (setup {setup:.0f} s)", flush=True)
+        uncompile(blocks)
         if model is not base:
             del model
         gc.collect()
