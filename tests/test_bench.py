@@ -19,6 +19,37 @@ def test_denoiser_inputs_match_each_architecture():
         assert dit(*args, **kw).sample.shape == (3, 8, 8, 8)
 
 
+def test_denoiser_inputs_of_sdxl_and_flux_and_regional_compilation():
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from dmquant.bench import compile_regions, uncompile
+
+    torch.manual_seed(0)
+    sdxl = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, cross_attention_dim=32, block_out_channels=(32, 64), attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 48,
+        norm_num_groups=16).eval()
+    (x, t), kw = denoiser_inputs(sdxl, batch=2, latent_size=8, text_tokens=5)
+    assert kw["added_cond_kwargs"]["text_embeds"].shape == (2, 16) and kw["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    with torch.no_grad():
+        assert sdxl(x, t, **kw).sample.shape == (2, 4, 8, 8)
+    flux = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=8,
+                                  guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    (tokens,), kw = denoiser_inputs(flux, batch=1, latent_size=8, text_tokens=6)
+    assert tokens.shape == (1, 16, 16) and kw["img_ids"].shape == (16, 3) and kw["txt_ids"].shape == (6, 3)
+    assert kw["img_ids"][5].tolist() == [0.0, 1.0, 1.0]  # row 1, column 1 of the 4x4 token grid
+    with torch.no_grad():
+        expected = flux(tokens, **kw).sample
+    blocks = compile_regions(flux)
+    assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+    uncompile(blocks)
+    assert all(b._compiled_call_impl is None for b in blocks)
+    with torch.no_grad():
+        assert torch.equal(flux(tokens, **kw).sample, expected)
+
+
 def test_bench_reports_latency_and_memory_of_a_saved_folder(tmp_path, capsys):
     import dmquant
 
