@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dmquant.calibration.collect import shared_temp_dir
+from dmquant.calibration.mixed import plan_mixed_precision
 from dmquant.calibration.run import CalibrationRun, CallSource, PipelineSource, calibrate
 from dmquant.config import QuantConfig, load_recipe
 from dmquant.correction.ptqd import apply_noise_correction, fit_noise_correction
@@ -46,6 +47,8 @@ def quantize(
     calib_dir: str | Path | None = None,
     calibration_data: Iterable[tuple[tuple, dict]] | None = None,
     progress: bool = True,
+    target_bits: float | None = None,
+    max_weight_bytes: int | None = None,
     **call_kwargs,
 ):
     """Quantize the denoiser of ``pipe`` in place (simulation) and return ``pipe``.
@@ -56,8 +59,13 @@ def quantize(
     ...) go to the pipeline call used for calibration. Calibration inputs are stored as safetensors
     shards in ``calib_dir`` (a temporary folder if None). ``calibration_data`` (``(args, kwargs)``
     denoiser calls) replaces the pipeline runs, e.g. for a bare denoiser module.
+
+    ``target_bits`` (average bits per quantized weight, scales included) or ``max_weight_bytes`` (the
+    whole denoiser's weight memory) set the budget of a recipe with a ``mixed_precision`` section (the
+    ``auto`` recipe): each layer's weight bits are then chosen from its measured sensitivity
+    (:mod:`dmquant.calibration.mixed`); ``pipe.dmquant.config`` is the chosen plan, a rerunnable recipe.
     """
-    config = load_recipe(recipe)
+    config = with_budget(load_recipe(recipe), target_bits, max_weight_bytes)
     overrides = dict(num_inference_steps=num_inference_steps, num_timesteps=num_timesteps, batch_size=batch_size,
                      seed=seed, max_prompts=max_prompts)
     config = replace(config, calibration=replace(config.calibration, **{k: v for k, v in overrides.items()
@@ -68,7 +76,6 @@ def quantize(
                            "prompts instead of calibration_data, or drop the 'correction' section")
     if config.needs_calibration_data and calibration_data is None:
         prompts = _capped(check_prompts(pipe, prompts), config.calibration.max_prompts)
-    info = QuantizationInfo(config, attr, adapter.name, wrap_denoiser(denoiser, config, adapter))
     folder = contextlib.nullcontext(calib_dir) if calib_dir is not None else shared_temp_dir()
     with folder as path:
         source = None
@@ -76,7 +83,15 @@ def quantize(
             source = CallSource(calibration_data, adapter)
         elif config.needs_calibration_data:
             source = PipelineSource(pipe, denoiser, prompts, config.calibration, Path(path), call_kwargs, adapter)
+        plan = None
+        if config.mixed_precision is not None:  # measure and allocate on the FP denoiser, then wrap the plan
+            source.collect(denoiser, 0, progress)
+            plan = plan_mixed_precision(denoiser, adapter, config, source.iter_calls(), progress)
+            config = plan.config
+        info = QuantizationInfo(config, attr, adapter.name, wrap_denoiser(denoiser, config, adapter))
         info.calibration = calibrate(CalibrationRun(denoiser, adapter, config, source, progress))
+        if plan is not None:
+            info.calibration["mixed_precision"] = plan.report()
     info.report.attention = [name for name, _ in quantized_attention(denoiser)]  # calibration may release some
     set_activation_mode(denoiser, "quant")
     info.outliers = info.calibration.pop("outliers", {})
@@ -85,6 +100,17 @@ def quantize(
     if config.correction is not None:
         info.calibration["correction"] = _fit_correction(pipe, info, prompts, progress, call_kwargs)
     return pipe
+
+
+def with_budget(config: QuantConfig, target_bits: float | None, max_weight_bytes: int | None) -> QuantConfig:
+    """``config`` with a mixed-precision budget set (DMQuantError if the recipe has no ``mixed_precision``)."""
+    if target_bits is None and max_weight_bytes is None:
+        return config
+    if config.mixed_precision is None:
+        raise DMQuantError(f"a bit budget (target_bits / max_weight_bytes) needs a mixed-precision recipe, and "
+                           f"{config.name!r} has no mixed_precision section: use the recipe 'auto' (--recipe auto)")
+    mp = replace(config.mixed_precision, target_bits=target_bits, max_weight_bytes=max_weight_bytes)
+    return replace(config, mixed_precision=mp)
 
 
 def _capped(prompts: list, limit: int) -> list:

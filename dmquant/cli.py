@@ -65,6 +65,10 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--height", type=POSITIVE)
     p.add_argument("--width", type=POSITIVE)
     p.add_argument("--num-frames", type=POSITIVE, help="video pipelines: frames per video (default: the pipeline's)")
+    p.add_argument("--target-bits", type=_finite_float,
+                   help="--recipe auto: average bits per quantized weight, scales included (e.g. 4.5)")
+    p.add_argument("--max-weight-memory",
+                   help="--recipe auto: the denoiser's weight memory, e.g. 2GB, 700MiB or 123456 (bytes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a folder dmquant wrote (never any other folder)")

@@ -6,6 +6,7 @@ A recipe is a YAML file under ``pipelines/`` (or any path) whose keys mirror :cl
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import types
 import typing
@@ -345,6 +346,76 @@ class CalibrationConfig:
         _check_positive_ints(self, ("num_timesteps", "num_inference_steps", "batch_size", "max_prompts"), "calibration")
 
 
+@dataclass(frozen=True)
+class LayerOverrideConfig:
+    """Per-layer settings (mixed precision): keys of the recipe's ``weights`` / ``activations`` sections
+    that the layers matching a pattern of ``layers`` take instead of the recipe's, e.g.
+    ``layers: {"transformer_blocks.0.ff.net.2": {weights: {bits: 8}}}``; keys left out keep the recipe's."""
+
+    weights: dict[str, Any] | None = None
+    activations: dict[str, Any] | None = None
+
+    def resolve(self, weights: WeightQuantConfig, activations: ActQuantConfig | None, where: str
+                ) -> tuple[WeightQuantConfig, ActQuantConfig | None]:
+        """The recipe's sections with this override applied (a DMQuantError names ``where``)."""
+        if self.activations and activations is None:
+            raise DMQuantError(f"{where}.activations: the recipe quantizes no activations, so a layer cannot "
+                               "override them; drop the layer's 'activations' key")
+        w = _override(WeightQuantConfig, weights, self.weights, f"{where}.weights")
+        a = activations if not self.activations else _override(ActQuantConfig, activations, self.activations,
+                                                                 f"{where}.activations")
+        return w, a
+
+
+def _override(cls: type, base, changes: dict | None, where: str):
+    if not changes:
+        return base
+    if not isinstance(changes, dict):
+        raise DMQuantError(f"recipe key {where} must be a mapping of {cls.__name__} keys, got {changes!r}")
+    merged = {**dataclasses.asdict(base), **changes}
+    try:
+        return _build_section(cls, merged, where)
+    except DMQuantError as exc:
+        raise DMQuantError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """Automatic mixed precision: each quantized layer's weight bits chosen from ``candidate_bits`` to
+    minimise the summed sensitivity (the denoiser's output error when only that layer is quantized,
+    measured on ``num_samples`` recorded calibration calls, each call weighted as ``weighting`` says)
+    within a budget: ``target_bits`` (average bits per quantized weight, scales included),
+    ``max_weight_bytes`` (the whole denoiser's weight memory: quantized codes and scales, full-precision
+    layers, biases and norms) or, with neither, the bytes of the recipe's uniform ``weights`` format.
+    ``weighting``: ``uniform`` (every call's mean squared output error counts the same) or ``relative``
+    (each call's error divided by the power of its full-precision output)."""
+
+    target_bits: float | None = None
+    max_weight_bytes: int | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    num_samples: int = 16
+    weighting: str = "uniform"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
+        if not self.candidate_bits:
+            raise DMQuantError("mixed_precision.candidate_bits is empty: give bit-widths such as [2, 3, 4, 6, 8]")
+        for b in self.candidate_bits:
+            check_bits(b, "mixed_precision.candidate_bits")
+        if self.target_bits is not None and self.max_weight_bytes is not None:
+            raise DMQuantError("mixed_precision: give target_bits or max_weight_bytes, not both")
+        if self.target_bits is not None and not 2.0 <= float(self.target_bits) <= 16.0:
+            raise DMQuantError(f"mixed_precision.target_bits={self.target_bits} must lie in [2, 16] (average bits "
+                               "per weight, scales included; e.g. 4.5)")
+        if self.max_weight_bytes is not None and (isinstance(self.max_weight_bytes, bool)
+                                                  or not isinstance(self.max_weight_bytes, int)
+                                                  or self.max_weight_bytes < 1):
+            raise DMQuantError(f"mixed_precision.max_weight_bytes={self.max_weight_bytes!r} must be a positive "
+                               "integer (bytes)")
+        _check_positive_ints(self, ("num_samples",), "mixed_precision")
+        _check_choice(self.weighting, ("uniform", "relative"), "mixed_precision.weighting")
+
+
 def _sampler_config(value: Any) -> TimestepSamplerConfig:
     if isinstance(value, TimestepSamplerConfig):
         return value
@@ -374,6 +445,8 @@ class QuantConfig:
     rotation: RotationConfig | None = None
     low_rank: LowRankConfig | None = None
     correction: CorrectionConfig | None = None
+    layers: dict[str, LayerOverrideConfig] = field(default_factory=dict)
+    mixed_precision: MixedPrecisionConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -383,6 +456,36 @@ class QuantConfig:
                 raise DMQuantError(f"{attr} must be a list of glob patterns on module names, got {value!r}")
             object.__setattr__(self, attr, tuple(value))
         self._check_compatible()
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Every per-layer override gives a valid recipe for its layers (one line naming the pattern)."""
+        if not isinstance(self.layers, dict):
+            raise DMQuantError(f"layers must be a mapping of module-name patterns to overrides, got {self.layers!r}")
+        if self.layers and self.mixed_precision is not None:
+            raise DMQuantError("mixed_precision chooses each layer's bits itself: drop the 'layers' section (or "
+                               "drop 'mixed_precision' to rerun a saved plan)")
+        if self.mixed_precision is not None and self.has_outlier_branch:
+            raise DMQuantError("mixed_precision measures sensitivity on the plain weights: it does not combine with "
+                               "smoothing, rotation or low_rank yet; drop those sections")
+        for pattern, override in self.layers.items():
+            if not isinstance(pattern, str) or not isinstance(override, LayerOverrideConfig):
+                raise DMQuantError(f"layers[{pattern!r}] must map a module-name pattern to "
+                                   "{weights: {...}, activations: {...}}")
+            where = f"layers[{pattern!r}]"
+            w, a = override.resolve(self.weights, self.activations, where)
+            try:
+                dataclasses.replace(self, weights=w, activations=a, layers={})
+            except DMQuantError as exc:
+                raise DMQuantError(f"{where}: {exc}") from None
+
+    def layer_sections(self, name: str) -> tuple[WeightQuantConfig, ActQuantConfig | None]:
+        """The ``weights`` and ``activations`` sections of the layer ``name``: the first pattern of ``layers``
+        that matches it (the exact name or a glob), else the recipe's own."""
+        for pattern, override in self.layers.items():
+            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+                return override.resolve(self.weights, self.activations, f"layers[{pattern!r}]")
+        return self.weights, self.activations
 
     def _check_compatible(self) -> None:
         """Techniques that cannot be combined fail here, with the reason."""
@@ -424,7 +527,7 @@ class QuantConfig:
     def needs_calibration_data(self) -> bool:
         """True when calibration needs prompts (or recorded denoiser calls)."""
         return (self.needs_activation_ranges or self.smoothing is not None or self.correction is not None
-                or self.reconstruction is not None)
+                or self.reconstruction is not None or self.mixed_precision is not None)
 
     @property
     def has_outlier_branch(self) -> bool:
@@ -436,7 +539,8 @@ class QuantConfig:
     def tag(self) -> str:
         a = "16" if self.activations is None else str(self.activations.bits)
         fp8 = "-FP8" if self.weights.format == "fp8_e4m3" else ""
-        return f"W{self.weights.bits}A{a}{fp8}"
+        mixed = "mixed" if self.layers or self.mixed_precision is not None else ""
+        return f"W{mixed or self.weights.bits}A{a}{fp8}"
 
     def to_dict(self) -> dict[str, Any]:
         return _lists(dataclasses.asdict(self))
@@ -462,10 +566,20 @@ class QuantConfig:
             "rotation": RotationConfig,
             "low_rank": LowRankConfig,
             "correction": CorrectionConfig,
+            "mixed_precision": MixedPrecisionConfig,
         }
         for key, sub_cls in sections.items():
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = _build_section(sub_cls, kwargs[key], key)
+        if kwargs.get("layers") is not None:
+            if not isinstance(kwargs["layers"], dict):
+                raise DMQuantError(f"recipe key layers={kwargs['layers']!r} must be a mapping of module-name patterns "
+                                   "to {weights: {...}, activations: {...}}")
+            kwargs["layers"] = {p: _build_section(LayerOverrideConfig, v, f"layers[{p!r}]")
+                                for p, v in kwargs["layers"].items()}
+        else:
+            kwargs.pop("layers", None)
+        sections["layers"] = dict
         _check_types(cls, {k: v for k, v in kwargs.items() if k not in sections}, "")
         return _construct(cls, kwargs, "top level")
 

@@ -52,7 +52,7 @@ class QuantizedPipelineMixin:
 
     def save_pretrained(self, save_directory, overwrite: bool = True, extra_files: dict[str, str] | None = None,
                         **_ignored) -> Path:
-        """Write a diffusers-layout folder with the quantized denoiser; ``extra_files`` are text files to add."""
+        """Write a diffusers-layout folder with the quantized denoiser; ``extra_files`` are text (or bytes) files to add."""
         info = getattr(self, "dmquant", None)
         if info is None:
             raise DMQuantError("this pipeline has no quantized denoiser: call dmquant.quantize(pipe, recipe) first")
@@ -67,8 +67,8 @@ class QuantizedPipelineMixin:
                     component.save_pretrained(tmp / name)
             if getattr(info, "correction", None) is not None:
                 info.correction.save(tmp / CORRECTION_NAME)
-            for filename, text in (extra_files or {}).items():
-                (tmp / filename).write_text(text)
+            for filename, text in (extra_files or {}).items():  # text, or bytes (a plot)
+                (tmp / filename).write_bytes(text) if isinstance(text, bytes) else (tmp / filename).write_text(text)
         return Path(save_directory)
 
     @classmethod

@@ -9,6 +9,7 @@ folders, and never deletes anything else.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import yaml
 from PIL import Image
 
 from dmquant import __version__
+from dmquant.calibration.mixed import draw_plan, plan_markdown
 from dmquant.errors import DMQuantError
 
 RUN_FORMAT, RUN_VERSION = "dmquant-run", 1
@@ -263,6 +265,12 @@ def save_run(pipe, out: str | Path, base_model: str, seconds: float | None = Non
     }
     extra = {"run.json": json.dumps(run, indent=2), "summary.md": _summary(run),
              "recipe.yaml": yaml.safe_dump(info.config.to_dict(), sort_keys=False)}
+    mixed = (info.calibration or {}).get("mixed_precision")
+    if mixed:  # the plan drawn: bits per layer, the quality/size curve
+        buffer = io.BytesIO()
+        draw_plan(mixed).save(buffer, format="PNG")
+        extra["mixed_precision.png"] = buffer.getvalue()
+        extra["summary.md"] += "\n".join(plan_markdown(mixed)) + "\n"
     pipe.save_pretrained(out, overwrite=overwrite, extra_files=extra)
     return Path(out)
 

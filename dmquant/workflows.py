@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmquant.api import quantize
+from dmquant.api import quantize, with_budget
 from dmquant.config import load_recipe
 from dmquant.diffusers_io import check_call_inputs, process_state, prompts_for_pipeline
 from dmquant.errors import DMQuantError
@@ -31,15 +32,32 @@ class CalibrateJob:
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
+    target_bits: float | None = None
+    max_weight_memory: str | None = None
     device: str = "cpu"
     overwrite: bool = False
     progress: bool = True
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+              "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """Bytes from ``2GB``, ``1.5 GiB``, ``700MB`` or ``123456`` (None stays None)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match and SIZE_UNITS.get(match.group(2).upper())
+    if not unit or float(match.group(1)) * unit < 1:
+        raise DMQuantError(f"--max-weight-memory {text!r} is not a size: write e.g. 2GB, 700MiB or 123456 (bytes)")
+    return int(float(match.group(1)) * unit)
+
+
 def calibrate(job: CalibrateJob) -> Path:
     """Load, quantize and calibrate, then write the run folder; returns its path."""
     # every input is checked before any work: recipe, numbers, prompt file, output folder, then the model
-    config = load_recipe(job.recipe)
+    config = with_budget(load_recipe(job.recipe), job.target_bits, parse_size(job.max_weight_memory))
     for name in ("num_inference_steps", "num_timesteps", "batch_size", "max_prompts", "height", "width",
                  "num_frames"):
         value = getattr(job, name)

@@ -93,6 +93,9 @@ class PipelineSource:
         return steps
 
     def collect(self, denoiser: nn.Module, round_index: int, progress: bool) -> None:
+        """Record the calls of round ``round_index`` (round 0 once: mixed precision records it before wrapping)."""
+        if round_index == 0 and self.current == self.folder:
+            return
         self.current = self.folder if round_index == 0 else self.folder / f"progressive-{round_index}"
         c = self.c
         collect_denoiser_inputs(self.pipe, denoiser, self.prompts, self._steps_of, self.current,

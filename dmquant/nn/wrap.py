@@ -83,6 +83,14 @@ def attention_quantizers(c: AttentionQuantConfig, table: TimeTable | None,
     return lambda: AttentionQuantizers(operand(), operand(), operand(), probs())
 
 
+def layer_quantizers(name: str, config: QuantConfig, table: TimeTable | None
+                     ) -> tuple[MakeWeightQuantizer, MakeInputQuantizer | None]:
+    """The weight and input quantizer constructors of the layer ``name`` (the recipe's sections, or the
+    layer's own under ``layers``: mixed precision)."""
+    w, a = config.layer_sections(name)
+    return weight_quantizers(w), input_quantizers(a, table, config.time)
+
+
 # -- wrapping ----------------------------------------------------------------------------------------------
 def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
     """Whether the layer ``name`` is quantized under ``config`` (include, then exclude patterns)."""
@@ -93,9 +101,9 @@ def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
 
 
 def _check_groups(name: str, layer: nn.Module, config: QuantConfig) -> None:
-    if config.weights.granularity == "group":
-        check_group_size(layer.weight[0].numel(), config.weights.group_size, where=f"layer {name!r}")
-    a = config.activations
+    w, a = config.layer_sections(name)
+    if w.granularity == "group":
+        check_group_size(layer.weight[0].numel(), w.group_size, where=f"layer {name!r}")
     if a is not None and a.granularity == "group":
         channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
         check_group_size(channels, a.group_size, where=f"the input channels of layer {name!r} (activations.group_size)")
@@ -106,14 +114,13 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
     if quant_layers(model):
         raise DMQuantError("this denoiser is quantized already: load the full-precision model again to re-quantize")
     table = TimeTable().install(model, adapter.read_timestep) if config.time is not None else None
-    make_weight = weight_quantizers(config.weights)
-    make_input = input_quantizers(config.activations, table, config.time)
     report = WrapReport()
     for name, layer in [(n, m) for n, m in model.named_modules() if type(m) in FLOAT_TYPES]:
         if not selected(name, config, adapter):
             report.excluded.append(name)
             continue
         _check_groups(name, layer, config)
+        make_weight, make_input = layer_quantizers(name, config, table)
         model.set_submodule(name, FLOAT_TYPES[type(layer)].wrap(layer, make_weight, make_input))
         report.quantized.append(name)
     if not report.quantized:
@@ -155,13 +162,12 @@ def split_concatenations(model: nn.Module, config: QuantConfig, adapter: Denoise
                          table: TimeTable | None) -> dict[str, int]:
     """Split quantizers on the wrapped layers that consume a skip concatenation (the adapter finds them)."""
     s = config.split
-    make_weight = weight_quantizers(config.weights) if s.weights else None
-    make_input = input_quantizers(config.activations, table, config.time) if s.activations else None
     done = {}
     for name, split in adapter.concat_points(model):
         layer = model.get_submodule(name)
         if isinstance(layer, QuantLayer):
-            layer.split_quantizers(split, make_weight, make_input)
+            make_weight, make_input = layer_quantizers(name, config, table)
+            layer.split_quantizers(split, make_weight if s.weights else None, make_input if s.activations else None)
             done[name] = split
     return done
 

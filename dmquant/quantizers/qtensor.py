@@ -1,4 +1,5 @@
-"""The quantized tensor: integer codes (int8, or int4 packed two per byte) or float8 e4m3 codes
+"""The quantized tensor: integer codes (int8, int4 packed two per byte, or 2/3/5/6/7-bit codes packed
+densely, ``bitpack``: :mod:`dmquant.kernels.bitpack`) or float8 e4m3 codes
 (packing ``fp8_e4m3``: a ``torch.float8_e4m3fn`` buffer, saved by safetensors as F8_E4M3), scales,
 zero points, and the facts needed to read them (bits, granularity, group size, shape, packing).
 
@@ -17,11 +18,30 @@ import torch
 from torch import nn
 
 from dmquant.errors import DMQuantError
+from dmquant.kernels.bitpack import PACKED_BITS, pack_bits, packed_row_bytes, unpack_bits
 from dmquant.kernels.int4 import pack_int4, unpack_int4
 
-PACKINGS = ("int8", "int4x2", "fp8_e4m3")
+PACKINGS = ("int8", "int4x2", "bitpack", "fp8_e4m3")
 FLOAT8 = torch.float8_e4m3fn
 SPEC_KEYS = ("shape", "bits", "granularity", "group_size", "symmetric", "packing")
+
+
+def int_packing(bits: int, row_len: int) -> str:
+    """How integer codes of ``bits`` bits in rows of ``row_len`` are stored: two int4 codes per byte (4 bits,
+    even rows), densely packed (2, 3, 5, 6, 7 bits), else one byte per code."""
+    if bits == 4 and row_len % 2 == 0:
+        return "int4x2"
+    return "bitpack" if bits in PACKED_BITS else "int8"
+
+
+def weight_storage_bytes(shape, bits: int, granularity: str, group_size: int | None, symmetric: bool) -> int:
+    """Bytes a :class:`QuantizedTensor` of these facts holds (codes, float32 scales and zero points), without
+    building it: what mixed-precision allocation budgets with."""
+    out, cols = int(shape[0]), math.prod(int(s) for s in shape[1:])
+    packing = int_packing(bits, cols)
+    code_bytes = {"int4x2": out * cols // 2, "bitpack": out * packed_row_bytes(cols, bits)}.get(packing, out * cols)
+    rows = {"tensor": 1, "channel": out, "group": out * cols // (group_size or 1)}[granularity]
+    return code_bytes + 4 * rows * (1 if symmetric else 2)
 
 
 class QuantizedTensor(nn.Module):
@@ -34,8 +54,12 @@ class QuantizedTensor(nn.Module):
         self.group_size, self.symmetric, self.packing = group_size, bool(symmetric), packing
         out, cols = self.shape[0], math.prod(self.shape[1:])
         rows = {"tensor": 1, "channel": out, "group": out * cols // (group_size or 1)}[granularity]
-        data_shape = (out, cols // 2) if packing == "int4x2" else (out, cols)
-        data_dtype = {"int4x2": torch.uint8, "int8": torch.int8, "fp8_e4m3": FLOAT8}[packing]
+        if packing == "bitpack" and self.bits not in PACKED_BITS:
+            raise DMQuantError(f"packing 'bitpack' holds {PACKED_BITS}-bit codes, not {self.bits}: the checkpoint "
+                               "is damaged; save it again")
+        data_shape = {"int4x2": (out, cols // 2),
+                      "bitpack": (out, packed_row_bytes(cols, self.bits))}.get(packing, (out, cols))
+        data_dtype = {"int4x2": torch.uint8, "bitpack": torch.uint8, "int8": torch.int8, "fp8_e4m3": FLOAT8}[packing]
         self.register_buffer("qdata", torch.empty(data_shape, dtype=data_dtype, device=device))
         self.register_buffer("scale", torch.empty(rows, device=device))
         self.register_buffer("zero_point", None if self.symmetric else torch.empty(rows, device=device))
@@ -53,9 +77,10 @@ class QuantizedTensor(nn.Module):
             qt.scale = scale.detach().float().reshape(-1).clone()
             return qt
         matrix = codes.reshape(codes.shape[0], -1).to(torch.int8)
-        packing = "int4x2" if bits <= 4 and matrix.shape[1] % 2 == 0 else "int8"
+        packing = int_packing(bits, matrix.shape[1])
         qt = cls(codes.shape, bits, granularity, group_size, symmetric, packing, codes.device)
-        qt.qdata = pack_int4(matrix) if packing == "int4x2" else matrix.contiguous()
+        qt.qdata = {"int4x2": pack_int4, "bitpack": lambda m: pack_bits(m, bits)}.get(
+            packing, torch.Tensor.contiguous)(matrix)
         qt.scale = scale.detach().float().reshape(-1).clone()
         if not symmetric:
             qt.zero_point = zero_point.detach().float().reshape(-1).clone()
@@ -84,7 +109,12 @@ class QuantizedTensor(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The codes, unpacked (int8, or float8_e4m3fn), shaped ``[out, in_features...]`` like the weight."""
-        codes = unpack_int4(self.qdata) if self.packing == "int4x2" else self.qdata
+        if self.packing == "int4x2":
+            codes = unpack_int4(self.qdata)
+        elif self.packing == "bitpack":
+            codes = unpack_bits(self.qdata, self.bits, math.prod(self.shape[1:]))
+        else:
+            codes = self.qdata
         return codes.reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

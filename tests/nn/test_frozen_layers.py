@@ -86,11 +86,11 @@ def test_frozen_layer_matches_simulation(recipe, kind):
     integer_path = (acfg is not None and acfg.static and wcfg.symmetric and wcfg.granularity != "group"
                     and cpu_int8.onednn_available())
     frozen = check_frozen(sim, x, integer_path)
-    storage_bits = 8 if wcfg.bits > 4 else 4  # int8, or two int4 codes per byte
+    storage_bits = wcfg.bits  # int8, two int4 codes per byte, or 2/3/5/6/7-bit codes packed densely
     qw = frozen.qweights[0]
     qparams = qw.scale.numel() + (0 if qw.zero_point is None else qw.zero_point.numel())
     assert frozen.weight_nbytes() == layer.weight.numel() * storage_bits // 8 + qparams * 4
-    assert qw.packing == ("int4x2" if wcfg.bits <= 4 else "int8")
+    assert qw.packing == {4: "int4x2", 8: "int8"}.get(wcfg.bits, "bitpack")
 
 
 def test_freeze_drops_calibration_state_in_place():

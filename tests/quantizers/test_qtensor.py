@@ -16,8 +16,10 @@ def quantized(w, q):
     [(dict(bits=8), (16, 32), "int8"),
      (dict(bits=4), (16, 8, 3, 3), "int4x2"),
      (dict(bits=4, granularity="group", group_size=64), (32, 128), "int4x2"),
-     (dict(bits=3, symmetric=False, granularity="group", group_size=16), (8, 64), "int4x2"),
-     (dict(bits=6, granularity="tensor"), (4, 6), "int8"),
+     (dict(bits=3, symmetric=False, granularity="group", group_size=16), (8, 64), "bitpack"),
+     (dict(bits=6, granularity="tensor"), (4, 6), "bitpack"),
+     (dict(bits=2), (8, 3, 3, 3), "bitpack"),  # 27 codes a row: padded to 32, 8 bytes
+     (dict(bits=8), (4, 6), "int8"),
      (dict(bits=4), (4, 3, 1, 1), "int8")],  # an odd row length cannot pack two codes per byte
 )
 def test_dequantized_weight_equals_the_simulated_one(kwargs, shape, packing):

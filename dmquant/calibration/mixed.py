@@ -1,0 +1,348 @@
+"""Automatic mixed precision (the recipe's ``mixed_precision`` section): measure, allocate, write the plan.
+
+    sensitivity  for each layer the recipe quantizes and each candidate weight bit-width, the
+                 denoiser's output error when only that layer's weight is fake-quantized (all others in
+                 full precision), on ``num_samples`` recorded calibration calls spread over the run
+                 (every sampled step); the layer's weight is swapped in place, nothing is wrapped
+    budget       ``target_bits`` per weight, ``max_weight_bytes`` for the whole denoiser, or the bytes of
+                 the recipe's uniform format; costs are the exact bytes the frozen layer will store
+                 (codes packed at their bit-width, float32 scales, both parts of a split layer)
+    allocation   :func:`dmquant.calibration.allocation.allocate` minimises the summed sensitivity
+    plan         the recipe with one ``layers`` override per layer whose bits differ from the recipe's
+                 and no ``mixed_precision`` section: a recipe anyone can rerun without measuring again
+
+Activations keep the recipe's settings (sensitivity is measured with full-precision activations). The
+rest of the recipe (split, learned rounding, time tables) applies to every layer as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmquant.calibration.allocation import allocate, plan_cost, plan_error
+from dmquant.config import LayerOverrideConfig, MixedPrecisionConfig, QuantConfig, WeightQuantConfig
+from dmquant.errors import DMQuantError
+from dmquant.models.adapters import DenoiserAdapter
+from dmquant.nn.layers import FLOAT_TYPES, split_channels
+from dmquant.nn.wrap import selected
+from dmquant.quantizers.qtensor import weight_storage_bytes
+from dmquant.quantizers.weight import WeightQuantizer
+
+CURVE_BITS = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0)
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    numel: int
+    split: int | None
+    options: dict[int, tuple[int, float]] = field(default_factory=dict)  # bits -> (bytes, relative error)
+
+
+@dataclass
+class MixedPlan:
+    """The chosen plan and what it was chosen from."""
+
+    config: QuantConfig  # the recipe with per-layer overrides, rerunnable
+    bits: dict[str, int]
+    layers: list[LayerSensitivity]
+    budget_bytes: int
+    fixed_bytes: int  # the denoiser's bytes outside the quantized layers' weights
+    seconds_sensitivity: float
+    seconds_allocation: float
+    calls: int
+    weighting: str
+    curve: list[dict] = field(default_factory=list)
+    uniform: list[dict] = field(default_factory=list)
+
+    @property
+    def plan_bytes(self) -> int:
+        return sum(layer.options[self.bits[layer.name]][0] for layer in self.layers)
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def average_bits(self) -> float:
+        return 8 * self.plan_bytes / self.numel
+
+    @property
+    def predicted_error(self) -> float:
+        return sum(layer.options[self.bits[layer.name]][1] for layer in self.layers)
+
+    def report(self) -> dict:
+        """JSON-able summary (saved in run.json under ``calibration.mixed_precision``)."""
+        return {
+            "budget_bytes": self.budget_bytes, "plan_bytes": self.plan_bytes, "fixed_bytes": self.fixed_bytes,
+            "average_bits": round(self.average_bits, 4), "weights": self.numel,
+            "predicted_sqnr_db": round(sqnr_db(self.predicted_error), 3),
+            "histogram": {str(b): sum(1 for v in self.bits.values() if v == b) for b in sorted(set(self.bits.values()))},
+            "bits": self.bits, "calls": self.calls, "weighting": self.weighting,
+            "seconds_sensitivity": round(self.seconds_sensitivity, 2),
+            "seconds_allocation": round(self.seconds_allocation, 2),
+            "sensitivity": {layer.name: {str(b): [c, float(f"{e:.4g}")] for b, (c, e) in layer.options.items()}
+                            for layer in self.layers},
+            "curve": self.curve, "uniform": self.uniform,
+        }
+
+
+def sqnr_db(relative_error: float) -> float:
+    """The predicted signal-to-quantization-noise ratio of a summed relative error."""
+    return 10 * math.log10(1 / max(relative_error, 1e-30))
+
+
+# -- measuring ---------------------------------------------------------------------------------------------
+def _parts(weight: torch.Tensor, split: int | None) -> list[torch.Tensor]:
+    return [weight] if split is None else list(split_channels(weight, split, 1))
+
+
+@torch.no_grad()
+def fake_quantized_weight(weight: torch.Tensor, c: WeightQuantConfig, split: int | None) -> torch.Tensor:
+    """The weight as a layer quantized with ``c`` (round to nearest; one quantizer per split part) computes."""
+    parts = []
+    for part in _parts(weight, split):
+        q = WeightQuantizer(c.bits, c.symmetric, c.granularity, c.group_size, c.method, c.percentile,
+                            number_format=c.format)
+        q.calibrate(part)
+        parts.append(q(part))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def storage_bytes(shape: tuple[int, ...], c: WeightQuantConfig, split: int | None) -> int:
+    """Bytes the frozen layer stores for its weight (one quantized tensor per split part)."""
+    shapes = [shape] if split is None else [(shape[0], split, *shape[2:]), (shape[0], shape[1] - split, *shape[2:])]
+    return sum(weight_storage_bytes(s, c.bits, c.granularity, c.group_size, c.symmetric) for s in shapes)
+
+
+def _output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _output(out[0])
+    if hasattr(out, "sample"):
+        return out.sample
+    raise DMQuantError(f"the denoiser returned {type(out).__name__}: mixed precision needs a tensor output")
+
+
+def spread(calls: Iterable[tuple[tuple, dict]], count: int) -> list[tuple[tuple, dict]]:
+    """``count`` calls evenly spaced over all recorded ones (every sampled step and prompt batch)."""
+    calls = list(calls)
+    if len(calls) <= count:
+        return calls
+    return [calls[round(i * (len(calls) - 1) / (count - 1))] for i in range(count)] if count > 1 else calls[:1]
+
+
+@torch.no_grad()
+def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], config: QuantConfig,
+                        calls: list[tuple[tuple, dict]], progress: bool = True) -> None:
+    """Fill each layer's ``options``: bits -> (stored bytes, output error when only this layer is
+    quantized at those bits, relative to the full-precision output's power)."""
+    mp = config.mixed_precision
+    reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
+    powers = [float(r.pow(2).mean()) for r in reference]
+    total_power = sum(powers)
+
+    def error() -> float:
+        errs = [float((_output(denoiser(*a, **k)).float() - r).pow(2).mean()) for (a, k), r in zip(calls, reference)]
+        if mp.weighting == "relative":
+            return sum(e / max(p, 1e-30) for e, p in zip(errs, powers)) / len(errs)
+        return sum(errs) / max(total_power, 1e-30)
+
+    bar = tqdm(layers, desc="mixed precision: layer sensitivity", disable=not progress)
+    for entry in bar:
+        module = denoiser.get_submodule(entry.name)
+        original = module.weight.data
+        try:
+            for bits in mp.candidate_bits:
+                c = dataclasses.replace(config.weights, bits=bits)
+                module.weight.data = fake_quantized_weight(original, c, entry.split)
+                entry.options[bits] = (storage_bytes(tuple(original.shape), c, entry.split), error())
+        finally:
+            module.weight.data = original
+
+
+# -- planning ----------------------------------------------------------------------------------------------
+def candidate_layers(denoiser: nn.Module, config: QuantConfig, adapter: DenoiserAdapter) -> list[LayerSensitivity]:
+    """The layers the recipe quantizes (with their split point when the recipe splits weights)."""
+    splits = {}
+    if config.split is not None:
+        splits = dict(adapter.concat_points(denoiser))
+    layers = [LayerSensitivity(n, m.weight.numel(), splits.get(n)) for n, m in denoiser.named_modules()
+              if type(m) in FLOAT_TYPES and selected(n, config, adapter)]
+    if not layers:
+        raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
+    return layers
+
+
+def fixed_bytes(denoiser: nn.Module, layers: list[LayerSensitivity]) -> int:
+    """Bytes of the denoiser's parameters and buffers other than the quantized layers' weights."""
+    names = {f"{layer.name}.weight" for layer in layers}
+    tensors = list(denoiser.named_parameters()) + list(denoiser.named_buffers())
+    return sum(t.numel() * t.element_size() for n, t in tensors if n not in names)
+
+
+def budget_bytes(mp: MixedPrecisionConfig, config: QuantConfig, layers: list[LayerSensitivity], fixed: int,
+                 shapes: dict[str, tuple[int, ...]]) -> int:
+    numel = sum(layer.numel for layer in layers)
+    if mp.target_bits is not None:
+        return int(mp.target_bits * numel / 8)
+    if mp.max_weight_bytes is not None:
+        return mp.max_weight_bytes - fixed
+    return sum(storage_bytes(shapes[layer.name], config.weights, layer.split) for layer in layers)
+
+
+def _options(layers: list[LayerSensitivity], bits: tuple[int, ...]) -> list[list[tuple[int, float]]]:
+    return [[layer.options[b] for b in bits] for layer in layers]
+
+
+def _budget_error(mp: MixedPrecisionConfig, budget: int, cheapest: int, numel: int, fixed: int) -> DMQuantError:
+    if mp.max_weight_bytes is not None:
+        return DMQuantError(f"mixed_precision.max_weight_bytes={mp.max_weight_bytes} is below the smallest plan "
+                            f"({cheapest + fixed} bytes: every layer at W{min(mp.candidate_bits)}, the rest in full "
+                            "precision): raise --max-weight-memory")
+    return DMQuantError(f"the budget of {8 * budget / numel:.2f} bits per weight is below the smallest plan "
+                        f"({8 * cheapest / numel:.2f} bits per weight, scales included: every layer at "
+                        f"W{min(mp.candidate_bits)}): raise --target-bits")
+
+
+def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: QuantConfig,
+                         calls: Iterable[tuple[tuple, dict]], progress: bool = True) -> MixedPlan:
+    """Measure each layer's sensitivity on ``calls`` (full-precision ``denoiser``, unwrapped), allocate the
+    bits within the recipe's budget, and return the plan (its ``config`` is the rerunnable recipe)."""
+    mp = config.mixed_precision
+    if mp is None:
+        raise DMQuantError("the recipe has no mixed_precision section: use --recipe auto (or add the section)")
+    layers = candidate_layers(denoiser, config, adapter)
+    shapes = {layer.name: tuple(denoiser.get_submodule(layer.name).weight.shape) for layer in layers}
+    fixed = fixed_bytes(denoiser, layers)
+    budget = budget_bytes(mp, config, layers, fixed, shapes)
+    numel = sum(layer.numel for layer in layers)
+    bits = mp.candidate_bits
+    cheapest = sum(min(storage_bytes(shapes[la.name], dataclasses.replace(config.weights, bits=b), la.split)
+                       for b in bits) for la in layers)
+    if cheapest > budget:  # before measuring anything
+        raise _budget_error(mp, budget, cheapest, numel, fixed)
+    start = time.perf_counter()
+    chosen_calls = spread(calls, mp.num_samples)
+    if not chosen_calls:
+        raise DMQuantError("mixed precision needs calibration calls: pass prompts (or calibration_data)")
+    measure_sensitivity(denoiser, layers, config, chosen_calls, progress)
+    measured = time.perf_counter() - start
+    start = time.perf_counter()
+    options = _options(layers, bits)
+    choice = allocate(options, budget)
+    plan_bits = {layer.name: bits[j] for layer, j in zip(layers, choice)}
+    plan = MixedPlan(plan_config(config, plan_bits), plan_bits, layers, budget, fixed, measured, 0.0,
+                     len(chosen_calls), mp.weighting)
+    plan.curve = quality_size_curve(options, bits, numel, cheapest)
+    plan.uniform = [{"bits": b, "average_bits": round(8 * plan_cost(options, [i] * len(layers)) / numel, 4),
+                     "predicted_sqnr_db": round(sqnr_db(plan_error(options, [i] * len(layers))), 3)}
+                    for i, b in enumerate(bits)]
+    plan.seconds_allocation = time.perf_counter() - start
+    return plan
+
+
+def quality_size_curve(options, bits: tuple[int, ...], numel: int, cheapest: int) -> list[dict]:
+    """The allocation at each of :data:`CURVE_BITS` bits per weight (those the candidates can reach):
+    average bits and predicted SQNR (from the summed sensitivities)."""
+    curve = []
+    for target in CURVE_BITS:
+        budget = target * numel / 8
+        if budget < cheapest or target > max(bits) + 1:
+            continue
+        choice = allocate(options, budget)
+        curve.append({"target_bits": target, "average_bits": round(8 * plan_cost(options, choice) / numel, 4),
+                      "predicted_sqnr_db": round(sqnr_db(plan_error(options, choice)), 3)})
+    return curve
+
+
+def plan_config(config: QuantConfig, bits: dict[str, int]) -> QuantConfig:
+    """The recipe with the plan's bits as per-layer overrides (layers at the recipe's own bits need none)."""
+    layers = {name: LayerOverrideConfig(weights={"bits": b}) for name, b in bits.items() if b != config.weights.bits}
+    note = (f"Mixed precision chosen by dmquant (sensitivity + allocation) from the recipe {config.name!r}: "
+            f"{len(bits)} layers, {len(layers)} of them not at W{config.weights.bits}. ")
+    return dataclasses.replace(config, mixed_precision=None, layers=layers, description=note + config.description)
+
+
+# -- drawing -----------------------------------------------------------------------------------------------
+def draw_plan(report: dict, width: int = 900, height: int = 340):
+    """A PNG-ready PIL image of a plan (``MixedPlan.report()``): bits per layer (left), and the predicted
+    quality/size curve of the candidate budgets against the uniform formats (right). PIL only."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    top, bottom, half = 30, height - 40, width // 2
+    bits = list(report["bits"].values())
+    draw.text((10, 6), f"bits per layer ({len(bits)} layers, {report['average_bits']:.2f} bits per weight "
+                       "with scales)", fill="black")
+    x0, x1, top_bits = 40, half - 20, 8
+    for b in range(0, top_bits + 1, 2):
+        y = bottom - (bottom - top) * b / top_bits
+        draw.line([(x0 - 4, y), (x1, y)], fill=(225, 225, 225))
+        draw.text((8, y - 6), f"W{b}", fill="black")
+    step = (x1 - x0) / max(len(bits), 1)
+    for i, b in enumerate(bits):
+        y = bottom - (bottom - top) * b / top_bits
+        shade = int(200 - 20 * b)
+        draw.rectangle([x0 + i * step + 1, y, x0 + (i + 1) * step - 1, bottom], fill=(shade, shade, 255 - shade // 3))
+    draw.text((x0, bottom + 8), "layers in module order", fill="black")
+
+    points = [(p["average_bits"], p["predicted_sqnr_db"]) for p in report["curve"]]
+    uniform = [(p["average_bits"], p["predicted_sqnr_db"]) for p in report["uniform"]]
+    chosen = (report["average_bits"], report["predicted_sqnr_db"])
+    every = points + uniform + [chosen]
+    lo_x, hi_x = min(p[0] for p in every) - 0.2, max(p[0] for p in every) + 0.2
+    lo_y, hi_y = min(p[1] for p in every) - 2, max(p[1] for p in every) + 2
+    px0, px1 = half + 50, width - 20
+
+    def at(p):
+        return (px0 + (px1 - px0) * (p[0] - lo_x) / (hi_x - lo_x), bottom - (bottom - top) * (p[1] - lo_y) / (hi_y - lo_y))
+
+    draw.text((half + 10, 6), "predicted SQNR (dB) vs bits per weight: auto (blue line), uniform (red), plan (green)",
+              fill="black")
+    draw.rectangle([px0, top, px1, bottom], outline=(160, 160, 160))
+    for v in range(math.ceil(lo_y / 10) * 10, int(hi_y) + 1, 10):
+        draw.text((half + 15, at((lo_x, v))[1] - 6), f"{v}", fill="black")
+    for v in range(math.ceil(lo_x), int(hi_x) + 1):
+        draw.text((at((v, lo_y))[0] - 3, bottom + 8), f"{v}", fill="black")
+    if len(points) > 1:
+        draw.line([at(p) for p in points], fill=(40, 80, 220), width=2)
+    for p in points:
+        x, y = at(p)
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(40, 80, 220))
+    for p, entry in zip(uniform, report["uniform"]):
+        x, y = at(p)
+        draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill=(220, 40, 40))
+        draw.text((x + 6, y + 2), f"W{entry['bits']}", fill=(220, 40, 40))
+    x, y = at(chosen)
+    draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(0, 150, 0), width=3)
+    return img
+
+
+def plan_markdown(report: dict) -> list[str]:
+    """The summary lines of a plan (run folder's summary.md)."""
+    hist = ", ".join(f"W{b}: {n}" for b, n in report["histogram"].items())
+    lines = ["", "## Mixed precision", "",
+             f"- budget {report['budget_bytes']} bytes, plan {report['plan_bytes']} bytes of quantized weights "
+             f"(codes and scales): {report['average_bits']:.3f} bits per weight over {report['weights']} weights",
+             f"- layers per bit-width: {hist}",
+             f"- sensitivity on {report['calls']} calibration calls ({report['weighting']} weighting): "
+             f"{report['seconds_sensitivity']} s; allocation {report['seconds_allocation']} s",
+             f"- predicted SQNR of the plan {report['predicted_sqnr_db']:.1f} dB (sum of the layers' errors); "
+             "uniform formats: " + ", ".join(f"W{u['bits']} {u['predicted_sqnr_db']:.1f} dB at {u['average_bits']:.2f} "
+                                              "bits" for u in report["uniform"]),
+             "- `recipe.yaml` is the plan (rerun it with `dmquant calibrate --recipe recipe.yaml`); "
+             "`mixed_precision.png` draws it", "",
+             "![bits per layer and the quality/size curve](mixed_precision.png)", "",
+             "| layer | bits |", "| --- | --- |"]
+    lines += [f"| `{name}` | {bits} |" for name, bits in report["bits"].items()]
+    return lines
