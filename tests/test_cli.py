@@ -63,7 +63,12 @@ def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tm
      (["--prompts", "EMPTY"], "has no prompts"),
      (["--prompts", "MISSING"], "prompt file not found"),
      (["--model", "someone/not-a-cached-model"], "huggingface-cli download"),
-     (["--model", "NOT_A_PIPELINE"], "not a diffusers pipeline folder")],
+     (["--model", "NOT_A_PIPELINE"], "not a diffusers pipeline folder"),
+     (["--recipe", "auto", "--target-bits", "1"], "target_bits=1.0 must lie in [2, 16]"),
+     (["--target-bits", "4.5"], "use the recipe 'auto' (--recipe auto)"),
+     (["--recipe", "auto", "--target-bits", "4", "--max-weight-memory", "2GB"], "not both"),
+     (["--recipe", "auto", "--max-weight-memory", "2XB"], "'2XB' is not a size"),
+     (["--recipe", "auto", "--max-weight-memory", "1KB"], "max_weight_bytes=1000 is below the smallest plan")],
 )
 def test_bad_input_exits_2_with_one_clear_line(args, message, sd_folder, prompts, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -83,6 +88,26 @@ def test_bad_input_exits_2_with_one_clear_line(args, message, sd_folder, prompts
     assert code == 2
     assert len(err) == 1 and err[0].startswith("dmquant: error:") and message in err[0]
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_mixed_precision_from_the_cli_writes_a_plan_that_reruns(sd_folder, prompts, tmp_path):
+    recipe = tmp_path / "auto-fast.yaml"  # the auto recipe without learned rounding, to keep the test short
+    recipe.write_text("weights: {bits: 4}\nactivations: {bits: 8}\n"
+                      "mixed_precision: {candidate_bits: [2, 4, 8], num_samples: 2}\n")
+    out, again = tmp_path / "run", tmp_path / "again"
+    common = ["--prompts", prompts, "--steps", 4, "--num-timesteps", 2, "--height", 16, "--width", 16, "--quiet"]
+    assert run_cli("calibrate", "--model", sd_folder, "--recipe", recipe, "--target-bits", 5, "--out", out,
+                   *common) == 0
+    run = json.loads((out / "run.json").read_text())
+    plan = run["calibration"]["mixed_precision"]
+    assert run["tag"] == "WmixedA8" and abs(plan["average_bits"] - 5) < 0.1 and len(plan["histogram"]) >= 2
+    assert (out / "mixed_precision.png").read_bytes().startswith(b"\x89PNG")
+    assert "## Mixed precision" in (out / "summary.md").read_text()
+    assert run_cli("calibrate", "--model", sd_folder, "--recipe", out / "recipe.yaml", "--out", again, *common) == 0
+    rerun = json.loads((again / "run.json").read_text())
+    assert "mixed_precision" not in rerun["calibration"] and rerun["tag"] == "WmixedA8"
+    layers = json.loads((again / "unet" / "dmquant_config.json").read_text())["layers"]
+    assert {name: spec["weights"][0]["bits"] for name, spec in layers.items()} == plan["bits"]
 
 
 def test_outlier_and_correction_recipe_from_the_cli(sd_folder, prompts, tmp_path, capsys):

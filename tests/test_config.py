@@ -47,3 +47,35 @@ def test_bad_keys_and_choices(tmp_path):
         load_recipe(bad)
     with pytest.raises(DMQuantError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_layer_overrides_resolve_by_exact_name_then_glob_and_round_trip():
+    from dmquant.config import QuantConfig
+
+    c = QuantConfig.from_dict({"weights": {"bits": 4, "method": "mse"},
+                               "layers": {"down.0.conv": {"weights": {"bits": 8}}, "down.*": {"weights": {"bits": 3}},
+                                          "up.*": {"activations": {"bits": 6}}}})
+    assert c.layer_sections("down.0.conv")[0].bits == 8 and c.layer_sections("down.1.conv")[0].bits == 3
+    assert c.layer_sections("down.1.conv")[0].method == "mse"  # keys left out keep the recipe's
+    assert c.layer_sections("up.0")[1].bits == 6 and c.layer_sections("mid")[0].bits == 4
+    assert QuantConfig.from_dict(c.to_dict()) == c and c.tag == "WmixedA8"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"layers": {"a": {"weights": {"bits": 1}}}}, "layers['a'].weights: weights.bits=1"),
+    ({"layers": {"a": {"weights": {"bitz": 4}}}}, "unknown keys ['bitz']"),
+    ({"layers": {"a": {"precision": 4}}}, "unknown keys ['precision']"),
+    ({"layers": [1]}, "must be a mapping of module-name patterns"),
+    ({"activations": None, "layers": {"a": {"activations": {"bits": 4}}}}, "quantizes no activations"),
+    ({"layers": {"a": {"weights": {"bits": 4}}}, "mixed_precision": {}}, "drop the 'layers' section"),
+    ({"mixed_precision": {"target_bits": 4, "max_weight_bytes": 10}}, "not both"),
+    ({"mixed_precision": {"candidate_bits": [4, 9]}}, "candidate_bits"),
+    ({"mixed_precision": {"weighting": "late"}}, "mixed_precision.weighting='late'"),
+    ({"mixed_precision": {}, "low_rank": {"rank": 4}}, "does not combine with smoothing, rotation or low_rank"),
+])
+def test_bad_layer_overrides_and_budgets_fail_with_one_line(data, message):
+    from dmquant.config import QuantConfig
+
+    with pytest.raises(DMQuantError) as info:
+        QuantConfig.from_dict(data)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,72 @@
+"""Automatic mixed precision on the zoo (issue 17), protocol of eval/README.md (as eval/ablate_outliers.py).
+
+Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights), ``auto-<B>bit`` (``target_bits``
+B, e.g. ``auto-3bit``), ``auto-relative`` (per-call relative weighting of the sensitivity), and
+``recipe:<name>`` for the uniform baselines.
+
+    OMP_NUM_THREADS=1 python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
+    OMP_NUM_THREADS=1 python eval/ablate_mixed.py --models dit,sd --variants auto,recipe:w4a8 --num-images 200 --fid
+    python eval/ablate_mixed.py --table
+
+Results are cached in eval/ablation_mixed/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate_outliers import table  # noqa: E402
+from ablate_time import current_rows, run_config  # noqa: E402
+
+from dmquant.config import QuantConfig, load_recipe  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "ablation_mixed"
+
+
+def variant_config(variant: str) -> QuantConfig:
+    if variant.startswith("recipe:"):
+        return load_recipe(variant.split(":", 1)[1])
+    config = replace(load_recipe("auto"), name=variant)
+    mp = config.mixed_precision
+    if variant == "auto":
+        return config
+    if variant == "auto-relative":
+        return replace(config, mixed_precision=replace(mp, weighting="relative"))
+    if variant.startswith("auto-") and variant.endswith("bit"):
+        return replace(config, mixed_precision=replace(mp, target_bits=float(variant[5:-3])))
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="dit,sd")
+    p.add_argument("--variants", default="auto,auto-3bit,recipe:w4a8")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--calib-prompts", type=int, default=32)
+    p.add_argument("--fid", action="store_true")
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.table:
+        print(table(current_rows(args.out)))
+        return
+    for model in args.models.split(","):
+        for variant in args.variants.split(","):
+            label = variant.replace(":", "_") + ("-fid" if args.fid else "")
+            r = run_config(model, variant_config(variant), variant, label, args.num_images, args.calib_prompts,
+                           fid=args.fid, out=args.out)
+            mixed = r["calibration"].get("mixed_precision", {})
+            print(f"{model} {variant}: CLIP {r['clip_score']:.2f} (FP {r['clip_score_fp']:.2f}) PSNR "
+                  f"{r['psnr_vs_reference']:.2f} bits {mixed.get('average_bits', '-')} sensitivity "
+                  f"{mixed.get('seconds_sensitivity', '-')} s calib {r['calibration_seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
