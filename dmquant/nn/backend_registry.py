@@ -45,8 +45,10 @@ def choose(layer, x: torch.Tensor) -> Backend:
     forced = layer.backend
     if forced != "auto" and forced not in names():
         raise DMQuantError(f"unknown backend {forced!r}: use 'auto' or one of {', '.join(names())}")
+    stale = layer.kernels_stale() if hasattr(layer, "kernels_stale") else False  # prepared for another device
     for backend in _REGISTRY:
-        if forced == backend.name or (forced == "auto" and backend.supports(layer, x)):
+        if forced == backend.name or (forced == "auto" and not (stale and backend.prepare is not None)
+                                      and backend.supports(layer, x)):
             return backend
     raise DMQuantError("no backend computes this layer")  # unreachable: 'reference' supports everything
 

@@ -67,6 +67,7 @@ class QuantLayer(nn.Module):
         self.backend = "auto"  # or a backend name of dmquant.nn.backends, forced
         self.kernel = "auto"  # the Triton kernels' own backend choice: "auto", "torch", "triton"
         self.kernels: dict = {}  # prepared integer kernels of the frozen state, per backend
+        self.kernels_device: torch.device | None = None  # where the codes were when the kernels were prepared
 
     @classmethod
     def wrap(cls, layer: nn.Module, make_weight: MakeWeightQuantizer,
@@ -204,6 +205,26 @@ class QuantLayer(nn.Module):
 
     def prepare_kernels(self) -> None:
         self.kernels = backends.prepare(self)
+        self.kernels_device = self.storage_device()
+
+    def storage_device(self) -> torch.device | None:
+        """The device of the frozen layer's codes (None when not frozen)."""
+        return self.qweights[0].qdata.device if self.frozen and len(self.qweights) else None
+
+    def kernels_stale(self) -> bool:
+        """Whether the prepared kernels were built for codes on another device: the codes were moved without
+        ``.to()`` (accelerate's offload hooks set tensors one by one). Backends that need prepared state are
+        then passed over (the registry falls back); ``.to()`` itself prepares them again (``_apply``)."""
+        return bool(self.kernels) and self.kernels_device != self.storage_device()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ...: the prepared kernels (plain attributes: packed weights, per-channel
+        sums) follow the codes, prepared again for their new device (not in forward, here)."""
+        before = self.storage_device()
+        out = super()._apply(fn, recurse)
+        if self.kernels_device is not None and self.storage_device() != before:
+            self.prepare_kernels()
+        return out
 
     def spec(self) -> dict:
         """The JSON description of the frozen layer (with its state dict it rebuilds the layer)."""

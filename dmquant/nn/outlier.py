@@ -118,6 +118,16 @@ class OutlierBranch(nn.Module):
         """``L1·L2`` in float64, in the matrix view ``[out, C·kh·kw]``."""
         return self.lora_up.double() @ self.lora_down.double()
 
+    def forward(self, main, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """The layer with its branch (see :func:`apply_branch`). A module call, so that hooks on the branch
+        see its tensors used: accelerate's sequential offload loads the low-rank factors here."""
+        wide = self.smooth is not None and x.dtype in (torch.float16, torch.bfloat16)
+        xt = self.transform(x.float() if wide else x, channel_dim)
+        y = main(xt, x.dtype)
+        extra = self.low_rank(xt.to(x.dtype))
+        y = y if extra is None else y + extra
+        return y.to(x.dtype)
+
     def low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
         """``(x'·L2ᵀ)·L1ᵀ`` for the transformed input ``x'`` (None without a branch)."""
         if not self.rank:
@@ -141,9 +151,4 @@ def apply_branch(branch: OutlierBranch | None, main, x: torch.Tensor, channel_di
     rounded to ``x``'s dtype, as the kernels' branch does; the sum is returned in ``x``'s dtype."""
     if branch is None:
         return main(x)
-    wide = branch.smooth is not None and x.dtype in (torch.float16, torch.bfloat16)
-    xt = branch.transform(x.float() if wide else x, channel_dim)
-    y = main(xt, x.dtype)
-    extra = branch.low_rank(xt.to(x.dtype))
-    y = y if extra is None else y + extra
-    return y.to(x.dtype)
+    return branch(main, x, channel_dim)  # a module call: hooks on the branch see its tensors used (offload)
