@@ -56,7 +56,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def rescale(acc: torch.Tensor, zero: torch.Tensor, colsum: torch.Tensor, x_scale: torch.Tensor,
             w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """The epilogue: subtract the zero point's share, scale per output channel, add the bias."""
-    y = (acc - zero.to(torch.int32) * colsum).float() * (x_scale.float() * w_scale.float())
+    y = (acc - zero.to(torch.int32) * colsum).float() * (x_scale.float() * w_scale.float())  # per-row x_scale: [M, 1]
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

@@ -2,7 +2,8 @@
 
 It takes frozen linear and ``groups == 1`` zero-padded conv layers whose weights are int8 codes with one
 symmetric scale per output channel and whose inputs have static 8-bit quantizers (one per input part of a
-split skip concatenation; a time table's entry is read as a tensor). Chosen automatically for CUDA inputs;
+split skip concatenation; a time table's entry is read as a tensor), and linear layers whose 8-bit inputs
+are quantized on the fly per token (each row's own scale, as torchao's int8 dynamic quantization). Chosen automatically for CUDA inputs;
 forced by name (``layer.backend = "cuda-int8"``) it runs on the CPU too, which is how it is tested. The
 weight codes are used in place; the prepared state is a few float32/int32 numbers per output channel.
 Eager calls of a table-free linear layer take four kernels (``quantize_per_tensor``, its codes, the int8
@@ -17,6 +18,7 @@ import torch
 from dmquant.errors import DMQuantError
 from dmquant.kernels import int8_gemm
 from dmquant.nn.backend_registry import Backend, register
+from dmquant.quantizers.affine import qparams_from_range
 
 NAME = "cuda-int8"
 
@@ -35,11 +37,20 @@ def eligible(layer) -> bool:
         return False
     if layer.kind == "conv2d" and (layer.geometry["groups"] != 1 or layer.geometry["padding_mode"] != "zeros"):
         return False
-    acts = all(q.static and q.fmt.levels == 256 for q in layer.input_quantizers)
+    acts = all(q.fmt.levels == 256 and q.static for q in layer.input_quantizers)
+    if _dynamic_tokens(layer):
+        acts = True
     weights = all(q.per_channel_symmetric and q.packing == "int8" for q in layer.qweights)
     if not (acts and weights):
         return False
     return all(int8_gemm.gemm_shapes_ok(qw.qdata.shape[1], qw.shape[0]) for qw in layer.qweights)
+
+
+def _dynamic_tokens(layer) -> bool:
+    """A linear layer (one input part) with 8-bit activations quantized on the fly per token."""
+    q = layer.input_quantizers[0]
+    return (layer.kind == "linear" and len(layer.input_quantizers) == 1 and len(layer.qweights) == 1
+            and not q.static and q.granularity == "token" and q.fmt.levels == 256)
 
 
 def _supports(layer, x) -> bool:
@@ -56,7 +67,7 @@ def _prepare(layer) -> list[dict]:
     for i, (qw, q) in enumerate(_parts(layer)):
         colsum = qw.qdata.to(torch.int32).sum(dim=1)
         part = {"colsum": colsum}
-        if q.table is None:
+        if q.static and q.table is None:
             scale, zero, qmin, qmax, shift = _grid(q)
             combined = scale.float() * qw.channel_scales().float()
             offset = -(zero - shift).float() * colsum.float() * combined
@@ -73,7 +84,21 @@ def _grid(q) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
     return scale, zero, q.fmt.qmin, q.fmt.qmax, shift
 
 
+def _dynamic_linear(x: torch.Tensor, qw, q, colsum: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """Per-token 8-bit activations: each row's scale and zero point from its own range, in float32 (the
+    simulation's :meth:`ActQuantizer._dynamic` arithmetic, so the codes are the simulation's)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale, zero = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), q.fmt, q.symmetric)
+    shift = 0 if q.fmt.signed else 128
+    codes = int8_gemm.quantize_static(rows, scale[:, None], zero[:, None], q.fmt.qmin, q.fmt.qmax, shift)
+    acc = int8_gemm.int_mm(codes, qw.qdata.t())
+    y = int8_gemm.rescale(acc, (zero - shift)[:, None], colsum, scale[:, None], qw.channel_scales(), bias, out_dtype)
+    return y.reshape(*x.shape[:-1], qw.shape[0])
+
+
 def _linear_part(part: torch.Tensor, qw, q, prepared: dict, bias, out_dtype) -> torch.Tensor:
+    if not q.static:
+        return _dynamic_linear(part, qw, q, prepared["colsum"], bias, out_dtype)
     if "combined" in prepared and not torch.compiler.is_compiling():  # eager: the fused torch kernels
         codes = int8_gemm.quantize_fast(part, prepared["scale"], prepared["zero"])
         rows = codes.reshape(-1, codes.shape[-1])

@@ -85,6 +85,19 @@ def test_split_skip_concatenation_and_time_table():
         assert_matches_reference(layer, torch.randn(12, 32) * (i + 1))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_linear_with_per_token_dynamic_activations(symmetric):
+    torch.manual_seed(0)
+    x = torch.randn(3, 30, 64) * torch.logspace(-1, 1, 30)[None, :, None]  # tokens of very different ranges
+    layer = frozen_layer(nn.Linear(64, 48), x, acfg=ActQuantConfig(bits=8, granularity="token", symmetric=symmetric))
+    assert backend_cuda_int8.eligible(layer)
+    assert_matches_reference(layer, x)
+    half = frozen_layer(nn.Linear(64, 48), x, acfg=ActQuantConfig(bits=8, granularity="token", symmetric=symmetric))
+    half.to(torch.float16)
+    ref, out = run(half, x.half(), "reference"), run(half, x.half(), "cuda-int8")
+    assert sqnr_db(ref.float(), out.float()) > 45.0  # same codes (float32 scales); 16-bit rounding only
+
+
 def test_eligibility():
     torch.manual_seed(0)
     x = torch.randn(20, 64)
@@ -92,8 +105,11 @@ def test_eligibility():
     four_bit = frozen_layer(nn.Linear(64, 48), x, wcfg=WeightQuantConfig(bits=4))
     assert not backend_cuda_int8.eligible(four_bit) and backend_cuda_int8.NAME not in four_bit.kernels
     assert not backend_cuda_int8.eligible(frozen_layer(nn.Linear(64, 44), x))  # N not a multiple of 8
-    token = frozen_layer(nn.Linear(64, 48), x, acfg=ActQuantConfig(bits=8, granularity="token"))
-    assert not backend_cuda_int8.eligible(token)
+    grouped_tokens = frozen_layer(nn.Linear(64, 48), x, acfg=ActQuantConfig(bits=8, granularity="group", group_size=32))
+    assert not backend_cuda_int8.eligible(grouped_tokens)
+    conv_tokens = frozen_layer(nn.Conv2d(16, 16, 3, padding=1), torch.randn(1, 16, 5, 5),
+                               acfg=ActQuantConfig(bits=8, granularity="token"))
+    assert not backend_cuda_int8.eligible(conv_tokens)  # a patch mixes pixels of different scales
     grouped = frozen_layer(nn.Conv2d(16, 16, 3, padding=1, groups=2), torch.randn(1, 16, 5, 5))
     assert not backend_cuda_int8.eligible(grouped)
     four_bit.backend = "cuda-int8"
