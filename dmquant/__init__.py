@@ -1,6 +1,8 @@
 """dmquant: post-training quantization for diffusion models, on top of diffusers.
 
-The public API is imported lazily, so ``import dmquant.kernels`` works without diffusers.
+The public API is imported lazily, so ``import dmquant.kernels`` works without diffusers. Importing
+dmquant registers it with diffusers' quantizers (``quant_method: dmquant``) when diffusers loads them
+(:mod:`dmquant.diffusers_hook`), so ``DiffusionPipeline.from_pretrained`` reads saved dmquant folders.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ _LAZY = {
     "QuantizedDiTPipeline": ("dmquant.quantized_pipeline", "QuantizedDiTPipeline"),
     "load_quantized_pipeline": ("dmquant.quantized_pipeline", "load_quantized_pipeline"),
     "load_quantized_denoiser": ("dmquant.serialization", "load_quantized_denoiser"),
+    "DMQuantConfig": ("dmquant.diffusers_quantizer", "DMQuantConfig"),
     "zoo": ("dmquant.zoo", None),
 }
 
@@ -36,3 +39,8 @@ def __getattr__(name: str) -> Any:
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value
     return value
+
+
+from dmquant import diffusers_hook  # noqa: E402  (last: registering may import dmquant's own modules)
+
+diffusers_hook.install()

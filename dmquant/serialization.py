@@ -6,6 +6,12 @@
 Saving freezes a copy of each simulated layer (the model itself is not changed). Loading builds the
 denoiser on the meta device (no full-precision weights are materialised), puts empty frozen layers
 where the description says, assigns the stored tensors in place, then prepares the integer kernels.
+
+For diffusers' own ``from_pretrained`` (:mod:`dmquant.diffusers_quantizer`) the folder also carries, in
+the same format version, ``config.json``'s ``quantization_config`` (``quant_method: dmquant``, the format
+version, the recipe's name, the description's file name) and ``diffusion_pytorch_model.safetensors.index.json``
+(diffusers' shard index, pointing every tensor at ``dmquant_weights.safetensors``). Older format-4
+folders without them load through dmquant (``load_quantized_pipeline``); saving them again adds them.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from dmquant.quantizers.timetable import TimeTable
 # input quantizers inside it), the TimeTable's keys stored once, attention modules with their specs.
 FORMAT, FORMAT_VERSION = "dmquant-denoiser", 4
 CONFIG_NAME, WEIGHTS_NAME = "dmquant_config.json", "dmquant_weights.safetensors"
+# what diffusers' from_pretrained reads: the quantizer named in config.json, and the shard index it opens
+QUANT_METHOD, INDEX_NAME = "dmquant", "diffusion_pytorch_model.safetensors.index.json"
 
 
 def is_quantized_denoiser_folder(folder: str | Path) -> bool:
@@ -68,6 +76,24 @@ def save_quantized_denoiser(denoiser: torch.nn.Module, folder: str | Path, confi
     # give identical bytes
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
     (folder / CONFIG_NAME).write_text(json.dumps(description, indent=1))
+    write_diffusers_entries(folder, config.name, sorted(state))
+
+
+def quantization_config_entry(recipe_name: str) -> dict:
+    """``config.json``'s ``quantization_config``: what diffusers needs to pick dmquant's quantizer."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "dmquant_version": __version__,
+            "recipe": recipe_name, "description": CONFIG_NAME}
+
+
+def write_diffusers_entries(folder: Path, recipe_name: str, keys: list[str]) -> None:
+    """Make a saved denoiser folder loadable by diffusers' ``from_pretrained``: the ``quantization_config``
+    entry of ``config.json`` and a one-shard index pointing at the weights file."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = quantization_config_entry(recipe_name)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as diffusers' save_config writes it
+    index = {"metadata": {"format": f"{FORMAT}/{FORMAT_VERSION}"}, "weight_map": {k: WEIGHTS_NAME for k in keys}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
 def read_description(folder: str | Path) -> dict:
@@ -128,18 +154,7 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
         raise DMQuantError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME} (missing {missing}, "
                            f"unexpected {extra}): the folder is damaged or mixed; save it again")
     for key, want in expected.items():
-        got = state[key]
-        float8 = torch.float8_e4m3fn in (got.dtype, want.dtype)  # codes: only their own dtype will do
-        same_kind = got.dtype == want.dtype or (got.dtype.is_floating_point and want.dtype.is_floating_point
-                                                and not float8)
-        if got.shape != want.shape or not same_kind:
-            raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} is {got.dtype} {tuple(got.shape)} but the "
-                               f"description needs {want.dtype} {tuple(want.shape)}: the stored tensors and the "
-                               "description (layers, timestep tables) disagree; the folder is damaged or mixed; "
-                               "save it again")
-        if got.dtype.is_floating_point and not bool(torch.isfinite(got.float() if float8 else got).all()):
-            raise DMQuantError(f"{folder / WEIGHTS_NAME}: tensor {key} holds NaN or Inf values: the saved model is "
-                               "damaged; quantize and save it again")
+        check_stored_tensor(folder / WEIGHTS_NAME, key, state[key], want)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # shapes differ from the description (e.g. a table longer than time_keys)
@@ -153,10 +168,32 @@ def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn
     return model
 
 
+def check_stored_tensor(path: Path, key: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """DMQuantError unless the stored tensor ``got`` fits the empty model's ``want`` (shape, kind of dtype)
+    and is finite."""
+    float8 = torch.float8_e4m3fn in (got.dtype, want.dtype)  # codes: only their own dtype will do
+    same_kind = got.dtype == want.dtype or (got.dtype.is_floating_point and want.dtype.is_floating_point
+                                            and not float8)
+    if got.shape != want.shape or not same_kind:
+        raise DMQuantError(f"{path}: tensor {key} is {got.dtype} {tuple(got.shape)} but the "
+                           f"description needs {want.dtype} {tuple(want.shape)}: the stored tensors and the "
+                           "description (layers, timestep tables) disagree; the folder is damaged or mixed; "
+                           "save it again")
+    if got.dtype.is_floating_point and not bool(torch.isfinite(got.float() if float8 else got).all()):
+        raise DMQuantError(f"{path}: tensor {key} holds NaN or Inf values: the saved model is "
+                           "damaged; quantize and save it again")
+
+
 def _build_empty(cls, folder: Path, description: dict) -> torch.nn.Module:
     """The denoiser on the meta device with empty frozen layers and attention where the description says."""
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(cls.load_config(str(folder)))
+    return install_description(model, description)
+
+
+def install_description(model: torch.nn.Module, description: dict) -> torch.nn.Module:
+    """Put empty frozen layers (on the meta device), the quantized attention and the TimeTable into ``model``
+    (a float denoiser, usually built on the meta device) where ``description`` says; returns ``model``."""
     keys = description.get("time_keys")
     table = None if keys is None else TimeTable(keys).install(model, adapter_for(model).read_timestep)
     for name, spec in description["layers"].items():
