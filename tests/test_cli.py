@@ -41,7 +41,8 @@ def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tm
     assert names == [".dmquant-folder.json", "model_index.json", "recipe.yaml", "run.json", "scheduler", "summary.md",
                      "text_encoder", "tokenizer", "unet", "vae"]
     assert sorted(p.name for p in (out / "unet").iterdir()) == [
-        "config.json", "dmquant_config.json", "dmquant_weights.safetensors"]
+        "config.json", "diffusion_pytorch_model.safetensors.index.json", "dmquant_config.json",
+        "dmquant_weights.safetensors"]
     run = json.loads((out / "run.json").read_text())
     assert run["tag"] == "W8A8" and run["calibration"]["prompts"] == 3 and run["calibration"]["steps"] == [0, 2, 5]
     assert run["quantized_layers"] == 79 and run["attention_modules"] == 8
