@@ -99,8 +99,11 @@ def install_empty_layers(model: nn.Module, folder: Path | None, loaded_keys: lis
     return description
 
 
-def assign_stored(model: nn.Module, key: str, tensor: torch.Tensor, device, folder: Path | None) -> None:
-    """Assign the stored ``tensor`` to the parameter or buffer ``key`` of ``model``, as stored, on ``device``."""
+def assign_stored(model: nn.Module, key: str, tensor: torch.Tensor, device, folder: Path | None,
+                  dtype: torch.dtype | None = None) -> None:
+    """Assign the stored ``tensor`` to the parameter or buffer ``key`` of ``model``, as stored, on ``device``
+    (``from_pretrained(torch_dtype=...)``: float tensors other than float8 codes in ``dtype``, as ``.to(dtype)``
+    would give them)."""
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name)
     old = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
@@ -109,7 +112,9 @@ def assign_stored(model: nn.Module, key: str, tensor: torch.Tensor, device, fold
         raise DMQuantError(f"{path}: tensor {key} has no place in the model: the folder is damaged or mixed; save "
                            "it again")
     check_stored_tensor(path, key, tensor, old)
-    value = tensor.to(device=torch.device("cpu") if device is None else device, copy=True)  # fresh, aligned
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn:
+        dtype = tensor.dtype
+    value = tensor.to(device=torch.device("cpu") if device is None else device, dtype=dtype, copy=True)  # fresh
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
     else:

@@ -78,7 +78,7 @@ class DMQuantizer(DiffusersQuantizer):
 
     requires_calibration = False
     required_packages = None
-    use_keep_in_fp32_modules = False  # every stored tensor is assigned in the dtype it was saved in
+    use_keep_in_fp32_modules = False  # every stored tensor is assigned as stored (or in torch_dtype)
 
     def __init__(self, quantization_config: DMQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -115,8 +115,9 @@ class DMQuantizer(DiffusersQuantizer):
                                unexpected_keys=None, **kwargs) -> None:
         from dmquant import diffusers_native
 
-        # the tensor as stored: param_value has already been cast to the empty model's dtype
-        diffusers_native.assign_stored(model, param_name, state_dict[param_name], target_device, self.folder)
+        # the tensor as stored (param_value has already been cast to the empty model's dtype), or in torch_dtype
+        diffusers_native.assign_stored(model, param_name, state_dict[param_name], target_device, self.folder,
+                                       kwargs.get("dtype"))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from dmquant import diffusers_native

@@ -182,6 +182,14 @@ def test_registration_is_lazy_and_idempotent():
     assert not any(isinstance(f, diffusers_hook._Finder) for f in sys.meta_path)
 
 
+def test_torch_dtype_casts_float_tensors_and_keeps_the_codes(saved):
+    native = DiTTransformer2DModel.from_pretrained(saved / "dit", subfolder="transformer", torch_dtype=torch.bfloat16)
+    own = dmquant.load_quantized_denoiser(saved / "dit" / "transformer").to(torch.bfloat16)
+    state, expected = native.state_dict(), own.state_dict()
+    assert {t.dtype for t in state.values()} == {torch.bfloat16, torch.int8}
+    assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in expected.items())
+
+
 @pytest.fixture(scope="module")
 def float_dit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("float") / "dit"
