@@ -62,4 +62,6 @@ class _RegisteringLoader(importlib.abc.Loader):
         _register()
 
     def __getattr__(self, name):  # get_source, is_package, ... of the wrapped loader
+        if name == "loader":  # not set yet (a copy): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)

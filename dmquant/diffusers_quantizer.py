@@ -19,7 +19,6 @@ registers the backend (idempotent).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ class DMQuantMethod(str, enum.Enum):
     DMQUANT = QUANT_METHOD
 
 
-@dataclasses.dataclass
 class DMQuantConfig(QuantizationConfigMixin):
     """dmquant's diffusers ``quantization_config``.
 
@@ -46,31 +44,28 @@ class DMQuantConfig(QuantizationConfigMixin):
     names the format version, the recipe and the file with the layer descriptions.
     """
 
-    recipe: Any = None
-    format_version: int | None = None
-    dmquant_version: str | None = None
-    description: str | None = None
-    quant_method: DMQuantMethod = DMQuantMethod.DMQUANT
+    FIELDS = ("recipe", "format_version", "dmquant_version", "description")
 
-    def __post_init__(self):
+    def __init__(self, recipe: Any = None, format_version: int | None = None, dmquant_version: str | None = None,
+                 description: str | None = None, **_ignored):
         self.quant_method = DMQuantMethod.DMQUANT
-        if isinstance(self.recipe, Path):
-            self.recipe = str(self.recipe)
-        elif hasattr(self.recipe, "to_dict") and not isinstance(self.recipe, dict):  # a QuantConfig: JSON
-            self.recipe = self.recipe.to_dict()
+        if isinstance(recipe, Path):
+            recipe = str(recipe)
+        elif hasattr(recipe, "to_dict") and not isinstance(recipe, dict):  # a QuantConfig: kept as JSON
+            recipe = recipe.to_dict()
+        self.recipe, self.format_version = recipe, format_version
+        self.dmquant_version, self.description = dmquant_version, description
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        known = {f.name for f in dataclasses.fields(cls)}
         # keys a newer dmquant may add are left out: its format version decides (validate_environment)
-        config = cls(**{k: v for k, v in dict(config_dict).items() if k in known})
+        config = cls(**{k: v for k, v in dict(config_dict).items() if k in cls.FIELDS})
         unused = config.update(**kwargs)
         return (config, unused) if return_unused_kwargs else config
 
-    @property
-    def pre_quantized(self) -> bool:
-        """True when read from a saved dmquant folder (it has a format version)."""
-        return self.format_version is not None
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What ``repr`` shows (diffusers' mixin calls it but does not define it): the entries that are set."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
 
 
 class DMQuantizer(DiffusersQuantizer):

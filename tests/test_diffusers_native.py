@@ -175,11 +175,18 @@ def test_saved_folder_carries_the_quantization_config_and_shard_index(saved):
 def test_registration_is_lazy_and_idempotent():
     code = "import sys, dmquant; assert 'diffusers' not in sys.modules and 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    # diffusers' quantizers loaded first: registered on import dmquant (the other order: the fresh process above)
+    code = ("from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; import dmquant; "
+            "assert M['dmquant'].__name__ == 'DMQuantizer'")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     diffusers_hook.install()
     diffusers_quantizer.register()
     assert AUTO_QUANTIZER_MAPPING["dmquant"] is diffusers_quantizer.DMQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["dmquant"] is dmquant.DMQuantConfig
     assert not any(isinstance(f, diffusers_hook._Finder) for f in sys.meta_path)
+    config = dmquant.DMQuantConfig("w4a16")
+    assert config.recipe == "w4a16" and config.to_dict()["quant_method"] == "dmquant" and "w4a16" in repr(config)
+    assert dmquant.DMQuantConfig(recipe=dmquant.load_recipe("w4a16")).recipe["name"] == "w4a16"  # kept as JSON
 
 
 def test_torch_dtype_casts_float_tensors_and_keeps_the_codes(saved):
