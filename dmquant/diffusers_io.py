@@ -68,6 +68,27 @@ def conditioning_argument(pipe) -> str:
     )
 
 
+def uses_true_cfg(pipe) -> bool:
+    """Whether the pipeline's classifier-free guidance is ``true_cfg_scale`` with a negative prompt (Qwen-Image,
+    FLUX without guidance embedding): there ``guidance_scale`` feeds a guidance embedding the denoiser lacks."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    denoiser = getattr(pipe, "transformer", None)
+    embeds = bool(getattr(getattr(denoiser, "config", None), "guidance_embeds", False))
+    return "true_cfg_scale" in params and "negative_prompt" in params and not embeds
+
+
+def guidance_arguments(pipe, call_kwargs: dict, batch_size: int) -> dict:
+    """``call_kwargs`` with ``guidance_scale`` as the pipeline understands a CFG scale: unchanged, or for a
+    true-CFG pipeline ``true_cfg_scale`` with an empty negative prompt per image (unless one is given)."""
+    if "guidance_scale" not in call_kwargs or not uses_true_cfg(pipe):
+        return dict(call_kwargs)
+    out = dict(call_kwargs)
+    out["true_cfg_scale"] = out.pop("guidance_scale")
+    if out.get("negative_prompt") is None and out.get("negative_prompt_embeds") is None:
+        out["negative_prompt"] = [""] * batch_size
+    return out
+
+
 def is_class_conditional(pipe) -> bool:
     return conditioning_argument(pipe) == "class_labels"
 

@@ -21,7 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from dmquant.correction.ptqd import check_correction_schedule
-from dmquant.diffusers_io import check_call_inputs, conditioning_argument, process_state, prompts_for_pipeline
+from dmquant.diffusers_io import (
+    check_call_inputs,
+    conditioning_argument,
+    guidance_arguments,
+    process_state,
+    prompts_for_pipeline,
+)
 from dmquant.errors import DMQuantError
 from dmquant.metrics.images import as_uint8_batch, as_uint8_video
 
@@ -72,6 +78,7 @@ def _run_batch(pipe, prompts: Sequence, seeds: Sequence[int], cfg: GenerationCon
         kwargs["guidance_scale"] = cfg.guidance_scale
     if cfg.num_frames is not None:
         kwargs["num_frames"] = cfg.num_frames
+    kwargs = guidance_arguments(pipe, kwargs, len(prompts))
     with torch.no_grad():
         out = pipe(**{conditioning_argument(pipe): prompts_for_pipeline(pipe, prompts)}, **kwargs)
     if getattr(out, "images", None) is not None:

@@ -40,3 +40,23 @@ def test_hub_offline_values(value, offline, monkeypatch):
 def test_process_state_is_one_process_without_a_launcher():
     state = process_state("cpu")
     assert state.num_processes == 1 and state.is_main_process
+
+
+def test_a_true_cfg_pipeline_gets_its_guidance_as_true_cfg_scale_with_a_negative_prompt():
+    from dmquant.diffusers_io import guidance_arguments, uses_true_cfg
+    from dmquant.generation import GenerationConfig, generate
+    from dmquant.models.tiny import build_tiny_pipeline
+
+    qwen, flux = build_tiny_pipeline("tiny-random-qwen-image"), build_tiny_pipeline("tiny-random-flux")
+    assert uses_true_cfg(qwen) and not uses_true_cfg(flux)  # FLUX.1-dev style: a guidance embedding
+    assert guidance_arguments(qwen, {"guidance_scale": 4.0, "height": 32}, 3) == {
+        "true_cfg_scale": 4.0, "negative_prompt": ["", "", ""], "height": 32}
+    assert guidance_arguments(flux, {"guidance_scale": 4.0}, 3) == {"guidance_scale": 4.0}
+    assert guidance_arguments(qwen, {"height": 32}, 3) == {"height": 32}
+    calls = []
+    qwen.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    for scale, per_step in ((None, 1), (4.0, 2)):  # true CFG: a conditional and an unconditional call per step
+        calls.clear()
+        generate(qwen, ["a red circle", "a blue square"], GenerationConfig(num_inference_steps=2, batch_size=2,
+                 guidance_scale=scale, progress=False), height=32, width=32)
+        assert len(calls) == 2 * per_step

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmquant.calibration.records import save_calls
-from dmquant.diffusers_io import conditioning_argument, process_state
+from dmquant.diffusers_io import conditioning_argument, guidance_arguments, process_state
 from dmquant.errors import DMQuantError
 from dmquant.runs import make_own_temp_folder, remove_own_folder
 
@@ -84,7 +84,8 @@ def collect_denoiser_inputs(
                 generator = torch.Generator("cpu").manual_seed(seed + index)
                 with torch.no_grad():
                     pipe(**{cond_arg: batch}, num_inference_steps=num_inference_steps,
-                         generator=generator, output_type="latent", **(call_kwargs or {}))
+                         generator=generator, output_type="latent", **guidance_arguments(pipe, call_kwargs or {},
+                                                                                         len(batch)))
                 if not recorder.calls:
                     raise DMQuantError(
                         f"the denoiser was never called at steps {sorted(recorder.steps)} with {num_inference_steps} steps"
