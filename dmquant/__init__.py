@@ -25,6 +25,7 @@ _LAZY = {
     "load_quantized_pipeline": ("dmquant.quantized_pipeline", "load_quantized_pipeline"),
     "load_quantized_denoiser": ("dmquant.serialization", "load_quantized_denoiser"),
     "DMQuantConfig": ("dmquant.diffusers_quantizer", "DMQuantConfig"),
+    "make_diffusers_loadable": ("dmquant.diffusers_native", "make_diffusers_loadable"),
     "zoo": ("dmquant.zoo", None),
 }
 

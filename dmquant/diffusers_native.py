@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from dmquant.api import freeze, quantize
@@ -27,14 +28,21 @@ from dmquant.config import QuantConfig, list_recipes, load_recipe
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import WrapReport, quant_layers
-from dmquant.quantized_pipeline import CORRECTION_NAME, QuantizationInfo, attach_info
+from dmquant.quantized_pipeline import (
+    CORRECTION_NAME,
+    QuantizationInfo,
+    attach_info,
+    quantized_denoiser_attribute,
+)
 from dmquant.serialization import (
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
     check_stored_tensor,
     install_description,
+    is_quantized_denoiser_folder,
     read_description,
+    write_diffusers_entries,
 )
 
 
@@ -145,3 +153,27 @@ def quantize_loaded(model: nn.Module, recipe: QuantConfig) -> None:
     quantize(model, recipe, progress=False)
     freeze(model)
     model.eval()
+
+
+def make_diffusers_loadable(folder: str | Path) -> Path:
+    """Add what diffusers' ``from_pretrained`` reads (``config.json``'s ``quantization_config`` and the shard
+    index) to a format-4 folder saved before dmquant wrote them: a saved pipeline folder or its denoiser
+    folder, changed in place (the weights and descriptions are not touched). Returns the denoiser folder."""
+    folder = Path(folder)
+    if not is_quantized_denoiser_folder(folder):
+        attr = quantized_denoiser_attribute(folder)
+        if attr is None:
+            raise DMQuantError(f"{folder} holds no dmquant quantized denoiser: pass a folder written by "
+                               "save_pretrained of a dmquant-quantized pipeline, or its unet / transformer folder")
+        folder = folder / attr
+    description = read_description(folder)
+    if not (folder / "config.json").is_file():
+        raise DMQuantError(f"{folder / 'config.json'} is missing: the quantized model folder is incomplete; save it "
+                           "again")
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:  # the header only
+            keys = sorted(f.keys())
+    except Exception as exc:  # missing, truncated
+        raise DMQuantError(f"{folder / WEIGHTS_NAME} cannot be read ({exc}): save the quantized model again") from None
+    write_diffusers_entries(folder, str(description["recipe"].get("name", "custom")), keys)
+    return folder

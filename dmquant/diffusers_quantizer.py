@@ -119,7 +119,7 @@ class DMQuantizer(DiffusersQuantizer):
 
         if self.pre_quantized:
             diffusers_native.finish_loading(model, self.folder, self.description)
-            self.description = None  # the layer descriptions are not needed any more
+            self.description, self.loaded_keys = None, []  # not needed any more (the model keeps its quantizer)
         else:
             diffusers_native.quantize_loaded(model, self.recipe)
         return model

@@ -197,6 +197,23 @@ def test_torch_dtype_casts_float_tensors_and_keeps_the_codes(saved):
     assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in expected.items())
 
 
+def test_a_folder_saved_before_the_entries_is_made_loadable_in_place(saved, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(saved / "sd", folder)
+    sub = folder / "unet"
+    config = json.loads((sub / "config.json").read_text())
+    config.pop("quantization_config")
+    (sub / "config.json").write_text(json.dumps(config))
+    (sub / serialization.INDEX_NAME).unlink()  # now as dmquant wrote format 4 before issue 16
+    assert dmquant.make_diffusers_loadable(folder) == sub
+    assert sorted(p.name for p in sub.iterdir()) == sorted(p.name for p in (saved / "sd" / "unet").iterdir())
+    native = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    own = dmquant.load_quantized_denoiser(sub)
+    assert all(torch.equal(a, b) for a, b in zip(native.state_dict().values(), own.state_dict().values()))
+    with pytest.raises(DMQuantError, match="holds no dmquant quantized denoiser"):
+        dmquant.make_diffusers_loadable(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def float_dit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("float") / "dit"
@@ -213,6 +230,9 @@ def test_calibration_free_recipe_quantizes_while_loading(float_dit):
     reference = dmquant.freeze(dmquant.quantize(DiffusionPipeline.from_pretrained(float_dit), "w4a16", progress=False))
     call = {"class_labels": [3], "output_type": "np"}
     assert torch.equal(run(loaded, call), run(reference, call))  # as dmquant.quantize + freeze, bit for bit
+    fp8 = DiTTransformer2DModel.from_pretrained(float_dit, subfolder="transformer",
+                                                quantization_config=dmquant.DMQuantConfig("w8a8-fp8"))
+    assert {q.qdata.dtype for _, m in quant_layers(fp8) for q in m.qweights} == {torch.float8_e4m3fn}
 
 
 def test_static_activation_recipe_at_load_time_fails_with_one_line(float_dit):
