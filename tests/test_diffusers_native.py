@@ -5,11 +5,13 @@ diffusers, in a fresh process, bit for bit for every family; load-time quantizat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +197,28 @@ def test_torch_dtype_casts_float_tensors_and_keeps_the_codes(saved):
     state, expected = native.state_dict(), own.state_dict()
     assert {t.dtype for t in state.values()} == {torch.bfloat16, torch.int8}
     assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in expected.items())
+
+
+def _families_module():
+    spec = importlib.util.spec_from_file_location("families", Path(__file__).parent / "models" / "families.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["ltx", "cogvideox", "hunyuan-video"])
+def test_transformer_only_families_load_with_their_class(family, tmp_path):
+    """LTX-Video, CogVideoX, HunyuanVideo (no tiny pipelines): the denoiser class loads the saved transformer."""
+    families = _families_module()
+    model, inputs = families.build(family)
+    recipe = dmquant.load_recipe("w8a8-fp8")
+    dmquant.freeze(dmquant.quantize(model, recipe, progress=False))
+    ((args, kwargs),) = families.calls(inputs, 0, timesteps=(500,))
+    serialization.save_quantized_denoiser(model, tmp_path / "transformer", recipe)
+    native = type(model).from_pretrained(tmp_path, subfolder="transformer")
+    assert native.is_quantized and len(quant_layers(native)) == len(quant_layers(model)) > 5
+    with torch.no_grad():
+        assert torch.equal(native(*args, **kwargs)[0], model(*args, **kwargs)[0])
 
 
 def test_a_folder_saved_before_the_entries_is_made_loadable_in_place(saved, tmp_path):
