@@ -20,6 +20,7 @@ _LAZY = {
     "list_recipes": ("dmquant.config", "list_recipes"),
     "DMQuantError": ("dmquant.errors", "DMQuantError"),
     "freeze": ("dmquant.api", "freeze"),
+    "inspect_quantization": ("dmquant.diagnostics.job", "inspect_quantization"),
     "QuantizedStableDiffusionPipeline": ("dmquant.quantized_pipeline", "QuantizedStableDiffusionPipeline"),
     "QuantizedDiTPipeline": ("dmquant.quantized_pipeline", "QuantizedDiTPipeline"),
     "load_quantized_pipeline": ("dmquant.quantized_pipeline", "load_quantized_pipeline"),

@@ -13,6 +13,8 @@ from dmquant import workflows
 from dmquant.bench import bench_model, format_report
 from dmquant.config import list_recipes, load_recipe
 from dmquant.demo import DemoConfig, format_table, run_demo
+from dmquant.diagnostics.job import InspectJob, run_inspect
+from dmquant.diagnostics.report import format_summary
 from dmquant.diffusers_io import silence_progress_bars
 from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig
@@ -131,6 +133,30 @@ def _add_demo(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="quantize with a recipe and measure, layer by layer on held-out calls, where "
+                       "it loses and why; write inspect.json, report.md and plots")
+    p.add_argument("--model", required=True, help="zoo name, local diffusers folder (full precision), or hub id")
+    p.add_argument("--recipe", required=True, help="recipe name (see `dmquant recipes`) or YAML path")
+    p.add_argument("--prompts", required=True, help="prompt file, one prompt (or class id) per line: the last "
+                   "--num-eval-prompts are held out for measuring unless --eval-prompts is given")
+    p.add_argument("--out", required=True, help="folder to write (an earlier inspect folder there is replaced with "
+                   "--overwrite; any other non-empty folder is refused)")
+    p.add_argument("--eval-prompts", help="held-out prompt file (then every --prompts line calibrates)")
+    p.add_argument("--num-inference-steps", "--steps", type=POSITIVE, dest="num_inference_steps",
+                   help="denoising steps (default: the recipe's calibration steps)")
+    p.add_argument("--num-timesteps", type=POSITIVE, default=5, help="steps measured, evenly spaced")
+    p.add_argument("--num-eval-prompts", type=POSITIVE, default=4)
+    p.add_argument("--max-prompts", type=POSITIVE, help="read only the first K prompts of --prompts")
+    p.add_argument("--guidance-scale", type=_finite_float)
+    p.add_argument("--height", type=POSITIVE)
+    p.add_argument("--width", type=POSITIVE)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier inspect folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmquant", description="Post-training quantization for diffusion models.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
@@ -140,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_evaluate(sub)
     _add_demo(sub)
+    _add_inspect(sub)
     sub.add_parser("recipes", help="list the built-in recipes")
     for command in sub.choices.values():  # --debug after the command too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -172,6 +199,11 @@ def _run(args: argparse.Namespace) -> None:
         config = DemoConfig(recipes=tuple(args.recipes.split(",")), num_images=args.num_images,
                             num_inference_steps=args.num_inference_steps, out=args.out, progress=not args.quiet)
         print(format_table(run_demo(config)))
+    elif args.command == "inspect":
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "debug")}
+        out, data = run_inspect(InspectJob(**fields, progress=not args.quiet))
+        print(format_summary(data))
+        print(f"wrote {out}/inspect.json, report.md, sqnr_layers.png, step_ranges.png")
     elif args.command == "recipes":
         for name in list_recipes():
             config = load_recipe(name)
