@@ -19,6 +19,7 @@ THRESHOLDS = {
     "clipped_fraction": 1e-3,  # held-out values outside the calibrated static range
     "peak_over_calibrated": 1.5,  # held-out peak over the calibrated range's end
     "peak_over_p999": 3.0,  # the input's peak |x| over its 99.9th percentile |x| (a long tail)
+    "peak_over_rms": 12.0,  # the input's peak |x| over its RMS (per-tensor static scales only)
     "outlier_channels": 8.0,  # largest channel peak over the median channel peak
     "concat_ratio": 3.0,  # peak of one skip-concat part over the other's
     "token_peak_over_rms": 6.0,  # a token's peak over its RMS (what a per-token scale has to cover)
@@ -64,6 +65,10 @@ def diagnose(layer: dict) -> list[str]:
     r = ranges.get("peak_over_p999")
     if r is not None and r >= t["peak_over_p999"]:
         evidence.append((r / t["peak_over_p999"], f"a few extreme values (peak {r:.1f}x the 99.9th percentile of |x|)"))
+    r = ranges.get("peak_over_rms")
+    if layer.get("act_granularity") == "tensor" and r is not None and r >= t["peak_over_rms"]:
+        evidence.append((r / t["peak_over_rms"], f"wide input distribution (peak {r:.0f}x the RMS: one per-tensor "
+                                                 "scale spans it)"))
     r = layer.get("outliers", {}).get("channel_max_over_median")
     if r is not None and r >= t["outlier_channels"]:
         evidence.append((r / t["outlier_channels"], f"outlier channels {r:.0f}x"))
@@ -82,7 +87,7 @@ def diagnose(layer: dict) -> list[str]:
     if not evidence:
         r = ranges.get("peak_over_rms")
         causes.append("activations: no single statistic stands out" + ("" if r is None else
-                      f"; the input's peak is {r:.0f}x its RMS (the range a per-tensor scale must span)"))
+                      f" (input peak {r:.0f}x its RMS)"))
     return causes
 
 
@@ -187,7 +192,7 @@ def draw_sqnr_bars(data: dict, count: int = 30, width: int = 1000):
         draw.text((x - 6, height - 24), f"{v}", fill="black")
     for i, name in enumerate(names):
         y = top + i * row
-        label = name if len(name) <= 58 else "..." + name[-55:]
+        label = short_name(name, 58)
         draw.text((6, y + 3), label, fill="black")
         for j, variant in enumerate(("weights", "activations", "both")):
             value = data["layers"][name]["sqnr_db"][variant]
@@ -195,6 +200,13 @@ def draw_sqnr_bars(data: dict, count: int = 30, width: int = 1000):
             yy = y + 2 + j * 5
             draw.rectangle([x0, yy, at(hi if value is None else value), yy + 4], fill=color)
     return img
+
+
+def short_name(name: str, limit: int = 40) -> str:
+    """A layer name shortened for a plot (``attentions.`` -> ``attn.``, ``transformer_blocks.`` -> ``tb.``)."""
+    for long, short in (("transformer_blocks.", "tb."), ("attentions.", "attn."), ("resnets.", "res.")):
+        name = name.replace(long, short)
+    return name if len(name) <= limit else "..." + name[-(limit - 3):]
 
 
 def _panel(draw, box, title: str, xs: list, series: list[tuple[str, tuple, list]], hlines=()):
@@ -261,7 +273,7 @@ def draw_step_ranges(data: dict, layers: int = 5, panel: tuple[int, int] = (330,
                     if lo is not None and hi is not None]
             if ends:
                 hlines.append(("calibrated", (150, 150, 150), max(ends)))
-        short = name if len(name) <= 40 else "..." + name[-37:]
+        short = short_name(name)
         box = ((k % cols) * pw, (k // cols) * ph, (k % cols + 1) * pw, (k // cols + 1) * ph)
         _panel(draw, box, f"{short}: input peak |x|", steps, series, hlines)
     return img
