@@ -13,7 +13,7 @@ from dmquant.cli import main
 from dmquant.diagnostics.job import eval_steps, inspect_quantization, split_prompts, write_inspection
 from dmquant.diagnostics.measure import CallInfo, Inspector, results
 from dmquant.diagnostics.report import diagnose
-from dmquant.models.tiny import build_tiny_sd_pipeline
+from dmquant.models.tiny import build_tiny_pipeline, build_tiny_sd_pipeline
 from dmquant.nn.layers import QuantLinear
 from dmquant.nn.wrap import quant_layers
 from dmquant.quantizers.activation import ActQuantizer
@@ -89,6 +89,14 @@ def test_weight_only_recipe_has_exact_activations():
         assert layer["sqnr_db"]["activations"] is None
         assert layer["sqnr_db"]["both"] == layer["sqnr_db"]["weights"]
         assert layer["causes"][0].startswith("weights")
+
+
+def test_class_conditioned_dit_puts_cond_first():
+    pipe = build_tiny_pipeline("tiny-random-dit")
+    data = inspect_quantization(pipe, "w8a8", [1, 2, 3, 4], num_inference_steps=3, num_timesteps=2, progress=False)
+    assert data["branches"] == ["cond", "uncond"] and data["settings"]["cfg"] == "batched"
+    assert data["settings"]["guidance_scale"] == 4.0 and data["model"]["guided_sqnr_db"] is not None
+    assert "concat" not in next(iter(data["layers"].values()))
 
 
 def test_layer_sqnr_is_the_layer_alone():

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import time
@@ -137,7 +138,7 @@ def inspect_quantization(pipe, recipe: str | Path | dict | QuantConfig = "w8a8",
     with shared_temp_dir("dmquant-inspect-") as folder:
         collect_denoiser_inputs(pipe, denoiser, held, steps, folder, steps_n, batch_size=len(held), seed=eval_seed,
                                 progress=progress, call_kwargs=call_kwargs, step_key=_step_key(adapter))
-        guidance = call_kwargs.get("guidance_scale", getattr(pipe, "_guidance_scale", None))
+        guidance = call_kwargs.get("guidance_scale", getattr(pipe, "_guidance_scale", None)) or _default_guidance(pipe)
         quantize(pipe, config, calib, num_inference_steps=steps_n, seed=seed, progress=progress, **call_kwargs)
         _, denoiser, adapter = find_denoiser(pipe)
         inspector = Inspector(denoiser, adapter.concat_points(denoiser))
@@ -161,6 +162,13 @@ def inspect_quantization(pipe, recipe: str | Path | dict | QuantConfig = "w8a8",
     data["worst"] = worst_layers(data["layers"])
     data["seconds"] = round(time.perf_counter() - start, 2)
     return data
+
+
+def _default_guidance(pipe) -> float | None:
+    """The guidance scale a pipeline call uses by default (its ``guidance_scale`` argument's default)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    default = None if param is None else param.default
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
 
 
 def _step_key(adapter):

@@ -11,7 +11,9 @@ values outside the calibrated static range. A torch-function mode sees the core 
 (SDPA) of each quantized attention module and measures its output with only Q, K, V quantized.
 Then the denoiser runs quantized on the same call, and its output is compared with the FP output.
 
-SQNR is ``10·log10(Σ y² / Σ (y_q − y)²)`` summed over the calls it covers (None where the error is 0).
+SQNR is ``10·log10(Σ y² / Σ (y_q − y)²)`` summed over the calls it covers (None where the error is 0). The
+guided SQNR compares ``uncond + g·(cond − uncond)`` over the whole output (a DiT's learned-variance channels
+included, which its pipeline does not guide).
 """
 
 from __future__ import annotations
