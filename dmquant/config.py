@@ -381,7 +381,9 @@ def _override(cls: type, base, changes: dict | None, where: str):
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """Automatic mixed precision: each quantized layer's weight bits chosen from ``candidate_bits`` to
+    """Automatic mixed precision: each quantized layer's weight format chosen from ``candidate_bits`` (at
+    the recipe's granularity) and, for each of ``group_sizes``, ``group_bits`` (default ``candidate_bits``)
+    with one scale per group of that many input weights (only where the groups divide the layer's rows) to
     minimise the summed sensitivity (the denoiser's output error when only that layer is quantized,
     measured on ``num_samples`` recorded calibration calls, each call weighted as ``weighting`` says)
     within a budget: ``target_bits`` (average bits per quantized weight, scales included),
@@ -393,6 +395,8 @@ class MixedPrecisionConfig:
     target_bits: float | None = None
     max_weight_bytes: int | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    group_sizes: tuple[int, ...] = ()
+    group_bits: tuple[int, ...] | None = None
     num_samples: int = 16
     weighting: str = "uniform"
 
@@ -402,6 +406,17 @@ class MixedPrecisionConfig:
             raise DMQuantError("mixed_precision.candidate_bits is empty: give bit-widths such as [2, 3, 4, 6, 8]")
         for b in self.candidate_bits:
             check_bits(b, "mixed_precision.candidate_bits")
+        object.__setattr__(self, "group_sizes", tuple(sorted(set(self.group_sizes or ()))))
+        for g in self.group_sizes:
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+                raise DMQuantError(f"mixed_precision.group_sizes holds {g!r}: give positive integers such as [64, 128]")
+        if self.group_bits is not None:
+            object.__setattr__(self, "group_bits", tuple(sorted(set(self.group_bits))))
+            if not self.group_bits:
+                raise DMQuantError("mixed_precision.group_bits is empty: give bit-widths such as [2, 3, 4], or leave "
+                                   "it out (the candidate_bits)")
+            for b in self.group_bits:
+                check_bits(b, "mixed_precision.group_bits")
         if self.target_bits is not None and self.max_weight_bytes is not None:
             raise DMQuantError("mixed_precision: give target_bits or max_weight_bytes, not both")
         if self.target_bits is not None and not 2.0 <= float(self.target_bits) <= 16.0:

@@ -1,7 +1,8 @@
 """Automatic mixed precision on the zoo (issue 17), protocol of eval/README.md (as eval/ablate_outliers.py).
 
 Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights), ``auto-<B>bit`` (``target_bits``
-B, e.g. ``auto-3bit``), ``auto-relative`` (per-call relative weighting of the sensitivity), and
+B, e.g. ``auto-3bit``), ``auto-channel`` / ``auto-channel-<B>bit`` (bit-widths per output channel only, no
+group candidates), ``auto-relative`` (per-call relative weighting of the sensitivity), and
 ``recipe:<name>`` for the uniform baselines.
 
     OMP_NUM_THREADS=1 python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
@@ -36,6 +37,10 @@ def variant_config(variant: str) -> QuantConfig:
     mp = config.mixed_precision
     if variant == "auto":
         return config
+    if variant == "auto-channel":  # bit-widths at the recipe's granularity only (the first candidates)
+        return replace(config, mixed_precision=replace(mp, group_sizes=()))
+    if variant.startswith("auto-channel-") and variant.endswith("bit"):
+        return replace(config, mixed_precision=replace(mp, group_sizes=(), target_bits=float(variant[13:-3])))
     if variant == "auto-relative":
         return replace(config, mixed_precision=replace(mp, weighting="relative"))
     if variant.startswith("auto-") and variant.endswith("bit"):

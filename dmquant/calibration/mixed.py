@@ -1,14 +1,20 @@
 """Automatic mixed precision (the recipe's ``mixed_precision`` section): measure, allocate, write the plan.
 
-    sensitivity  for each layer the recipe quantizes and each candidate weight bit-width, the
-                 denoiser's output error when only that layer's weight is fake-quantized (all others in
-                 full precision), on ``num_samples`` recorded calibration calls spread over the run
-                 (every sampled step); the layer's weight is swapped in place, nothing is wrapped
+    candidates   weight formats: each of ``candidate_bits`` at the recipe's granularity, and each of
+                 ``group_bits`` with one scale per group of each of ``group_sizes`` input weights (a
+                 group size is a candidate of a layer only where it divides the rows of each of its
+                 quantized parts and is shorter than them: a group as long as the row is the per-channel
+                 format)
+    sensitivity  for each layer the recipe quantizes and each candidate format, the denoiser's output
+                 error when only that layer's weight is fake-quantized (all others in full precision), on
+                 ``num_samples`` recorded calibration calls spread over the run (every sampled step); the
+                 layer's weight is swapped in place, nothing is wrapped
     budget       ``target_bits`` per weight, ``max_weight_bytes`` for the whole denoiser, or the bytes of
                  the recipe's uniform format; costs are the exact bytes the frozen layer will store
-                 (codes packed at their bit-width, float32 scales, both parts of a split layer)
+                 (codes packed at their bit-width, float32 scales: one per output channel or per group,
+                 both parts of a split layer)
     allocation   :func:`dmquant.calibration.allocation.allocate` minimises the summed sensitivity
-    plan         the recipe with one ``layers`` override per layer whose bits differ from the recipe's
+    plan         the recipe with one ``layers`` override per layer whose format differs from the recipe's
                  and no ``mixed_precision`` section: a recipe anyone can rerun without measuring again
 
 Activations keep the recipe's settings (sensitivity is measured with full-precision activations). The
@@ -40,12 +46,63 @@ from dmquant.quantizers.weight import WeightQuantizer
 CURVE_BITS = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate weight format: ``bits`` at the recipe's granularity (``group_size`` None), or ``bits``
+    with one scale per ``group_size`` consecutive input weights."""
+
+    bits: int
+    group_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``"4"`` (the recipe's granularity) or ``"3g64"`` (3 bits, groups of 64)."""
+        return str(self.bits) if self.group_size is None else f"{self.bits}g{self.group_size}"
+
+    def weights(self, base: WeightQuantConfig) -> WeightQuantConfig:
+        if self.group_size is None:
+            return dataclasses.replace(base, bits=self.bits)
+        return dataclasses.replace(base, bits=self.bits, granularity="group", group_size=self.group_size)
+
+    def override(self, base: WeightQuantConfig) -> dict | None:
+        """The layer's ``weights`` override (None when the format is the recipe's own)."""
+        c = self.weights(base)
+        if c == base:
+            return None
+        if c.granularity == base.granularity and c.group_size == base.group_size:
+            return {"bits": c.bits}
+        return {"bits": c.bits, "granularity": c.granularity, "group_size": c.group_size}
+
+
+def candidates(mp: MixedPrecisionConfig, base: WeightQuantConfig) -> list[Candidate]:
+    """Every candidate format of the section (before checking which fit each layer)."""
+    found = [Candidate(b) for b in mp.candidate_bits]
+    for g in mp.group_sizes:
+        if base.granularity == "group" and base.group_size == g:
+            continue  # the recipe's own granularity: its bits are the candidate_bits
+        found += [Candidate(b, g) for b in (mp.group_bits or mp.candidate_bits)]
+    return found
+
+
+def fits(candidate: Candidate, shape: tuple[int, ...], split: int | None, base: WeightQuantConfig) -> bool:
+    """Whether ``candidate`` is a format of a weight of ``shape`` (split at ``split``): its groups divide the
+    rows (input features x kernel) of each quantized part and are shorter than them."""
+    if candidate.group_size is None:
+        return True
+    rows = [math.prod(s[1:]) for s in _part_shapes(shape, split)]
+    g = candidate.group_size
+    if any(r % g for r in rows):
+        return False
+    return not (base.granularity == "channel" and all(r == g for r in rows))
+
+
 @dataclass
 class LayerSensitivity:
     name: str
     numel: int
     split: int | None
-    options: dict[int, tuple[int, float]] = field(default_factory=dict)  # bits -> (bytes, relative error)
+    options: dict[str, tuple[int, float]] = field(default_factory=dict)  # format label -> (bytes, relative error)
+    formats: dict[str, Candidate] = field(default_factory=dict)  # format label -> the format
 
 
 @dataclass
@@ -53,7 +110,7 @@ class MixedPlan:
     """The chosen plan and what it was chosen from."""
 
     config: QuantConfig  # the recipe with per-layer overrides, rerunnable
-    bits: dict[str, int]
+    formats: dict[str, str]  # layer -> format label ("4", "3g64")
     layers: list[LayerSensitivity]
     budget_bytes: int
     fixed_bytes: int  # the denoiser's bytes outside the quantized layers' weights
@@ -65,8 +122,12 @@ class MixedPlan:
     uniform: list[dict] = field(default_factory=list)
 
     @property
+    def bits(self) -> dict[str, int]:
+        return {layer.name: layer.formats[self.formats[layer.name]].bits for layer in self.layers}
+
+    @property
     def plan_bytes(self) -> int:
-        return sum(layer.options[self.bits[layer.name]][0] for layer in self.layers)
+        return sum(layer.options[self.formats[layer.name]][0] for layer in self.layers)
 
     @property
     def numel(self) -> int:
@@ -78,7 +139,7 @@ class MixedPlan:
 
     @property
     def predicted_error(self) -> float:
-        return sum(layer.options[self.bits[layer.name]][1] for layer in self.layers)
+        return sum(layer.options[self.formats[layer.name]][1] for layer in self.layers)
 
     def report(self) -> dict:
         """JSON-able summary (saved in run.json under ``calibration.mixed_precision``)."""
@@ -86,14 +147,20 @@ class MixedPlan:
             "budget_bytes": self.budget_bytes, "plan_bytes": self.plan_bytes, "fixed_bytes": self.fixed_bytes,
             "average_bits": round(self.average_bits, 4), "weights": self.numel,
             "predicted_sqnr_db": round(sqnr_db(self.predicted_error), 3),
-            "histogram": {str(b): sum(1 for v in self.bits.values() if v == b) for b in sorted(set(self.bits.values()))},
-            "bits": self.bits, "calls": self.calls, "weighting": self.weighting,
+            "histogram": {f: sum(1 for v in self.formats.values() if v == f)
+                          for f in sorted(set(self.formats.values()), key=_format_order)},
+            "bits": self.bits, "formats": self.formats, "calls": self.calls, "weighting": self.weighting,
             "seconds_sensitivity": round(self.seconds_sensitivity, 2),
             "seconds_allocation": round(self.seconds_allocation, 2),
-            "sensitivity": {layer.name: {str(b): [c, float(f"{e:.4g}")] for b, (c, e) in layer.options.items()}
+            "sensitivity": {layer.name: {f: [c, float(f"{e:.4g}")] for f, (c, e) in layer.options.items()}
                             for layer in self.layers},
             "curve": self.curve, "uniform": self.uniform,
         }
+
+
+def _format_order(label: str) -> tuple[int, int]:
+    bits, _, group = label.partition("g")
+    return int(bits), -int(group) if group else -10**9
 
 
 def sqnr_db(relative_error: float) -> float:
@@ -118,10 +185,16 @@ def fake_quantized_weight(weight: torch.Tensor, c: WeightQuantConfig, split: int
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _part_shapes(shape: tuple[int, ...], split: int | None) -> list[tuple[int, ...]]:
+    if split is None:
+        return [tuple(shape)]
+    return [(shape[0], split, *shape[2:]), (shape[0], shape[1] - split, *shape[2:])]
+
+
 def storage_bytes(shape: tuple[int, ...], c: WeightQuantConfig, split: int | None) -> int:
     """Bytes the frozen layer stores for its weight (one quantized tensor per split part)."""
-    shapes = [shape] if split is None else [(shape[0], split, *shape[2:]), (shape[0], shape[1] - split, *shape[2:])]
-    return sum(weight_storage_bytes(s, c.bits, c.granularity, c.group_size, c.symmetric) for s in shapes)
+    return sum(weight_storage_bytes(s, c.bits, c.granularity, c.group_size, c.symmetric)
+               for s in _part_shapes(shape, split))
 
 
 def _output(out) -> torch.Tensor:
@@ -145,8 +218,8 @@ def spread(calls: Iterable[tuple[tuple, dict]], count: int) -> list[tuple[tuple,
 @torch.no_grad()
 def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], config: QuantConfig,
                         calls: list[tuple[tuple, dict]], progress: bool = True) -> None:
-    """Fill each layer's ``options``: bits -> (stored bytes, output error when only this layer is
-    quantized at those bits, relative to the full-precision output's power)."""
+    """Fill each layer's ``options``: format label -> (stored bytes, output error when only this layer is
+    quantized in that format, relative to the full-precision output's power), for each of its ``formats``."""
     mp = config.mixed_precision
     reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
     powers = [float(r.pow(2).mean()) for r in reference]
@@ -163,22 +236,28 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
         module = denoiser.get_submodule(entry.name)
         original = module.weight.data
         try:
-            for bits in mp.candidate_bits:
-                c = dataclasses.replace(config.weights, bits=bits)
+            for label, candidate in entry.formats.items():
+                c = candidate.weights(config.weights)
                 module.weight.data = fake_quantized_weight(original, c, entry.split)
-                entry.options[bits] = (storage_bytes(tuple(original.shape), c, entry.split), error())
+                entry.options[label] = (storage_bytes(tuple(original.shape), c, entry.split), error())
         finally:
             module.weight.data = original
 
 
 # -- planning ----------------------------------------------------------------------------------------------
 def candidate_layers(denoiser: nn.Module, config: QuantConfig, adapter: DenoiserAdapter) -> list[LayerSensitivity]:
-    """The layers the recipe quantizes (with their split point when the recipe splits weights)."""
+    """The layers the recipe quantizes (with their split point when the recipe splits weights) and the
+    candidate formats that fit each."""
     splits = {}
-    if config.split is not None:
+    if config.split is not None and config.split.weights:
         splits = dict(adapter.concat_points(denoiser))
-    layers = [LayerSensitivity(n, m.weight.numel(), splits.get(n)) for n, m in denoiser.named_modules()
-              if type(m) in FLOAT_TYPES and selected(n, config, adapter)]
+    every = candidates(config.mixed_precision, config.weights) if config.mixed_precision is not None else []
+    layers = []
+    for n, m in denoiser.named_modules():
+        if type(m) in FLOAT_TYPES and selected(n, config, adapter):
+            shape, split = tuple(m.weight.shape), splits.get(n)
+            formats = {c.label: c for c in every if fits(c, shape, split, config.weights)}
+            layers.append(LayerSensitivity(n, m.weight.numel(), split, formats=formats))
     if not layers:
         raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
     return layers
@@ -201,8 +280,8 @@ def budget_bytes(mp: MixedPrecisionConfig, config: QuantConfig, layers: list[Lay
     return sum(storage_bytes(shapes[layer.name], config.weights, layer.split) for layer in layers)
 
 
-def _options(layers: list[LayerSensitivity], bits: tuple[int, ...]) -> list[list[tuple[int, float]]]:
-    return [[layer.options[b] for b in bits] for layer in layers]
+def _options(layers: list[LayerSensitivity]) -> list[list[tuple[int, float]]]:
+    return [list(layer.options.values()) for layer in layers]
 
 
 def _budget_error(mp: MixedPrecisionConfig, budget: int, cheapest: int, numel: int, fixed: int) -> DMQuantError:
@@ -227,9 +306,8 @@ def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: 
     fixed = fixed_bytes(denoiser, layers)
     budget = budget_bytes(mp, config, layers, fixed, shapes)
     numel = sum(layer.numel for layer in layers)
-    bits = mp.candidate_bits
-    cheapest = sum(min(storage_bytes(shapes[la.name], dataclasses.replace(config.weights, bits=b), la.split)
-                       for b in bits) for la in layers)
+    cheapest = sum(min(storage_bytes(shapes[la.name], c.weights(config.weights), la.split)
+                       for c in la.formats.values()) for la in layers)
     if cheapest > budget:  # before measuring anything
         raise _budget_error(mp, budget, cheapest, numel, fixed)
     start = time.perf_counter()
@@ -239,26 +317,32 @@ def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: 
     measure_sensitivity(denoiser, layers, config, chosen_calls, progress)
     measured = time.perf_counter() - start
     start = time.perf_counter()
-    options = _options(layers, bits)
+    options = _options(layers)
     choice = allocate(options, budget)
-    plan_bits = {layer.name: bits[j] for layer, j in zip(layers, choice)}
-    plan = MixedPlan(plan_config(config, plan_bits), plan_bits, layers, budget, fixed, measured, 0.0,
-                     len(chosen_calls), mp.weighting)
-    plan.curve = quality_size_curve(options, bits, numel, cheapest)
-    plan.uniform = [{"bits": b, "average_bits": round(8 * plan_cost(options, [i] * len(layers)) / numel, 4),
-                     "predicted_sqnr_db": round(sqnr_db(plan_error(options, [i] * len(layers))), 3)}
-                    for i, b in enumerate(bits)]
+    labels = [list(layer.options) for layer in layers]
+    plan_formats = {layer.name: labels[i][j] for i, (layer, j) in enumerate(zip(layers, choice))}
+    plan = MixedPlan(plan_config(config, {la.name: la.formats[plan_formats[la.name]] for la in layers}),
+                     plan_formats, layers, budget, fixed, measured, 0.0, len(chosen_calls), mp.weighting)
+    top_bits = max(c.bits for la in layers for c in la.formats.values())
+    plan.curve = quality_size_curve(options, top_bits, numel, cheapest)
+    plan.uniform = []  # each candidate format that every layer can take, on every layer
+    for label in labels[0]:
+        if all(label in layer.options for layer in layers):
+            uniform = [layer.options[label] for layer in layers]
+            plan.uniform.append({"bits": layers[0].formats[label].bits, "format": label,
+                                 "average_bits": round(8 * sum(c for c, _ in uniform) / numel, 4),
+                                 "predicted_sqnr_db": round(sqnr_db(sum(e for _, e in uniform)), 3)})
     plan.seconds_allocation = time.perf_counter() - start
     return plan
 
 
-def quality_size_curve(options, bits: tuple[int, ...], numel: int, cheapest: int) -> list[dict]:
+def quality_size_curve(options, top_bits: int, numel: int, cheapest: int) -> list[dict]:
     """The allocation at each of :data:`CURVE_BITS` bits per weight (those the candidates can reach):
     average bits and predicted SQNR (from the summed sensitivities)."""
     curve = []
     for target in CURVE_BITS:
         budget = target * numel / 8
-        if budget < cheapest or target > max(bits) + 1:
+        if budget < cheapest or target > top_bits + 1:
             continue
         choice = allocate(options, budget)
         curve.append({"target_bits": target, "average_bits": round(8 * plan_cost(options, choice) / numel, 4),
@@ -266,11 +350,16 @@ def quality_size_curve(options, bits: tuple[int, ...], numel: int, cheapest: int
     return curve
 
 
-def plan_config(config: QuantConfig, bits: dict[str, int]) -> QuantConfig:
-    """The recipe with the plan's bits as per-layer overrides (layers at the recipe's own bits need none)."""
-    layers = {name: LayerOverrideConfig(weights={"bits": b}) for name, b in bits.items() if b != config.weights.bits}
+def plan_config(config: QuantConfig, formats: dict[str, Candidate | int]) -> QuantConfig:
+    """The recipe with the plan's formats as per-layer overrides (layers in the recipe's own format need
+    none); a format given as an int is that many bits at the recipe's granularity."""
+    layers = {}
+    for name, f in formats.items():
+        override = (f if isinstance(f, Candidate) else Candidate(int(f))).override(config.weights)
+        if override is not None:
+            layers[name] = LayerOverrideConfig(weights=override)
     note = (f"Mixed precision chosen by dmquant (sensitivity + allocation) from the recipe {config.name!r}: "
-            f"{len(bits)} layers, {len(layers)} of them not at W{config.weights.bits}. ")
+            f"{len(formats)} layers, {len(layers)} of them not in the recipe's W{config.weights.bits} format. ")
     return dataclasses.replace(config, mixed_precision=None, layers=layers, description=note + config.description)
 
 
@@ -290,11 +379,13 @@ def draw_plan(report: dict, width: int = 900, height: int = 340):
         draw.line([(x0 - 4, y), (x1, y)], fill=(225, 225, 225))
         draw.text((8, y - 6), f"W{b}", fill="black")
     step = (x1 - x0) / max(len(bits), 1)
-    for i, b in enumerate(bits):
+    grouped = ["g" in f for f in report.get("formats", {}).values()] or [False] * len(bits)
+    for i, (b, g) in enumerate(zip(bits, grouped)):
         y = bottom - (bottom - top) * b / top_bits
         shade = int(200 - 20 * b)
-        draw.rectangle([x0 + i * step + 1, y, x0 + (i + 1) * step - 1, bottom], fill=(shade, shade, 255 - shade // 3))
-    draw.text((x0, bottom + 8), "layers in module order", fill="black")
+        fill = (255 - shade // 3, shade, shade) if g else (shade, shade, 255 - shade // 3)
+        draw.rectangle([x0 + i * step + 1, y, x0 + (i + 1) * step - 1, bottom], fill=fill)
+    draw.text((x0, bottom + 8), "layers in module order (red: one scale per group)", fill="black")
 
     points = [(p["average_bits"], p["predicted_sqnr_db"]) for p in report["curve"]]
     uniform = [(p["average_bits"], p["predicted_sqnr_db"]) for p in report["uniform"]]
@@ -322,7 +413,7 @@ def draw_plan(report: dict, width: int = 900, height: int = 340):
     for p, entry in zip(uniform, report["uniform"]):
         x, y = at(p)
         draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill=(220, 40, 40))
-        draw.text((x + 6, y + 2), f"W{entry['bits']}", fill=(220, 40, 40))
+        draw.text((x + 6, y + 2), f"W{entry.get('format', entry['bits'])}", fill=(220, 40, 40))
     x, y = at(chosen)
     draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(0, 150, 0), width=3)
     return img
@@ -330,19 +421,20 @@ def draw_plan(report: dict, width: int = 900, height: int = 340):
 
 def plan_markdown(report: dict) -> list[str]:
     """The summary lines of a plan (run folder's summary.md)."""
-    hist = ", ".join(f"W{b}: {n}" for b, n in report["histogram"].items())
+    hist = ", ".join(f"W{f}: {n}" for f, n in report["histogram"].items())
     lines = ["", "## Mixed precision", "",
              f"- budget {report['budget_bytes']} bytes, plan {report['plan_bytes']} bytes of quantized weights "
              f"(codes and scales): {report['average_bits']:.3f} bits per weight over {report['weights']} weights",
-             f"- layers per bit-width: {hist}",
+             f"- layers per format (`3g64`: 3 bits, one scale per 64 input weights): {hist}",
              f"- sensitivity on {report['calls']} calibration calls ({report['weighting']} weighting): "
              f"{report['seconds_sensitivity']} s; allocation {report['seconds_allocation']} s",
              f"- predicted SQNR of the plan {report['predicted_sqnr_db']:.1f} dB (sum of the layers' errors); "
-             "uniform formats: " + ", ".join(f"W{u['bits']} {u['predicted_sqnr_db']:.1f} dB at {u['average_bits']:.2f} "
+             "uniform formats: " + ", ".join(f"W{u.get('format', u['bits'])} {u['predicted_sqnr_db']:.1f} dB at {u['average_bits']:.2f} "
                                               "bits" for u in report["uniform"]),
              "- `recipe.yaml` is the plan (rerun it with `dmquant calibrate --recipe recipe.yaml`); "
              "`mixed_precision.png` draws it", "",
              "![bits per layer and the quality/size curve](mixed_precision.png)", "",
-             "| layer | bits |", "| --- | --- |"]
-    lines += [f"| `{name}` | {bits} |" for name, bits in report["bits"].items()]
+             "| layer | format |", "| --- | --- |"]
+    formats = report.get("formats") or {n: str(b) for n, b in report["bits"].items()}
+    lines += [f"| `{name}` | W{f} |" for name, f in formats.items()]
     return lines

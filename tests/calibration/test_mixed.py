@@ -2,13 +2,24 @@
 reruns to the same layers, a mixed model saves and loads bit for bit, stored bytes are the budgeted ones."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import dmquant
-from dmquant.calibration.mixed import draw_plan, plan_markdown, storage_bytes
+import dmquant.models.adapters
+from dmquant.calibration.mixed import (
+    Candidate,
+    candidate_layers,
+    candidates,
+    draw_plan,
+    fits,
+    plan_config,
+    plan_markdown,
+    storage_bytes,
+)
 from dmquant.config import QuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig, generate
@@ -107,3 +118,86 @@ def test_budgets_below_the_smallest_plan_fail_before_measuring(budget, message):
 def test_a_budget_needs_a_mixed_precision_recipe():
     with pytest.raises(DMQuantError, match="use the recipe 'auto'"):
         dmquant.quantize(build_tiny_sd_pipeline(), "w8a8", prompts=PROMPTS, target_bits=4.5, progress=False, **KW)
+
+
+# -- group candidates: (bits, one scale per group of input weights) beside (bits, per channel) --------------
+GROUPED = {**RECIPE, "name": "auto-groups",
+           "mixed_precision": {"candidate_bits": [2, 4, 8], "group_sizes": [16, 64], "group_bits": [2, 3],
+                               "num_samples": 2}}
+
+
+def test_group_candidates_fit_only_where_the_groups_divide_each_part():
+    mp = QuantConfig.from_dict(GROUPED).mixed_precision
+    base = QuantConfig.from_dict(GROUPED).weights
+    labels = [c.label for c in candidates(mp, base)]
+    assert labels == ["2", "4", "8", "2g16", "3g16", "2g64", "3g64"]
+    assert fits(Candidate(3, 64), (32, 128), None, base) and not fits(Candidate(3, 64), (32, 96), None, base)
+    assert fits(Candidate(3, 16), (32, 96, 3, 3), 64, base)  # rows of 64·9 and 32·9 weights
+    assert not fits(Candidate(3, 64), (32, 96, 1, 1), 64, base)  # the 32-channel part: no whole group
+    assert not fits(Candidate(3, 64), (32, 64), None, base)  # one group per row: the per-channel format
+    group_base = dataclasses.replace(base, granularity="group", group_size=16)
+    assert [c.label for c in candidates(mp, group_base)] == ["2", "4", "8", "2g64", "3g64"]
+    assert Candidate(4).override(base) is None and Candidate(3).override(base) == {"bits": 3}
+    assert Candidate(3, 64).override(base) == {"bits": 3, "granularity": "group", "group_size": 64}
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    pipe = build_tiny_sd_pipeline()
+    dmquant.quantize(pipe, GROUPED, prompts=PROMPTS, target_bits=3.5, progress=False, **KW)
+    return pipe
+
+
+def test_a_plan_with_group_candidates_meets_the_budget_in_stored_bytes(grouped):
+    report = grouped.dmquant.calibration["mixed_precision"]
+    assert report["plan_bytes"] <= report["budget_bytes"]
+    assert report["average_bits"] == pytest.approx(3.5, rel=0.02)  # group scales included
+    layers = dict(quant_layers(grouped.unet))
+    total = 0
+    for name, layer in layers.items():
+        options = report["sensitivity"][name]
+        weight = grouped.unet.get_submodule(name).weight
+        rows = [weight[0].numel()] if layer.split is None else [
+            layer.split * math.prod(weight.shape[2:]), (weight.shape[1] - layer.split) * math.prod(weight.shape[2:])]
+        assert ("3g64" in options) == all(r % 64 == 0 and r > 64 for r in rows), name
+        assert "3g16" in options  # every row of the tiny UNet holds a multiple of 16 weights (and more)
+        f = report["formats"][name]
+        c = grouped.dmquant.config.layer_sections(name)[0]
+        assert [(q.bits, q.granularity, q.group_size) for q in layer.weight_quantizers] == \
+            [(c.bits, c.granularity, c.group_size)] * len(layer.weight_quantizers)
+        assert (c.granularity == "group") == ("g" in f) and str(c.bits) == f.partition("g")[0]
+        frozen = layer.frozen_copy()
+        assert frozen.weight_nbytes() == options[f][0] == storage_bytes(tuple(weight.shape), c, layer.split)
+        total += frozen.weight_nbytes()
+    assert total == report["plan_bytes"]
+    assert any("g" in f for f in report["formats"].values())  # at 3.5 bits the groups of 16 are worth taking
+    assert {u["format"] for u in report["uniform"]} >= {"2", "4", "8", "2g16", "3g16"}
+
+
+def test_a_model_of_per_channel_and_grouped_layers_saves_and_loads_bit_for_bit(tmp_path):
+    base = QuantConfig.from_dict({k: v for k, v in GROUPED.items() if k != "mixed_precision"})
+    pipe = build_tiny_sd_pipeline()
+    adapter = dmquant.models.adapters.adapter_for(pipe.unet)
+    layers = candidate_layers(pipe.unet, dataclasses.replace(base, mixed_precision=QuantConfig.from_dict(
+        GROUPED).mixed_precision), adapter)
+    cycle = [Candidate(3, 64), Candidate(3, 16), Candidate(4), Candidate(2, 16), Candidate(8)]
+    formats = {}
+    for i, layer in enumerate(layers):
+        formats[layer.name] = next(c for c in cycle[i % 5:] + cycle if c.label in layer.formats)
+    shapes = {layer.name: tuple(pipe.unet.get_submodule(layer.name).weight.shape) for layer in layers}
+    recipe = plan_config(base, formats)
+    assert {c.group_size for c in formats.values()} == {None, 16, 64}
+    dmquant.quantize(pipe, recipe, prompts=PROMPTS, progress=False, **KW)
+    dmquant.freeze(pipe)
+    pipe.save_pretrained(tmp_path / "q")
+    loaded = dmquant.load_quantized_pipeline(tmp_path / "q")
+    seen = set()
+    for (name, a), (_, b) in zip(quant_layers(loaded.unet), quant_layers(pipe.unet)):
+        c = formats[name].weights(base.weights)
+        assert a.weight_nbytes() == storage_bytes(shapes[name], c, b.split), name
+        for qa, qb in zip(a.qweights, b.qweights):
+            assert (qa.bits, qa.granularity, qa.group_size) == (c.bits, c.granularity, c.group_size), name
+            assert torch.equal(qa.qdata, qb.qdata) and torch.equal(qa.scale, qb.scale), name
+            seen.add((qa.granularity, qa.packing))
+    assert {("group", "bitpack"), ("channel", "int4x2"), ("channel", "int8")} <= seen
+    assert np.array_equal(images(loaded), images(pipe))
