@@ -62,3 +62,22 @@ def test_a_budget_below_the_cheapest_plan_is_refused():
         with pytest.raises(ValueError, match="cheapest plan takes 8 bytes"):
             fn(options, 7)
     assert allocate(options, 12) == [0, 1]  # the extra 4 bytes go to the layer whose error drops most
+
+
+def test_layers_with_different_numbers_of_candidates_are_allocated_optimally():
+    """Group candidates fit only some layers: each layer has its own list of options (here per-channel
+    formats of n·b/2 + 2 bytes, and on some layers groups that cost more scales per bit)."""
+    for seed in range(60):
+        r = random.Random(1000 + seed)
+        options = []
+        for _ in range(r.randint(3, 9)):
+            n, e = r.randint(4, 60), r.uniform(0.1, 10)
+            layer = [(n * b // 2 + 2, e * 4.0 ** (-b) * r.uniform(0.5, 2)) for b in (2, 4, 8)]
+            if r.random() < 0.5:  # grouped: more scale bytes, a quarter of the error
+                layer += [(n * b // 2 + 2 + n // 4, e * 4.0 ** (-b) / 4) for b in (2, 3)]
+            options.append(layer)
+        budget = r.randint(cheapest_cost(options), sum(max(c for c, _ in layer) for layer in options))
+        choice = allocate(options, budget)
+        assert len(choice) == len(options) and all(0 <= j < len(o) for j, o in zip(choice, options))
+        assert plan_cost(options, choice) <= budget
+        assert plan_error(options, choice) == pytest.approx(plan_error(options, allocate_exact(options, budget)), rel=1e-9)
