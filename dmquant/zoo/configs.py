@@ -56,6 +56,26 @@ DIT = dict(  # DiTPipeline uses class id 1000 as the "null" class, hence num_emb
     num_embeds_ada_norm=1000,
 )
 
+# tiny-shapes-flux: an SD3-style MMDiT (joint text/image attention, AdaLN on the pooled text embedding) on the
+# shared VAE's 8x8x4 latents in 1x1 patches (64 image tokens). The text input is the pipeline's: two CLIP
+# sequences (the same 64-d tiny-shapes-sd encoder twice) side by side = 128 channels, and the pooled outputs
+# side by side = 128.
+MMDIT = dict(
+    sample_size=8,
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
+    num_layers=6,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=128,
+    caption_projection_dim=64,  # = attention_head_dim * num_attention_heads (SD3 requires it)
+    pooled_projection_dim=128,
+    pos_embed_max_size=8,
+    qk_norm="rms_norm",
+)
+FLOW_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler's shift at inference (SD3 uses 3.0 at 1024 px)
+
 CLIP_EMBED_DIM = 64
 CLIP_VISION = dict(image_size=32, patch_size=4, width=128, layers=4, head_width=32, mlp_ratio=4.0)
 CLIP_TEXT = dict(context_length=32, width=64, heads=4, layers=2, hf_tokenizer_name="tiny-shapes-clip")
