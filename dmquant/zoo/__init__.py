@@ -2,13 +2,16 @@
 
     >>> import dmquant
     >>> dmquant.zoo.list()
-    ['tiny-shapes-clip', 'tiny-shapes-dit', 'tiny-shapes-sd']
+    ['tiny-shapes-clip', 'tiny-shapes-dit', 'tiny-shapes-flux', 'tiny-shapes-sd']
     >>> pipe = dmquant.zoo.load("tiny-shapes-sd")        # a diffusers StableDiffusionPipeline
     >>> image = pipe("a large red circle at the top left on a black background").images[0]
 
 - ``tiny-shapes-sd``: StableDiffusionPipeline (AutoencoderKL 32x32 <-> 8x8x4, 2-layer CLIPTextModel,
   UNet2DConditionModel with cross-attention, DDIM scheduler on the SD noise schedule).
 - ``tiny-shapes-dit``: DiTPipeline, class-conditioned on "<color> <shape>" labels (``pipe.labels``).
+- ``tiny-shapes-flux``: StableDiffusion3Pipeline, the modern family: an SD3-style MMDiT (joint text/image
+  attention) trained with flow matching (FlowMatchEulerDiscreteScheduler) on tiny-shapes-sd's VAE and text
+  encoder (see ``dmquant.zoo.train_flux`` for why SD3's pipeline rather than FLUX's).
 - ``tiny-shapes-clip``: an open_clip model, the judge (a :class:`dmquant.zoo.judge.ClipModel`): CLIP score and FID
   features for the zoo, zero-shot attribute classification.
 
@@ -33,6 +36,7 @@ _MODELS: dict[str, str] = {
     JUDGE: "open_clip model (ViT 32px/4, 64-d embeddings): the zoo's judge",
     "tiny-shapes-dit": "DiTPipeline, class-conditioned (24 '<color> <shape>' labels)",
     "tiny-shapes-sd": "StableDiffusionPipeline, text-conditioned on the shapes grammar",
+    "tiny-shapes-flux": "StableDiffusion3Pipeline: an MMDiT trained with flow matching, text-conditioned",
 }
 
 

@@ -2,9 +2,12 @@
 
     python -m dmquant.zoo.check [--num-images 200] [--out eval]
     python -m dmquant.zoo.check --sd <folder> --models sd --skip-grid --out <dir>   # a retraining trial
+    python -m dmquant.zoo.check --flux <folder> --models flux --skip-grid --out <dir>
 
 - tiny-shapes-sd: images from held-out captions (the 200 of calib/shapes_eval.txt, never seen in
   training) and from training-split captions;
+- tiny-shapes-flux: like tiny-shapes-sd (held-out and training-split captions), its own scheduler
+  (FlowMatchEulerDiscreteScheduler) at the same steps and guidance scale;
 - tiny-shapes-dit: a class model has no label for a held-out pair, so it is measured on
   training-split single-object captions (mapped to their "<color> <shape>" class), with the
   ``marginal`` accuracy (it is not told size, position or background);
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 
 from dmquant import zoo
@@ -46,10 +49,11 @@ def vae_round_trip(vae, truth: np.ndarray) -> np.ndarray:
     return ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
 
 
-def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models=("sd", "dit")) -> dict:
+def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models=("sd", "dit", "flux"),
+                    flux=None) -> dict:
     """The judge's accuracy on generated images (and on the ground truth and its VAE round trip).
 
-    ``sd``: a StableDiffusionPipeline to measure instead of the zoo's tiny-shapes-sd (a trial)."""
+    ``sd`` / ``flux``: a pipeline to measure instead of the zoo's tiny-shapes-sd / tiny-shapes-flux (a trial)."""
     judge = zoo.load(JUDGE)
     cfg = GenerationConfig(num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, batch_size=batch_size)
     heldout = data.sample_captions(num_images, seed=7, split="heldout")
@@ -58,18 +62,22 @@ def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models
     pipes = {"tiny-shapes-sd": sd if sd is not None else zoo.load("tiny-shapes-sd")} if "sd" in models else {}
     if "dit" in models:
         pipes["tiny-shapes-dit"] = zoo.load("tiny-shapes-dit")
+    if "flux" in models:
+        pipes["tiny-shapes-flux"] = flux if flux is not None else zoo.load("tiny-shapes-flux")
     for name, caps in (("heldout", heldout), ("train", train)):
         truth = np.stack([data.render(data.parse_caption(c), SEED + i) for i, c in enumerate(caps)])
         report[f"judge_on_ground_truth_{name}"] = attribute_accuracy(judge, truth, caps)
-        if "tiny-shapes-sd" in pipes:
-            rec = vae_round_trip(pipes["tiny-shapes-sd"].vae, truth)
+        vae_pipe = pipes.get("tiny-shapes-sd") or pipes.get("tiny-shapes-flux")  # the same VAE weights
+        if vae_pipe is not None:
+            rec = vae_round_trip(vae_pipe.vae, truth)
             report[f"judge_on_vae_round_trip_{name}"] = attribute_accuracy(judge, rec, caps)
-    runs = [("tiny-shapes-sd", heldout, "heldout"), ("tiny-shapes-sd", train, "train"), ("tiny-shapes-dit", train, "train")]
+    runs = [("tiny-shapes-sd", heldout, "heldout"), ("tiny-shapes-sd", train, "train"), ("tiny-shapes-dit", train, "train"),
+            ("tiny-shapes-flux", heldout, "heldout"), ("tiny-shapes-flux", train, "train")]
     for model, caps, split in [r for r in runs if r[0] in pipes]:
         t = time.time()
         images = generate(pipes[model], caps, cfg, distributed=False)
         seconds = round(time.time() - t, 1)
-        entry = attribute_accuracy(judge, images, caps) if model.endswith("-sd") else {}
+        entry = attribute_accuracy(judge, images, caps) if not model.endswith("-dit") else {}
         entry["marginal"] = attribute_accuracy(judge, images, caps, marginal=True)
         report[f"{model}_{split}"] = {**entry, "seconds_generation": seconds}
         print(model, split, report[f"{model}_{split}"], flush=True)
@@ -100,9 +108,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-grid", action="store_true")
-    p.add_argument("--models", default="sd,dit", help="which of sd, dit to measure")
+    p.add_argument("--models", default="sd,dit,flux", help="which of sd, dit, flux to measure")
     p.add_argument("--sd", type=Path, default=None,
                    help="a tiny-shapes-sd folder to measure instead of the zoo's (e.g. a retraining trial)")
+    p.add_argument("--flux", type=Path, default=None, help="a tiny-shapes-flux folder to measure instead of the zoo's")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_grid:
@@ -113,9 +122,15 @@ def main(argv=None) -> None:
         if args.sd is not None:
             sd = StableDiffusionPipeline.from_pretrained(str(args.sd))
             sd.set_progress_bar_config(disable=True)
-        report = accuracy_report(args.num_images, sd=sd, models=tuple(args.models.split(",")))
+        flux = None
+        if args.flux is not None:
+            flux = StableDiffusion3Pipeline.from_pretrained(str(args.flux))
+            flux.set_progress_bar_config(disable=True)
+        report = accuracy_report(args.num_images, sd=sd, models=tuple(args.models.split(",")), flux=flux)
         if args.sd is not None:
             report["sd_folder"] = str(args.sd)
+        if args.flux is not None:
+            report["flux_folder"] = str(args.flux)
         (args.out / "zoo_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
 

@@ -1,9 +1,11 @@
 """Train tiny-shapes-flux: a text-conditioned MMDiT (SD3Transformer2DModel) with flow matching, on the
 VAE and the text encoder of tiny-shapes-sd (both frozen: only the transformer is trained).
 
-    python -m dmquant.zoo.train_flux --threads 1 --num-scenes 20000 --time-budget 1320
-        # the shipped model: 22 min of training fitted into the budget (the step count it reached is in
-        # train_log.json: ``--steps N`` without a budget repeats it); eval/README.md has the times
+    python -m dmquant.zoo.train_flux --threads 1 --num-scenes 20000 --time-budget 1320 --out <first>
+    python -m dmquant.zoo.train_flux --threads 1 --num-scenes 20000 --time-budget 660 --lr 3e-4 --seed 7 \
+        --resume <first>
+        # the shipped model: 3,785 + 1,915 steps fitted into the budgets (the counts are in train_log_first.json
+        # and train_log.json: ``--steps N`` without a budget repeats one); eval/README.md has the times
 
 On 2 cores shared with other jobs, one torch thread runs 8x faster than two (0.5 s against 4.2 s a step
 measured side by side): threads that wait on each other stall when the cores are busy.
@@ -154,6 +156,7 @@ def main(argv=None) -> None:
     p.add_argument("--sd", type=Path, default=configs.WEIGHTS_DIR / "tiny-shapes-sd",
                    help="the tiny-shapes-sd folder whose vae/ and text_encoder/ are used (frozen)")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
+    p.add_argument("--resume", type=Path, default=None, help="continue training the transformer of this folder")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     t0 = time.time()
@@ -170,7 +173,10 @@ def main(argv=None) -> None:
           f"({time.time() - t0:.0f}s)", flush=True)
     aug_rng = np.random.default_rng(args.seed)
 
-    model = SD3Transformer2DModel(**configs.MMDIT).to(args.device).train()
+    if args.resume is not None:
+        model = SD3Transformer2DModel.from_pretrained(str(args.resume / "transformer")).to(args.device).train()
+    else:
+        model = SD3Transformer2DModel(**configs.MMDIT).to(args.device).train()
     model.set_attn_processor(RepeatedLastTokenAttnProcessor(T5_TOKENS))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
     n_params = sum(p.numel() for p in model.parameters())

@@ -14,15 +14,17 @@ FAST = GenerationConfig(num_inference_steps=10, guidance_scale=5.0, seed=0, batc
 
 
 def test_list_and_unknown_name():
-    assert dmquant.zoo.list() == ["tiny-shapes-clip", "tiny-shapes-dit", "tiny-shapes-sd"]
-    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-sd"):
+    assert dmquant.zoo.list() == ["tiny-shapes-clip", "tiny-shapes-dit", "tiny-shapes-flux", "tiny-shapes-sd"]
+    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-flux, tiny-shapes-sd"):
         dmquant.zoo.load("tiny-shapes-xl")
 
 
 def test_weights_are_safetensors_and_small():
     files = [f for f in WEIGHTS_DIR.rglob("*") if f.is_file()]
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    # the first three models: 27.4 MiB; issue 13 adds tiny-shapes-flux, at most 10 MB by itself
+    assert sum(f.stat().st_size for f in files) <= 40 * 2**20
+    assert sum(f.stat().st_size for f in (WEIGHTS_DIR / "tiny-shapes-flux").rglob("*") if f.is_file()) <= 10**7
     for name in dmquant.zoo.list():
         assert list((WEIGHTS_DIR / name).rglob("*.safetensors"))
 
