@@ -18,5 +18,5 @@ def test_load_pipeline_from_a_folder_a_name_or_an_object(tmp_path):
     assert type(load_pipeline("tiny-random-dit")).__name__ == "DiTPipeline"
     with pytest.raises(DMQuantError, match="model_index.json"):
         load_pipeline(str(tmp_path))
-    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-sd, tiny-random"):
+    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-flux, tiny-shapes-sd, tiny-random"):
         load_pipeline("tiny-shapes-xxl")

@@ -39,6 +39,6 @@ def test_bad_inputs_raise_before_writing(tmp_path):
         evaluate("tiny-shapes-sd", PROMPTS, 8, out, config=FAST)
     with pytest.raises(DMQuantError, match="at least 2"):
         evaluate("tiny-shapes-sd", PROMPTS, 1, out, config=FAST)
-    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-sd"):
+    with pytest.raises(DMQuantError, match="tiny-shapes-clip, tiny-shapes-dit, tiny-shapes-flux, tiny-shapes-sd"):
         evaluate("tiny-shapes-xxl", PROMPTS, 2, out, config=FAST)
     assert not out.exists() and list(tmp_path.iterdir()) == []
