@@ -9,12 +9,12 @@ folders, and never deletes anything else.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -45,9 +45,18 @@ def folder_marker(folder: str | Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("written_by") == "dmquant" else None
 
 
-def _write_marker(folder: Path, kind: str) -> None:
-    text = json.dumps({"written_by": "dmquant", "kind": kind, "dmquant_version": __version__}, sort_keys=True)
-    (folder / MARKER).write_text(text + "\n", encoding="utf-8")
+def _write_marker(folder: Path, kind: str, *, files: list[str] | None = None) -> None:
+    """The marker: ``private`` (a folder only the dmquant process that made it writes in: everything in it
+    is dmquant's) until ``files`` lists what dmquant wrote into the finished folder."""
+    data = {"written_by": "dmquant", "kind": kind, "dmquant_version": __version__}
+    data.update({"private": True} if files is None else {"files": files})
+    (folder / MARKER).write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every entry under ``folder`` (relative, POSIX, sorted), the marker left out; links are not followed."""
+    entries = [p.relative_to(folder).as_posix() for p in folder.rglob("*")]
+    return sorted(e for e in entries if e != MARKER)
 
 
 def make_own_temp_folder(prefix: str) -> str:
@@ -57,20 +66,37 @@ def make_own_temp_folder(prefix: str) -> str:
     return folder
 
 
+def _delete_entries(folder: Path, entries: list[str]) -> None:
+    """Delete the listed entries of ``folder``: files and links themselves, then directories left empty
+    (deepest first). Anything not listed, or a listed directory still holding something, stays."""
+    paths = [folder / e for e in entries]
+    for path in paths:
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+    for path in sorted((p for p in paths if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts),
+                       reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
 def remove_own_folder(folder: Path) -> bool:
-    """Delete ``folder`` only if dmquant wrote it (it carries :data:`MARKER`); an unmarked folder is only
-    removed when it is empty (``rmdir``: nothing of anyone's is lost), else left in place and named on
-    stderr. The one place where dmquant deletes a folder; returns whether it did."""
+    """Delete what dmquant wrote in ``folder``, then the folder if nothing else is left: the entries its
+    marker lists (a finished folder), or everything in a private one (see :func:`_write_marker`). An
+    unmarked folder is only removed when it is empty (``rmdir``), and a marked one without either (written
+    by an older dmquant) loses nothing. What stays is named on stderr. The one place where dmquant deletes
+    a folder; returns whether the folder is gone."""
     if folder.is_symlink() or not folder.is_dir():
         return False
-    if folder_marker(folder) is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-        return not folder.exists()
+    marker = folder_marker(folder)
+    if marker is not None and (marker.get("private") or isinstance(marker.get("files"), list)):
+        _delete_entries(folder, _listing(folder) if marker.get("private") else marker["files"])
+    if marker is not None and not _listing(folder):
+        (folder / MARKER).unlink(missing_ok=True)
     try:
         folder.rmdir()
         return True
     except OSError:
-        print(f"dmquant: note: {folder} was not written by dmquant and is not empty: left in place", file=sys.stderr)
+        print(f"dmquant: note: {folder} holds files dmquant did not write: left in place", file=sys.stderr)
         return False
 
 
@@ -103,6 +129,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False, *, kind: str = "mode
             _write_marker(tmp, kind)
             yield tmp
             check_output_folder(out, overwrite, replaceable=replaceable)  # nothing appeared meanwhile
+            _write_marker(tmp, kind, files=_listing(tmp))  # finished: the marker lists what dmquant wrote
             _swap_in(tmp, out)
         except OSError as exc:
             raise _write_error(out, exc) from exc
@@ -216,12 +243,13 @@ def save_image_atomic(image: np.ndarray, path: str | Path, fps: int = 8) -> Path
     path = Path(path)
     check_image_path(path)
     image = np.asarray(image)
-    tmp = None
+    tmp = made = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
         os.close(handle)
-        tmp = Path(name)  # made here (exclusively), so removing it below removes only dmquant's own file
+        tmp = Path(name)  # made here (exclusively): removed below only while it is still that same file
+        made = tmp.stat()
         if image.ndim == 4 and path.suffix.lower() == ".gif":
             frames = [Image.fromarray(f) for f in image]
             frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
@@ -231,8 +259,8 @@ def save_image_atomic(image: np.ndarray, path: str | Path, fps: int = 8) -> Path
     except OSError as exc:
         raise _write_error(path, exc) from exc
     finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        if made is not None and tmp.exists() and not tmp.is_symlink() and os.path.samestat(tmp.stat(), made):
+            tmp.unlink()
     return path
 
 

@@ -353,7 +353,12 @@ def test_overwrite_replaces_a_marked_folder_and_leaves_others(work, tmp_path, ca
                      "--quiet"], capsys)
     assert code == 0, err
     assert not (out / "note.txt").exists() and (out / "unet" / "dmquant_weights.safetensors").is_file()
-    assert folder_marker(out) is not None and not leftovers(out)
+    assert folder_marker(out) is not None
+    # the earlier run's own files are deleted; the file a user added there is not: it stays, named, beside
+    (old,) = leftovers(out)
+    assert sorted(p.name for p in (out.parent / old).iterdir()) == sorted([MARKER, "note.txt"])
+    assert (out.parent / old / "note.txt").read_text() == "from the earlier run"
+    assert f"{old} holds files dmquant did not write" in err
 
 
 def test_internal_errors_exit_1_with_a_report_line(monkeypatch, tmp_path, capsys):

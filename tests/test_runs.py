@@ -25,6 +25,28 @@ def test_remove_own_folder_deletes_only_marked_or_empty_folders(tmp_path):
     assert remove_own_folder(link) is False and (user / "data.txt").exists()
 
 
+def test_a_finished_folder_loses_only_the_entries_its_marker_lists(tmp_path, capsys):
+    import json
+
+    with atomic_folder(tmp_path / "ours", kind="run") as out:
+        (out / "sub").mkdir()
+        (out / "sub" / "w.bin").write_text("x")
+        (out / "a.txt").write_text("y")
+    ours = tmp_path / "ours"
+    assert json.loads((ours / MARKER).read_text())["files"] == ["a.txt", "sub", "sub/w.bin"]
+    (ours / "sub" / "mine.txt").write_text("the user's")  # added after dmquant wrote the folder
+    (ours / "notes.txt").write_text("the user's too")
+    assert remove_own_folder(ours) is False
+    left = sorted(p.relative_to(ours).as_posix() for p in ours.rglob("*"))
+    assert left == [MARKER, "notes.txt", "sub", "sub/mine.txt"]  # dmquant's files gone, the user's kept
+    assert "holds files dmquant did not write" in capsys.readouterr().err
+    old_style = tmp_path / "old"  # a marker without a list or the private flag (an older dmquant)
+    old_style.mkdir()
+    (old_style / MARKER).write_text(json.dumps({"written_by": "dmquant", "kind": "model"}))
+    (old_style / "w.bin").write_text("z")
+    assert remove_own_folder(old_style) is False and (old_style / "w.bin").exists()
+
+
 def test_a_failed_write_leaves_no_temporary_folder_and_the_user_files_beside_it(tmp_path):
     (tmp_path / "keep.txt").write_text("k")
     try:
