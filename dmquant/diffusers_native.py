@@ -34,9 +34,11 @@ from dmquant.quantized_pipeline import (
     attach_info,
     quantized_denoiser_attribute,
 )
+from dmquant.runs import record_written
 from dmquant.serialization import (
     CONFIG_NAME,
     FORMAT_VERSION,
+    INDEX_NAME,
     WEIGHTS_NAME,
     check_stored_tensor,
     install_description,
@@ -176,4 +178,5 @@ def make_diffusers_loadable(folder: str | Path) -> Path:
     except Exception as exc:  # missing, truncated
         raise DMQuantError(f"{folder / WEIGHTS_NAME} cannot be read ({exc}): save the quantized model again") from None
     write_diffusers_entries(folder, str(description["recipe"].get("name", "custom")), keys)
+    record_written(folder / INDEX_NAME)
     return folder

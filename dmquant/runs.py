@@ -59,6 +59,19 @@ def _listing(folder: Path) -> list[str]:
     return sorted(e for e in entries if e != MARKER)
 
 
+def record_written(path: Path) -> None:
+    """Add ``path``, a file dmquant has just written into a finished folder of its own, to that folder's
+    marker list, so that replacing the folder later deletes it too."""
+    path = Path(path).absolute()
+    for folder in path.parents:
+        marker = folder_marker(folder)
+        if marker is not None:
+            if isinstance(marker.get("files"), list):
+                files = sorted(set(marker["files"]) | {path.relative_to(folder).as_posix()})
+                _write_marker(folder, marker["kind"], files=files)
+            return
+
+
 def make_own_temp_folder(prefix: str) -> str:
     """A new temporary folder (system temp place) carrying the marker, so :func:`remove_own_folder` may delete it."""
     folder = tempfile.mkdtemp(prefix=prefix)

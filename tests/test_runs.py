@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from dmquant.calibration.collect import shared_temp_dir
-from dmquant.runs import MARKER, atomic_folder, remove_own_folder, save_image_atomic
+from dmquant.runs import MARKER, atomic_folder, record_written, remove_own_folder, save_image_atomic
 
 
 def test_remove_own_folder_deletes_only_marked_or_empty_folders(tmp_path):
@@ -40,6 +40,12 @@ def test_a_finished_folder_loses_only_the_entries_its_marker_lists(tmp_path, cap
     left = sorted(p.relative_to(ours).as_posix() for p in ours.rglob("*"))
     assert left == [MARKER, "notes.txt", "sub", "sub/mine.txt"]  # dmquant's files gone, the user's kept
     assert "holds files dmquant did not write" in capsys.readouterr().err
+    later = tmp_path / "later"  # a file dmquant adds to a finished folder of its own is listed too
+    with atomic_folder(later, kind="run") as out:
+        (out / "sub").mkdir()
+    (later / "sub" / "index.json").write_text("{}")
+    record_written(later / "sub" / "index.json")
+    assert remove_own_folder(later) is True and not later.exists()
     old_style = tmp_path / "old"  # a marker without a list or the private flag (an older dmquant)
     old_style.mkdir()
     (old_style / MARKER).write_text(json.dumps({"written_by": "dmquant", "kind": "model"}))
