@@ -37,9 +37,9 @@ from dmquant.quantized_pipeline import (
 from dmquant.runs import record_written
 from dmquant.serialization import (
     CONFIG_NAME,
-    FORMAT_VERSION,
     INDEX_NAME,
     WEIGHTS_NAME,
+    check_format_version,
     check_stored_tensor,
     install_description,
     is_quantized_denoiser_folder,
@@ -56,12 +56,7 @@ def validate(quantizer) -> None:
         if isinstance(version, bool) or not isinstance(version, int):
             raise DMQuantError(f"config.json's quantization_config has format version {version!r}, not an integer: "
                                "the folder is damaged; save the quantized model again")
-        if version > FORMAT_VERSION:
-            raise DMQuantError(f"the model was saved by a newer dmquant ({config.dmquant_version}, format version "
-                               f"{version}; this one reads version {FORMAT_VERSION}): upgrade dmquant")
-        if version < FORMAT_VERSION:
-            raise DMQuantError(f"the model is in dmquant's format version {version}, which this dmquant no longer "
-                               "reads: quantize and save it again with this dmquant")
+        check_format_version(version, f"the model (saved by dmquant {config.dmquant_version})")
     elif quantizer.recipe is None:
         quantizer.recipe = load_time_recipe(config.recipe)
 

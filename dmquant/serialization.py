@@ -114,14 +114,19 @@ def read_description(folder: str | Path) -> dict:
         if not isinstance(description.get(key), kind):
             raise DMQuantError(f"{path} is damaged: {key!r} is missing or not a {kind.__name__}; save the "
                                "quantized model again")
+    check_format_version(version, str(folder))
+    return description
+
+
+def check_format_version(version: int, what: str) -> None:
+    """DMQuantError unless ``what`` (a folder, or "the model") is in the format version this dmquant reads."""
     if version > FORMAT_VERSION:
-        raise DMQuantError(f"{folder} was written by a newer dmquant (format version {version}, this one reads "
+        raise DMQuantError(f"{what} was written by a newer dmquant (format version {version}, this one reads "
                            f"version {FORMAT_VERSION}): upgrade dmquant")
     if version < FORMAT_VERSION:
-        raise DMQuantError(f"{folder} is in dmquant's format version {version}, which this dmquant (format "
+        raise DMQuantError(f"{what} is in dmquant's format version {version}, which this dmquant (format "
                            f"{FORMAT_VERSION}) no longer reads: quantize and save the model again with this dmquant "
                            "(dmquant calibrate ...), or load it with dmquant 0.1")
-    return description
 
 
 def load_quantized_denoiser(folder: str | Path, device: str = "cpu") -> torch.nn.Module:
