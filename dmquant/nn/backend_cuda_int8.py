@@ -37,9 +37,7 @@ def eligible(layer) -> bool:
         return False
     if layer.kind == "conv2d" and (layer.geometry["groups"] != 1 or layer.geometry["padding_mode"] != "zeros"):
         return False
-    acts = all(q.fmt.levels == 256 and q.static for q in layer.input_quantizers)
-    if _dynamic_tokens(layer):
-        acts = True
+    acts = _dynamic_tokens(layer) or all(q.fmt.levels == 256 and q.static for q in layer.input_quantizers)
     weights = all(q.per_channel_symmetric and q.packing == "int8" for q in layer.qweights)
     if not (acts and weights):
         return False
