@@ -29,10 +29,18 @@ def onednn_available() -> bool:
     return _ONEDNN and "x86" in torch.backends.quantized.supported_engines
 
 
+def codes_view(q: torch.Tensor) -> torch.Tensor:
+    """The integer codes of a quantized tensor (``quint8`` -> uint8, ``qint8`` -> int8) without a copy: a plain
+    tensor on the same storage (``int_repr()`` copies, which costs as much as the quantization itself)."""
+    dtype = torch.uint8 if q.dtype == torch.quint8 else torch.int8
+    return torch.empty(0, dtype=dtype, device=q.device).set_(q.untyped_storage(), q.storage_offset(), q.size(),
+                                                             q.stride())
+
+
 def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, qmin: int = 0, qmax: int = 255) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as uint8 (round half to even, like torch.round)."""
     if _FUSED_QUANTIZE and 0 <= zero_point <= 255:
-        q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8).int_repr()
+        q = codes_view(torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8))
     else:
         q = torch.round(x.float() / scale).add_(zero_point).clamp_(0, 255).to(torch.uint8)
     if qmin > 0 or qmax < 255:

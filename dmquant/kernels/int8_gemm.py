@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dmquant.kernels import cpu_int8
+
 MIN_ROWS = 17  # cuBLASLt's int8 GEMM needs more than 16 rows
 
 
@@ -36,7 +38,7 @@ def quantize_fast(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
     """:func:`quantize_static` for a full signed 8-bit grid with Python-number qparams, in one fused kernel
     (``quantize_per_tensor``, which reads float32 only: a 16-bit input costs one cast more); not traceable by
     ``torch.compile``, which uses :func:`quantize_static`."""
-    return torch.quantize_per_tensor(x.float(), scale, zero, torch.qint8).int_repr()
+    return cpu_int8.codes_view(torch.quantize_per_tensor(x.float(), scale, zero, torch.qint8))
 
 
 def gemm_shapes_ok(k: int, n: int) -> bool:

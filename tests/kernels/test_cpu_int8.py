@@ -55,3 +55,13 @@ def test_quantize_uint8_rounds_half_to_even_and_clamps():
 
 def test_engine_is_available_here():
     assert k.onednn_available()  # the x86 engine ships with the CPU builds of torch we install
+
+
+@pytest.mark.parametrize("dtype,zero", [(torch.quint8, 131), (torch.qint8, -3)])
+def test_codes_view_equals_int_repr_without_copy(dtype, zero):
+    x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last) * 3
+    q = torch.quantize_per_tensor(x, 0.05, zero, dtype)
+    codes = k.codes_view(q)
+    assert not codes.is_quantized and codes.stride() == q.stride()
+    assert codes.data_ptr() == q.data_ptr()  # no copy
+    assert torch.equal(codes, q.int_repr())
