@@ -140,9 +140,15 @@ def check_call_inputs(pipe, num_inference_steps: int | None = None, height: int 
         return
     if "height" not in inspect.signature(type(pipe).__call__).parameters:
         raise DMQuantError(f"{type(pipe).__name__} takes no --height/--width: its image size is fixed by the model")
+    multiple = next((m for c in type(pipe).__mro__ for n, m in SIZE_MULTIPLES.items() if c.__name__ == n), 8)
     for name, value in sizes.items():
-        if value < 8 or value % 8:
-            raise DMQuantError(f"--{name} {value} must be a positive multiple of 8 (e.g. 16, 32, 512)")
+        if value < multiple or value % multiple:
+            raise DMQuantError(f"--{name} {value} must be a positive multiple of {multiple} for {type(pipe).__name__} "
+                               f"(e.g. {multiple}, {4 * multiple}, 512)")
+
+
+# pipelines whose check_inputs wants sides divisible by more than 8 (diffusers 0.42)
+SIZE_MULTIPLES = {"LTXPipeline": 32, "HunyuanVideoPipeline": 16, "WanPipeline": 16}
 
 
 def prompts_for_pipeline(pipe, prompts: Sequence) -> list:

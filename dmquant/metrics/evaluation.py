@@ -230,30 +230,33 @@ def _fmt(v) -> str:
 
 
 def _report(m: dict) -> str:
+    video = "num_frames" in m
+    item = "video" if video else "image"
     rows = [
-        ("CLIP score (0-100, higher is better)", m["clip_score"]),
+        ("CLIP score (0-100, higher is better)" + (f", {m['clip_frame']}" if video else ""), m["clip_score"]),
         ("CLIP score of the reference", m.get("clip_score_reference")),
-        (f"FID vs {m['fid_against'] or 'n/a'} (lower is better)", m["fid"]),
-        ("FID vs reference images", m["fid_vs_reference"]),
+        *([] if video else [(f"FID vs {m['fid_against'] or 'n/a'} (lower is better)", m["fid"]),
+                            ("FID vs reference images", m["fid_vs_reference"])]),
         ("PSNR vs reference, dB (inf = identical)", m["psnr_vs_reference"]),
         ("SSIM vs reference (1 = identical)", m["ssim_vs_reference"]),
         ("LPIPS vs reference (0 = identical)", m["lpips_vs_reference"]),
     ]
-    rows += [(f"judge zero-shot {k.split('_')[1]} accuracy", v) for k, v in m.items() if k.startswith("judge_")]
+    rows += [(f"judge zero-shot {k.split('_')[1]} accuracy" + (", middle frame" if video else ""), v)
+             for k, v in m.items() if k.startswith("judge_")]
     g = m["generation"]
     lines = [
         "# dmquant evaluation",
         "",
         f"- model: `{m['model']}`",
         f"- reference: `{m['reference']}`" if m["reference"] else "- reference: none",
-        f"- prompts: {m['prompts']} (first {m['num_images']}, one image each)",
+        f"- prompts: {m['prompts']} (first {m['num_images']}, one {item} each)",
         f"- generation: {g['num_inference_steps']} steps, guidance {g['guidance_scale']}, seeds {g['seed']}.."
-        f"{g['seed'] + m['num_images'] - 1} (image i: seed {g['seed']} + i), batch {g['batch_size']}",
-        f"- CLIP model: `{m['clip_model']}`; FID features: `{m['fid_features']}`",
+        f"{g['seed'] + m['num_images'] - 1} ({item} i: seed {g['seed']} + i), batch {g['batch_size']}",
+        f"- CLIP model: `{m['clip_model']}`" + ("" if video else f"; FID features: `{m['fid_features']}`"),
         f"- time: {m['seconds']} s ({m['seconds_generation']} s generating)",
         *([f"- video: {m['num_frames']} frames of {m['frame_size'][0]}x{m['frame_size'][1]} per prompt; PSNR / SSIM "
            f"/ LPIPS over all frames (mean over frames and videos); CLIP score on the {m['clip_frame']}; "
-           f"{m['fid_note']}; grid.png: evenly spaced frames, one row per video"] if "num_frames" in m else []),
+           f"{m['fid_note']}; grid.png: evenly spaced frames, one row per video"] if video else []),
         "",
         "| metric | value |",
         "| --- | --- |",

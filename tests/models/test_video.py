@@ -89,3 +89,20 @@ def test_cli_generate_video(tmp_path, suffix):
         assert image.size == (FRAMES * 16, 16)
     else:
         assert image.size == (16, 16) and image.n_frames == FRAMES
+
+
+def test_cli_evaluate_video_and_its_report(tmp_path):
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "eval"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    assert main(["evaluate", "--model", "tiny-random-wan", "--reference", "tiny-random-wan", "--prompts", str(prompts),
+                 "--num-images", "2", "--out", str(out), "--steps", "2", "--height", "16", "--width", "16",
+                 "--num-frames", str(FRAMES), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["psnr_vs_reference"] == "inf" and m["num_frames"] == FRAMES and m["fid"] is None
+    report = (out / "report.md").read_text()
+    header, table = report.split("| metric | value |")
+    # the header speaks of videos, not images, and names no FID features; the table has no FID rows
+    assert "(first 2, one video each)" in header and "(video i: seed 0 + i)" in header
+    assert "one image" not in header and "image i" not in header and "FID features" not in header
+    assert "FID" not in table
+    assert "CLIP score (0-100, higher is better), middle frame (index 2 of 5)" in table
