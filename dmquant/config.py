@@ -18,6 +18,7 @@ import yaml
 
 from dmquant.errors import DMQuantError
 from dmquant.formats import FORMAT_NAMES, check_bits
+from dmquant.quantizers.affine import SCALE_DTYPES
 from dmquant.quantizers.ranges import RANGE_METHODS
 
 RECIPE_DIRS = (
@@ -64,6 +65,8 @@ class WeightQuantConfig:
 
     ``format``: ``int`` (an integer grid of ``bits``) or ``fp8_e4m3`` (float8 e4m3 codes, 8 bits,
     symmetric, ``scale = amax / 448`` per row; rounding to nearest only).
+    ``scale_dtype``: how the scales (and zero points) are stored, ``float32`` or ``float16`` (rounded to
+    float16 before the codes are computed; 2 bytes a scale).
     """
 
     bits: int = 8
@@ -73,12 +76,14 @@ class WeightQuantConfig:
     method: str = "minmax"
     percentile: float = 99.99
     format: str = "int"
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "weights.bits")
         _check_format(self, "weights")
         _check_choice(self.granularity, ("tensor", "channel", "group"), "weights.granularity")
         _check_choice(self.method, RANGE_METHODS, "weights.method")
+        _check_choice(self.scale_dtype, tuple(SCALE_DTYPES), "weights.scale_dtype")
         _check_percentile(self.percentile)
         if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise DMQuantError("weights.granularity='group' needs weights.group_size, a positive integer (e.g. 64)")
@@ -390,7 +395,9 @@ class MixedPrecisionConfig:
     ``max_weight_bytes`` (the whole denoiser's weight memory: quantized codes and scales, full-precision
     layers, biases and norms) or, with neither, the bytes of the recipe's uniform ``weights`` format.
     ``weighting``: ``uniform`` (every call's mean squared output error counts the same) or ``relative``
-    (each call's error divided by the power of its full-precision output)."""
+    (each call's error divided by the power of its full-precision output). ``scale_dtype``: how the
+    candidate formats store their scales (default: the recipe's ``weights.scale_dtype``; the default
+    budget is the recipe's own ``weights`` format as written)."""
 
     target_bits: float | None = None
     max_weight_bytes: int | None = None
@@ -399,8 +406,11 @@ class MixedPrecisionConfig:
     group_bits: tuple[int, ...] | None = None
     num_samples: int = 16
     weighting: str = "uniform"
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.scale_dtype is not None:
+            _check_choice(self.scale_dtype, tuple(SCALE_DTYPES), "mixed_precision.scale_dtype")
         object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
         if not self.candidate_bits:
             raise DMQuantError("mixed_precision.candidate_bits is empty: give bit-widths such as [2, 3, 4, 6, 8]")

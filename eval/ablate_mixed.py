@@ -1,12 +1,14 @@
 """Automatic mixed precision on the zoo (issue 17), protocol of eval/README.md (as eval/ablate_outliers.py).
 
-Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights), ``auto-<B>bit`` (``target_bits``
-B, e.g. ``auto-3bit``), ``auto-channel`` / ``auto-channel-<B>bit`` (bit-widths per output channel only, no
-group candidates), ``auto-relative`` (per-call relative weighting of the sensitivity), and
-``recipe:<name>`` for the uniform baselines.
+Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights with float32 scales, candidates
+with float16 scales) and ``auto-<modifier>-...`` with modifiers ``<B>bit`` (``target_bits`` B, e.g.
+``auto-3bit``), ``channel`` (bit-widths per output channel only, no group candidates), ``scale32``
+(candidates store float32 scales, as before float16 scales existed), ``relative`` (per-call relative
+weighting of the sensitivity), ``calls<N>`` (sensitivity on N calls); ``recipe:<name>`` for the uniform
+baselines.
 
-    OMP_NUM_THREADS=1 python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
-    OMP_NUM_THREADS=1 python eval/ablate_mixed.py --models dit,sd --variants auto,recipe:w4a8 --num-images 200 --fid
+    OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
+    OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,recipe:w4a8 --num-images 200 --fid
     python eval/ablate_mixed.py --table
 
 Results are cached in eval/ablation_mixed/.
@@ -30,22 +32,31 @@ from dmquant.config import QuantConfig, load_recipe  # noqa: E402
 OUT = Path(__file__).resolve().parent / "ablation_mixed"
 
 
+MODIFIERS = {
+    "channel": lambda mp: replace(mp, group_sizes=()),
+    "scale32": lambda mp: replace(mp, scale_dtype="float32"),
+    "relative": lambda mp: replace(mp, weighting="relative"),
+}
+
+
 def variant_config(variant: str) -> QuantConfig:
     if variant.startswith("recipe:"):
         return load_recipe(variant.split(":", 1)[1])
     config = replace(load_recipe("auto"), name=variant)
+    name, *modifiers = variant.split("-")
+    if name != "auto":
+        raise SystemExit(f"unknown variant {variant!r}: auto[-modifier...] or recipe:<name>")
     mp = config.mixed_precision
-    if variant == "auto":
-        return config
-    if variant == "auto-channel":  # bit-widths at the recipe's granularity only (the first candidates)
-        return replace(config, mixed_precision=replace(mp, group_sizes=()))
-    if variant.startswith("auto-channel-") and variant.endswith("bit"):
-        return replace(config, mixed_precision=replace(mp, group_sizes=(), target_bits=float(variant[13:-3])))
-    if variant == "auto-relative":
-        return replace(config, mixed_precision=replace(mp, weighting="relative"))
-    if variant.startswith("auto-") and variant.endswith("bit"):
-        return replace(config, mixed_precision=replace(mp, target_bits=float(variant[5:-3])))
-    raise SystemExit(f"unknown variant {variant!r}")
+    for m in modifiers:
+        if m in MODIFIERS:
+            mp = MODIFIERS[m](mp)
+        elif m.endswith("bit"):
+            mp = replace(mp, target_bits=float(m[:-3]))
+        elif m.startswith("calls"):
+            mp = replace(mp, num_samples=int(m[5:]))
+        else:
+            raise SystemExit(f"unknown modifier {m!r} of {variant!r}: {', '.join(MODIFIERS)}, <B>bit, calls<N>")
+    return replace(config, mixed_precision=mp)
 
 
 def main() -> None:

@@ -10,12 +10,14 @@
                  ``num_samples`` recorded calibration calls spread over the run (every sampled step); the
                  layer's weight is swapped in place, nothing is wrapped
     budget       ``target_bits`` per weight, ``max_weight_bytes`` for the whole denoiser, or the bytes of
-                 the recipe's uniform format; costs are the exact bytes the frozen layer will store
-                 (codes packed at their bit-width, float32 scales: one per output channel or per group,
-                 both parts of a split layer)
+                 the recipe's uniform ``weights`` format as written (its own scale dtype); costs are the
+                 exact bytes the frozen layer will store (codes packed at their bit-width, scales in the
+                 candidates' scale dtype, ``mixed_precision.scale_dtype``: one per output channel or per
+                 group, both parts of a split layer)
     allocation   :func:`dmquant.calibration.allocation.allocate` minimises the summed sensitivity
-    plan         the recipe with one ``layers`` override per layer whose format differs from the recipe's
-                 and no ``mixed_precision`` section: a recipe anyone can rerun without measuring again
+    plan         the recipe (its ``weights`` in the candidates' scale dtype) with one ``layers`` override per
+                 layer whose format differs from it and no ``mixed_precision`` section: a recipe anyone can
+                 rerun without measuring again
 
 Activations keep the recipe's settings (sensitivity is measured with full-precision activations). The
 rest of the recipe (split, learned rounding, time tables) applies to every layer as before.
@@ -72,6 +74,14 @@ class Candidate:
         if c.granularity == base.granularity and c.group_size == base.group_size:
             return {"bits": c.bits}
         return {"bits": c.bits, "granularity": c.granularity, "group_size": c.group_size}
+
+
+def candidate_base(config: QuantConfig) -> WeightQuantConfig:
+    """The recipe's ``weights`` with the candidates' scale dtype: what every candidate format varies."""
+    mp = config.mixed_precision
+    if mp is None or mp.scale_dtype is None:
+        return config.weights
+    return dataclasses.replace(config.weights, scale_dtype=mp.scale_dtype)
 
 
 def candidates(mp: MixedPrecisionConfig, base: WeightQuantConfig) -> list[Candidate]:
@@ -179,7 +189,7 @@ def fake_quantized_weight(weight: torch.Tensor, c: WeightQuantConfig, split: int
     parts = []
     for part in _parts(weight, split):
         q = WeightQuantizer(c.bits, c.symmetric, c.granularity, c.group_size, c.method, c.percentile,
-                            number_format=c.format)
+                            number_format=c.format, scale_dtype=c.scale_dtype)
         q.calibrate(part)
         parts.append(q(part))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -193,7 +203,7 @@ def _part_shapes(shape: tuple[int, ...], split: int | None) -> list[tuple[int, .
 
 def storage_bytes(shape: tuple[int, ...], c: WeightQuantConfig, split: int | None) -> int:
     """Bytes the frozen layer stores for its weight (one quantized tensor per split part)."""
-    return sum(weight_storage_bytes(s, c.bits, c.granularity, c.group_size, c.symmetric)
+    return sum(weight_storage_bytes(s, c.bits, c.granularity, c.group_size, c.symmetric, c.scale_dtype)
                for s in _part_shapes(shape, split))
 
 
@@ -231,13 +241,14 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
             return sum(e / max(p, 1e-30) for e, p in zip(errs, powers)) / len(errs)
         return sum(errs) / max(total_power, 1e-30)
 
+    base = candidate_base(config)
     bar = tqdm(layers, desc="mixed precision: layer sensitivity", disable=not progress)
     for entry in bar:
         module = denoiser.get_submodule(entry.name)
         original = module.weight.data
         try:
             for label, candidate in entry.formats.items():
-                c = candidate.weights(config.weights)
+                c = candidate.weights(base)
                 module.weight.data = fake_quantized_weight(original, c, entry.split)
                 entry.options[label] = (storage_bytes(tuple(original.shape), c, entry.split), error())
         finally:
@@ -251,12 +262,13 @@ def candidate_layers(denoiser: nn.Module, config: QuantConfig, adapter: Denoiser
     splits = {}
     if config.split is not None and config.split.weights:
         splits = dict(adapter.concat_points(denoiser))
-    every = candidates(config.mixed_precision, config.weights) if config.mixed_precision is not None else []
+    base = candidate_base(config)
+    every = candidates(config.mixed_precision, base) if config.mixed_precision is not None else []
     layers = []
     for n, m in denoiser.named_modules():
         if type(m) in FLOAT_TYPES and selected(n, config, adapter):
             shape, split = tuple(m.weight.shape), splits.get(n)
-            formats = {c.label: c for c in every if fits(c, shape, split, config.weights)}
+            formats = {c.label: c for c in every if fits(c, shape, split, base)}
             layers.append(LayerSensitivity(n, m.weight.numel(), split, formats=formats))
     if not layers:
         raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
@@ -306,7 +318,7 @@ def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: 
     fixed = fixed_bytes(denoiser, layers)
     budget = budget_bytes(mp, config, layers, fixed, shapes)
     numel = sum(layer.numel for layer in layers)
-    cheapest = sum(min(storage_bytes(shapes[la.name], c.weights(config.weights), la.split)
+    cheapest = sum(min(storage_bytes(shapes[la.name], c.weights(candidate_base(config)), la.split)
                        for c in la.formats.values()) for la in layers)
     if cheapest > budget:  # before measuring anything
         raise _budget_error(mp, budget, cheapest, numel, fixed)
@@ -352,15 +364,18 @@ def quality_size_curve(options, top_bits: int, numel: int, cheapest: int) -> lis
 
 def plan_config(config: QuantConfig, formats: dict[str, Candidate | int]) -> QuantConfig:
     """The recipe with the plan's formats as per-layer overrides (layers in the recipe's own format need
-    none); a format given as an int is that many bits at the recipe's granularity."""
+    none; its ``weights`` take the candidates' scale dtype); a format given as an int is that many bits at the
+    recipe's granularity."""
+    base = candidate_base(config)
     layers = {}
     for name, f in formats.items():
-        override = (f if isinstance(f, Candidate) else Candidate(int(f))).override(config.weights)
+        override = (f if isinstance(f, Candidate) else Candidate(int(f))).override(base)
         if override is not None:
             layers[name] = LayerOverrideConfig(weights=override)
     note = (f"Mixed precision chosen by dmquant (sensitivity + allocation) from the recipe {config.name!r}: "
             f"{len(formats)} layers, {len(layers)} of them not in the recipe's W{config.weights.bits} format. ")
-    return dataclasses.replace(config, mixed_precision=None, layers=layers, description=note + config.description)
+    return dataclasses.replace(config, weights=base, mixed_precision=None, layers=layers,
+                               description=note + config.description)
 
 
 # -- drawing -----------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class QuantLayer(nn.Module):
         if self.frozen:
             return self
         qweights = [QuantizedTensor.from_codes(codes, q.scale, q.zero_point, q.bits, q.granularity, q.group_size,
-                                               q.symmetric) for codes, q in self._part_codes()]
+                                               q.symmetric, q.scale_dtype) for codes, q in self._part_codes()]
         for q in self.input_quantizers:
             q.freeze()
         self.qweights = nn.ModuleList(qweights)

@@ -49,7 +49,7 @@ class WrapReport:
 # -- one handler per recipe section ------------------------------------------------------------------------
 def weight_quantizers(c: WeightQuantConfig) -> MakeWeightQuantizer:
     return lambda: WeightQuantizer(c.bits, c.symmetric, c.granularity, c.group_size, c.method, c.percentile,
-                                   number_format=c.format)
+                                   number_format=c.format, scale_dtype=c.scale_dtype)
 
 
 def _time_kwargs(table: TimeTable | None, time: TimeConditioningConfig | None) -> dict:

@@ -8,6 +8,10 @@ stages can learn scales and rounding.
 An 8-bit float format (:class:`~dmquant.formats.FloatFormat`) takes the same functions: its scale is
 ``amax / max`` (no zero point), its codes are ``float8(clamp(x / s, -max, max))`` (the division in
 float32, so 16-bit inputs give the codes a GPU kernel computes from them) and ``x_hat = code * s``.
+
+Scales are computed in float32; a quantizer whose scales are stored in float16 (``scale_dtype``,
+:data:`SCALE_DTYPES`) rounds them to float16 *before* its codes are computed (:func:`round_scale`), so
+the stored scales are exactly the ones the simulation used.
 """
 
 from __future__ import annotations
@@ -16,41 +20,62 @@ import warnings
 
 import torch
 
+from dmquant.errors import DMQuantError
 from dmquant.formats import FloatFormat, IntFormat, is_float
 
 _EPS = 1e-12
 _FUSED_QUANTIZE = hasattr(torch, "quantize_per_tensor")
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # how stored weight scales are kept
+
+
+def scale_dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a scale dtype's name (``"float32"`` or ``"float16"``)."""
+    if name not in SCALE_DTYPES:
+        raise DMQuantError(f"unknown scale dtype {name!r}: use one of {', '.join(SCALE_DTYPES)}")
+    return SCALE_DTYPES[name]
+
+
+def round_scale(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``scale`` rounded to the nearest value of ``dtype`` (kept in ``scale``'s own dtype), within its
+    positive finite range (at least its smallest subnormal, so a scale never rounds to 0); ``None`` or
+    float32 leave it as it is."""
+    if dtype is None or dtype == torch.float32:
+        return scale
+    info = torch.finfo(dtype)
+    tiny = info.smallest_normal * info.eps  # the smallest subnormal
+    return scale.clamp(tiny, info.max).to(dtype).to(scale.dtype)
 
 
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat | FloatFormat, symmetric: bool
+    lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat | FloatFormat, symmetric: bool,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map ``[lo, hi]`` onto the grid of ``fmt``.
 
     Symmetric: ``s = max(|lo|, |hi|) / qmax`` (signed grid) with ``z = 0``; for an unsigned grid
     symmetric means ``z`` at the grid's middle. Asymmetric: ``s = (hi - lo) / (qmax - qmin)``,
     ``z = qmin - round(lo / s)``. The range always includes 0 so that zero is exact. A float format is
-    always symmetric: ``s = max(|lo|, |hi|) / max`` in float32, ``z = 0``.
+    always symmetric: ``s = max(|lo|, |hi|) / max`` in float32, ``z = 0``. ``scale_dtype`` (float16)
+    rounds ``s`` to that dtype (:func:`round_scale`) before the zero point is computed from it.
     """
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     if is_float(fmt):
-        scale = (torch.maximum(-lo, hi).float() / fmt.max).clamp_min(_EPS)
+        scale = round_scale((torch.maximum(-lo, hi).float() / fmt.max).clamp_min(_EPS), scale_dtype)
         return scale, torch.zeros_like(scale)
     if symmetric:
         amax = torch.maximum(-lo, hi)
         if fmt.signed:
-            scale = amax / fmt.qmax
+            scale = round_scale((amax / fmt.qmax).clamp_min(_EPS), scale_dtype)
             zero = torch.zeros_like(scale)
         else:
-            scale = 2 * amax / (fmt.qmax - fmt.qmin)
+            scale = round_scale((2 * amax / (fmt.qmax - fmt.qmin)).clamp_min(_EPS), scale_dtype)
             zero = torch.full_like(scale, float((fmt.qmax + fmt.qmin + 1) // 2))
     else:
-        scale = (hi - lo) / (fmt.qmax - fmt.qmin)
-        zero = fmt.qmin - torch.round(lo / scale.clamp_min(_EPS))
-        zero = zero.clamp(fmt.qmin, fmt.qmax)
-    return scale.clamp_min(_EPS), zero
+        scale = round_scale(((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_min(_EPS), scale_dtype)
+        zero = (fmt.qmin - torch.round(lo / scale)).clamp(fmt.qmin, fmt.qmax)
+    return scale, zero
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -8,6 +8,11 @@ It is a module so that its tensors are buffers of the layer that holds it (``sta
 device when loading) that a state dict then fills. Kernels read ``qdata``/``scale`` directly or take
 ``int8()`` (integer packings) / ``codes()`` / ``dequantize()``. Float8 codes stay float8 through
 ``module.to(dtype)`` (which would otherwise cast every floating buffer).
+
+Scales and zero points are stored in float32 or, with ``scale_dtype="float16"`` (the spec's
+``scale_dtype``; a description without it is float32, as every folder written before it), in float16:
+2 bytes each; they stay float16 through ``module.to(dtype)``, and every reader casts them to the dtype it
+computes in (:meth:`dequantize`, :meth:`channel_scales` gives float32).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 from dmquant.errors import DMQuantError
 from dmquant.kernels.bitpack import PACKED_BITS, pack_bits, packed_row_bytes, unpack_bits
 from dmquant.kernels.int4 import pack_int4, unpack_int4
+from dmquant.quantizers.affine import SCALE_DTYPES, scale_dtype_named
 
 PACKINGS = ("int8", "int4x2", "bitpack", "fp8_e4m3")
 FLOAT8 = torch.float8_e4m3fn
@@ -34,22 +40,28 @@ def int_packing(bits: int, row_len: int) -> str:
     return "bitpack" if bits in PACKED_BITS else "int8"
 
 
-def weight_storage_bytes(shape, bits: int, granularity: str, group_size: int | None, symmetric: bool) -> int:
-    """Bytes a :class:`QuantizedTensor` of these facts holds (codes, float32 scales and zero points), without
-    building it: what mixed-precision allocation budgets with."""
+def weight_storage_bytes(shape, bits: int, granularity: str, group_size: int | None, symmetric: bool,
+                         scale_dtype: str = "float32") -> int:
+    """Bytes a :class:`QuantizedTensor` of these facts holds (codes, scales and zero points in
+    ``scale_dtype``), without building it: what mixed-precision allocation budgets with."""
     out, cols = int(shape[0]), math.prod(int(s) for s in shape[1:])
     packing = int_packing(bits, cols)
     code_bytes = {"int4x2": out * cols // 2, "bitpack": out * packed_row_bytes(cols, bits)}.get(packing, out * cols)
     rows = {"tensor": 1, "channel": out, "group": out * cols // (group_size or 1)}[granularity]
-    return code_bytes + 4 * rows * (1 if symmetric else 2)
+    return code_bytes + scale_dtype_named(scale_dtype).itemsize * rows * (1 if symmetric else 2)
 
 
 class QuantizedTensor(nn.Module):
     def __init__(self, shape, bits: int, granularity: str, group_size: int | None, symmetric: bool,
-                 packing: str, device: str | torch.device = "cpu"):
+                 packing: str, device: str | torch.device = "cpu", scale_dtype: str = "float32"):
         super().__init__()
         if packing not in PACKINGS:
             raise DMQuantError(f"unknown weight packing {packing!r}: this dmquant reads {', '.join(PACKINGS)}")
+        if scale_dtype not in SCALE_DTYPES:
+            raise DMQuantError(f"unknown weight scale dtype {scale_dtype!r}: this dmquant reads "
+                               f"{', '.join(SCALE_DTYPES)}; upgrade dmquant (or the checkpoint is damaged)")
+        self.scale_dtype = scale_dtype
+        sdtype = SCALE_DTYPES[scale_dtype]
         self.shape, self.bits, self.granularity = tuple(int(s) for s in shape), int(bits), granularity
         self.group_size, self.symmetric, self.packing = group_size, bool(symmetric), packing
         out, cols = self.shape[0], math.prod(self.shape[1:])
@@ -61,29 +73,31 @@ class QuantizedTensor(nn.Module):
                       "bitpack": (out, packed_row_bytes(cols, self.bits))}.get(packing, (out, cols))
         data_dtype = {"int4x2": torch.uint8, "bitpack": torch.uint8, "int8": torch.int8, "fp8_e4m3": FLOAT8}[packing]
         self.register_buffer("qdata", torch.empty(data_shape, dtype=data_dtype, device=device))
-        self.register_buffer("scale", torch.empty(rows, device=device))
-        self.register_buffer("zero_point", None if self.symmetric else torch.empty(rows, device=device))
+        self.register_buffer("scale", torch.empty(rows, dtype=sdtype, device=device))
+        self.register_buffer("zero_point", None if self.symmetric else torch.empty(rows, dtype=sdtype, device=device))
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                   granularity: str, group_size: int | None, symmetric: bool) -> QuantizedTensor:
-        """Store integer ``codes`` (shaped like the weight) with one scale (and zero point) per row; float8
-        ``codes`` (dtype ``float8_e4m3fn``, symmetric) are stored as they are."""
+                   granularity: str, group_size: int | None, symmetric: bool,
+                   scale_dtype: str = "float32") -> QuantizedTensor:
+        """Store integer ``codes`` (shaped like the weight) with one scale (and zero point) per row, in
+        ``scale_dtype``; float8 ``codes`` (dtype ``float8_e4m3fn``, symmetric) are stored as they are. A
+        quantizer with float16 scales has already rounded them: the cast to float16 is exact."""
         if codes.dtype == FLOAT8:
             if not symmetric or bits != 8:
                 raise DMQuantError("float8 e4m3 codes are 8-bit and symmetric: the weight quantizer is inconsistent")
-            qt = cls(codes.shape, 8, granularity, group_size, True, "fp8_e4m3", codes.device)
+            qt = cls(codes.shape, 8, granularity, group_size, True, "fp8_e4m3", codes.device, scale_dtype)
             qt.qdata = codes.reshape(codes.shape[0], -1).contiguous()
-            qt.scale = scale.detach().float().reshape(-1).clone()
-            return qt
-        matrix = codes.reshape(codes.shape[0], -1).to(torch.int8)
-        packing = int_packing(bits, matrix.shape[1])
-        qt = cls(codes.shape, bits, granularity, group_size, symmetric, packing, codes.device)
-        qt.qdata = {"int4x2": pack_int4, "bitpack": lambda m: pack_bits(m, bits)}.get(
-            packing, torch.Tensor.contiguous)(matrix)
-        qt.scale = scale.detach().float().reshape(-1).clone()
-        if not symmetric:
-            qt.zero_point = zero_point.detach().float().reshape(-1).clone()
+        else:
+            matrix = codes.reshape(codes.shape[0], -1).to(torch.int8)
+            packing = int_packing(bits, matrix.shape[1])
+            qt = cls(codes.shape, bits, granularity, group_size, symmetric, packing, codes.device, scale_dtype)
+            qt.qdata = {"int4x2": pack_int4, "bitpack": lambda m: pack_bits(m, bits)}.get(
+                packing, torch.Tensor.contiguous)(matrix)
+        sdtype = SCALE_DTYPES[scale_dtype]
+        qt.scale = scale.detach().to(sdtype).reshape(-1).clone()
+        if not qt.symmetric:
+            qt.zero_point = zero_point.detach().to(sdtype).reshape(-1).clone()
         return qt
 
     @classmethod
@@ -91,11 +105,12 @@ class QuantizedTensor(nn.Module):
         missing = [k for k in SPEC_KEYS if k not in spec]
         if missing:
             raise DMQuantError(f"quantized weight description lacks {missing}: the checkpoint is damaged; save it again")
-        return cls(*(spec[k] for k in SPEC_KEYS), device=device)
+        return cls(*(spec[k] for k in SPEC_KEYS), device=device, scale_dtype=spec.get("scale_dtype", "float32"))
 
     def spec(self) -> dict:
         return {"shape": list(self.shape), "bits": self.bits, "granularity": self.granularity,
-                "group_size": self.group_size, "symmetric": self.symmetric, "packing": self.packing}
+                "group_size": self.group_size, "symmetric": self.symmetric, "packing": self.packing,
+                "scale_dtype": self.scale_dtype}
 
     @property
     def is_float8(self) -> bool:
@@ -139,18 +154,29 @@ class QuantizedTensor(nn.Module):
         return self.is_float8 and self.granularity in ("channel", "tensor")
 
     def channel_scales(self) -> torch.Tensor:
-        return self.scale.expand(self.shape[0]) if self.granularity == "tensor" else self.scale
+        """One float32 scale per output channel (per-tensor and per-channel granularity)."""
+        scale = self.scale.float()
+        return scale.expand(self.shape[0]) if self.granularity == "tensor" else scale
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` casts every floating buffer, float8 ones too: float8 codes are cast back (exactly,
-        each float8 value is a float16, bfloat16 and float32 value)."""
+        each float8 value is a float16, bfloat16 and float32 value); float16 scales and zero points keep
+        their stored values (moved, not cast: a bfloat16 cast would round them)."""
+        kept = {}
+        if self.scale_dtype != "float32":
+            kept = {n: b for n, b in (("scale", self.scale), ("zero_point", self.zero_point)) if b is not None}
         super()._apply(fn, recurse)
         if self.is_float8 and self.qdata.dtype != FLOAT8:
             self.qdata = self.qdata.to(FLOAT8)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
         return self
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, bits={self.bits}, {self.granularity}, packing={self.packing}"
+        scales = "" if self.scale_dtype == "float32" else f", {self.scale_dtype} scales"
+        return f"shape={self.shape}, bits={self.bits}, {self.granularity}, packing={self.packing}{scales}"

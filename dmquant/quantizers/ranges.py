@@ -40,17 +40,19 @@ def mse_range(
     min_ratio: float = 0.2,
     p_norm: float = 2.0,
     extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row clipping range minimising the fake-quantization error over shrinking ratios.
 
-    ``extremes`` gives the full range to shrink from when ``rows`` is only a sample of the data.
+    ``extremes`` gives the full range to shrink from when ``rows`` is only a sample of the data;
+    ``scale_dtype`` the dtype the scales will be rounded to (each ratio is judged with its rounded scale).
     """
     lo, hi = extremes if extremes is not None else minmax_range(rows)
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for ratio in torch.linspace(1.0, min_ratio, num_candidates).tolist():
         c_lo, c_hi = lo * ratio, hi * ratio
-        scale, zero = qparams_from_range(c_lo, c_hi, fmt, symmetric)
+        scale, zero = qparams_from_range(c_lo, c_hi, fmt, symmetric, scale_dtype)
         approx = fake_quant(rows, scale[:, None], zero[:, None], fmt)
         err = (approx - rows).abs().pow(p_norm).sum(dim=1)
         better = err < best_err
@@ -67,13 +69,14 @@ def estimate_range(
     symmetric: bool,
     percentile: float = 99.99,
     extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of :data:`RANGE_METHODS`."""
+    """Dispatch to one of :data:`RANGE_METHODS` (``scale_dtype``: see :func:`mse_range`)."""
     rows = rows.float()
     if method == "minmax":
         return extremes if extremes is not None else minmax_range(rows)
     if method == "percentile":
         return percentile_range(rows, percentile)
     if method == "mse":
-        return mse_range(rows, fmt, symmetric, extremes=extremes)
+        return mse_range(rows, fmt, symmetric, extremes=extremes, scale_dtype=scale_dtype)
     raise DMQuantError(f"unknown range method {method!r}: use one of {', '.join(RANGE_METHODS)}")

@@ -4,6 +4,10 @@ fixed codes once that rounding is hardened. It takes numbers and formats, never 
 
 ``number_format="fp8_e4m3"`` stores float8 e4m3 codes instead of integers (symmetric, ``scale =
 amax / 448`` per row, rounding to the nearest float8 only: learned rounding is for integer grids).
+
+``scale_dtype="float16"`` keeps scales (and zero points) that a float16 number holds: they are rounded to
+float16 before the codes are computed, so the frozen layer that stores them in float16 computes what the
+simulation computes (two bytes a scale instead of four).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 from dmquant.errors import DMQuantError
 from dmquant.formats import format_named, is_float
 from dmquant.quantizers.adaround import init_rounding, learned_codes, rounding_regularizer
-from dmquant.quantizers.affine import dequantize, fake_quant, qparams_from_range, quantize
+from dmquant.quantizers.affine import dequantize, fake_quant, qparams_from_range, quantize, scale_dtype_named
 from dmquant.quantizers.granularity import from_rows, to_rows
 from dmquant.quantizers.ranges import estimate_range
 
@@ -22,8 +26,10 @@ from dmquant.quantizers.ranges import estimate_range
 class WeightQuantizer(nn.Module):
     def __init__(self, bits: int = 8, symmetric: bool = True, granularity: str = "channel",
                  group_size: int | None = None, method: str = "minmax", percentile: float = 99.99,
-                 number_format: str = "int"):
+                 number_format: str = "int", scale_dtype: str = "float32"):
         super().__init__()
+        self.scale_dtype = scale_dtype
+        self._scale_torch_dtype = scale_dtype_named(scale_dtype)
         self.fmt = format_named(number_format, bits, signed=True, narrow=symmetric)
         if is_float(self.fmt) and not symmetric:
             raise DMQuantError("float8 weights are symmetric (no zero point): set symmetric=True")
@@ -52,8 +58,10 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor) -> None:
         """Scales (and zero points) from the weight; forgets any learned rounding."""
-        lo, hi = estimate_range(self.rows(weight), self.method, self.fmt, self.symmetric, self.percentile)
-        scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric)
+        dtype = self._scale_torch_dtype
+        lo, hi = estimate_range(self.rows(weight), self.method, self.fmt, self.symmetric, self.percentile,
+                                scale_dtype=dtype)
+        scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric, dtype)
         self.scale, self.zero_point = scale.to(weight.dtype), zero.to(weight.dtype)
         self.fixed_codes, self.rounding = None, None
 
@@ -112,4 +120,5 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         g = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")
         fmt = ", fp8_e4m3" if is_float(self.fmt) else ""
-        return f"bits={self.bits}{fmt}, {g}, symmetric={self.symmetric}"
+        scales = "" if self.scale_dtype == "float32" else f", {self.scale_dtype} scales"
+        return f"bits={self.bits}{fmt}, {g}, symmetric={self.symmetric}{scales}"

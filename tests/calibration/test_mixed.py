@@ -2,6 +2,7 @@
 reruns to the same layers, a mixed model saves and loads bit for bit, stored bytes are the budgeted ones."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,8 @@ import dmquant
 import dmquant.models.adapters
 from dmquant.calibration.mixed import (
     Candidate,
+    budget_bytes,
+    candidate_base,
     candidate_layers,
     candidates,
     draw_plan,
@@ -95,6 +98,16 @@ def test_a_mixed_model_saves_and_loads_bit_for_bit(planned, tmp_path):
     for (name, a), (_, b) in zip(quant_layers(loaded.unet), quant_layers(frozen.unet)):
         for qa, qb in zip(a.qweights, b.qweights):
             assert qa.bits == qb.bits and torch.equal(qa.qdata, qb.qdata), name
+    # a folder written before weight specs named their scale dtype loads as float32, unchanged
+    path = tmp_path / "q" / "unet" / "dmquant_config.json"
+    description = json.loads(path.read_text())
+    for spec in description["layers"].values():
+        for w in spec["weights"]:
+            assert w.pop("scale_dtype") == "float32"
+    path.write_text(json.dumps(description))
+    older = dmquant.load_quantized_pipeline(tmp_path / "q")
+    assert {q.scale.dtype for _, layer in quant_layers(older.unet) for q in layer.qweights} == {torch.float32}
+    assert np.array_equal(images(older), images(loaded))
 
 
 def test_plan_report_draws_and_summarises(planned):
@@ -123,7 +136,7 @@ def test_a_budget_needs_a_mixed_precision_recipe():
 # -- group candidates: (bits, one scale per group of input weights) beside (bits, per channel) --------------
 GROUPED = {**RECIPE, "name": "auto-groups",
            "mixed_precision": {"candidate_bits": [2, 4, 8], "group_sizes": [16, 64], "group_bits": [2, 3],
-                               "num_samples": 2}}
+                               "num_samples": 2, "scale_dtype": "float16"}}
 
 
 def test_group_candidates_fit_only_where_the_groups_divide_each_part():
@@ -171,11 +184,35 @@ def test_a_plan_with_group_candidates_meets_the_budget_in_stored_bytes(grouped):
         total += frozen.weight_nbytes()
     assert total == report["plan_bytes"]
     assert any("g" in f for f in report["formats"].values())  # at 3.5 bits the groups of 16 are worth taking
+    assert grouped.dmquant.config.weights.scale_dtype == "float16"  # the plan stores what it was costed with
+    assert {q.scale_dtype for _, layer in layers.items() for q in layer.weight_quantizers} == {"float16"}
     assert {u["format"] for u in report["uniform"]} >= {"2", "4", "8", "2g16", "3g16"}
 
 
+def test_float16_candidates_cost_two_byte_scales_and_the_default_budget_is_the_recipes_own_bytes():
+    config = QuantConfig.from_dict(GROUPED)
+    pipe = build_tiny_sd_pipeline()
+    layers = candidate_layers(pipe.unet, config, dmquant.models.adapters.adapter_for(pipe.unet))
+    shapes = {la.name: tuple(pipe.unet.get_submodule(la.name).weight.shape) for la in layers}
+    base = candidate_base(config)
+    assert base.scale_dtype == "float16" and config.weights.scale_dtype == "float32"
+    # no target: the budget is uniform W4 with the recipe's float32 scales, one per output channel and part
+    budget = budget_bytes(dataclasses.replace(config.mixed_precision, target_bits=None), config, layers, 0, shapes)
+    assert budget == sum(storage_bytes(shapes[la.name], config.weights, la.split) for la in layers)
+    for la in layers:
+        parts = 1 if la.split is None else 2
+        out = shapes[la.name][0]
+        w4_16, w4_32 = (storage_bytes(shapes[la.name], c, la.split) for c in (base, config.weights))
+        assert w4_32 - w4_16 == 2 * out * parts, la.name
+        if "3g16" in la.formats:  # one float16 scale per 16 weights: 3 + 1 bits a weight
+            cost = storage_bytes(shapes[la.name], Candidate(3, 16).weights(base), la.split)
+            assert 8 * cost == 4 * math.prod(shapes[la.name]), la.name
+    assert sum(storage_bytes(shapes[la.name], base, la.split) for la in layers) < budget
+
+
 def test_a_model_of_per_channel_and_grouped_layers_saves_and_loads_bit_for_bit(tmp_path):
-    base = QuantConfig.from_dict({k: v for k, v in GROUPED.items() if k != "mixed_precision"})
+    base = QuantConfig.from_dict({**{k: v for k, v in GROUPED.items() if k != "mixed_precision"},
+                                  "weights": {"bits": 4, "scale_dtype": "float16"}})
     pipe = build_tiny_sd_pipeline()
     adapter = dmquant.models.adapters.adapter_for(pipe.unet)
     layers = candidate_layers(pipe.unet, dataclasses.replace(base, mixed_precision=QuantConfig.from_dict(
@@ -198,6 +235,7 @@ def test_a_model_of_per_channel_and_grouped_layers_saves_and_loads_bit_for_bit(t
         for qa, qb in zip(a.qweights, b.qweights):
             assert (qa.bits, qa.granularity, qa.group_size) == (c.bits, c.granularity, c.group_size), name
             assert torch.equal(qa.qdata, qb.qdata) and torch.equal(qa.scale, qb.scale), name
+            assert qa.scale.dtype == torch.float16, name
             seen.add((qa.granularity, qa.packing))
     assert {("group", "bitpack"), ("channel", "int4x2"), ("channel", "int8")} <= seen
     assert np.array_equal(images(loaded), images(pipe))
