@@ -84,6 +84,12 @@ class QuantLayer(nn.Module):
     def frozen(self) -> bool:
         return self.qweights is not None
 
+    @property
+    def qweight(self) -> torch.Tensor | None:
+        """The stored weight: the first part's codes (frozen) or the float weight (simulated). PEFT reads this
+        name (a quantized layer's weight) to put LoRA adapters on its device (:mod:`dmquant.nn.lora`)."""
+        return self.qweights[0].qdata if self.frozen else self.weight
+
     # -- simulated state ---------------------------------------------------------------------------------
     def split_quantizers(self, split: int, make_weight: MakeWeightQuantizer | None,
                          make_input: MakeInputQuantizer | None) -> None:

@@ -105,7 +105,7 @@ class OutlierBranch(nn.Module):
             shape[1] = -1
             w = w * self.smooth.double().reshape(shape)
         if self.rotation_seed is not None:
-            h = hadamard(self.in_channels, self.rotation_seed).double()
+            h = hadamard(self.in_channels, self.rotation_seed, w.device).double()
             w = torch.einsum("oc...,cd->od...", w, h)
         return w
 
@@ -113,6 +113,38 @@ class OutlierBranch(nn.Module):
         dt = DTYPES[self.dtype_name]
         self.lora_up.data = l1.to(dt).contiguous()
         self.lora_down.data = l2.to(dt).contiguous()
+
+    @torch.no_grad()
+    def append_low_rank(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Append ``r`` ranks to the low-rank branch: ``L1 <- [L1 | up]`` (``up [out, r]``) and ``L2 <- [L2 ; down]``
+        (``down [r, C·kh·kw]`` or a conv-shaped ``[r, C, kh, kw]``, reading the transformed input x'), stored in
+        the branch's dtype on ``up``'s device. The ranks already there keep their stored values, so
+        :meth:`keep_low_rank` gives the branch back exactly."""
+        taps = 1 if self.geometry is None else math.prod(self.geometry["kernel_size"])
+        dt = DTYPES[self.dtype_name]
+        down = down.reshape(down.shape[0], -1)
+        if up.ndim != 2 or up.shape[0] != self.out_channels or down.shape != (up.shape[1], self.in_channels * taps):
+            raise DMQuantError(f"low-rank factors {tuple(up.shape)} x {tuple(down.shape)} do not fit a branch of "
+                               f"{self.out_channels} outputs and {self.in_channels * taps} inputs")
+        up, down = up.to(dt), down.to(device=up.device, dtype=dt)
+        if self.rank:
+            up = torch.cat([self.lora_up.detach().to(up.device), up], dim=1)
+            down = torch.cat([self.lora_down.detach().to(up.device), down], dim=0)
+        self.lora_up = nn.Parameter(up.contiguous(), requires_grad=False)
+        self.lora_down = nn.Parameter(down.contiguous(), requires_grad=False)
+        self.rank = int(up.shape[1])
+
+    @torch.no_grad()
+    def keep_low_rank(self, rank: int) -> None:
+        """Keep only the first ``rank`` ranks of the low-rank branch (0: none), as copies of their stored values."""
+        if not 0 <= rank <= self.rank:
+            raise DMQuantError(f"the branch has rank {self.rank}; it cannot keep {rank}")
+        if rank == 0:
+            self.lora_up = self.lora_down = None
+        else:
+            self.lora_up = nn.Parameter(self.lora_up.detach()[:, :rank].clone(), requires_grad=False)
+            self.lora_down = nn.Parameter(self.lora_down.detach()[:rank].clone(), requires_grad=False)
+        self.rank = int(rank)
 
     def low_rank_weight(self) -> torch.Tensor:
         """``L1·L2`` in float64, in the matrix view ``[out, C·kh·kw]``."""
