@@ -19,10 +19,11 @@ from dmquant.calibration.collect import shared_temp_dir
 from dmquant.calibration.mixed import plan_mixed_precision
 from dmquant.calibration.run import CalibrationRun, CallSource, PipelineSource, calibrate
 from dmquant.config import QuantConfig, load_recipe
+from dmquant.controlnet import CONTROLNET_ATTRIBUTE, controlnet_target
 from dmquant.correction.ptqd import apply_noise_correction, fit_noise_correction
 from dmquant.diffusers_io import check_prompts, scheduler_timesteps
 from dmquant.errors import DMQuantError
-from dmquant.models.adapters import find_denoiser
+from dmquant.models.adapters import adapter_for, find_denoiser
 from dmquant.nn.wrap import (
     activation_quantizers,
     quant_layers,
@@ -31,7 +32,7 @@ from dmquant.nn.wrap import (
     time_table,
     wrap_denoiser,
 )
-from dmquant.quantized_pipeline import QuantizationInfo, attach_info, make_quantized
+from dmquant.quantized_pipeline import QuantizationInfo, attach_info, make_quantized, quantized_components
 
 
 def quantize(
@@ -49,6 +50,7 @@ def quantize(
     progress: bool = True,
     target_bits: float | None = None,
     max_weight_bytes: int | None = None,
+    controlnet: bool | str | Path | dict | QuantConfig = False,
     **call_kwargs,
 ):
     """Quantize the denoiser of ``pipe`` in place (simulation) and return ``pipe``.
@@ -64,6 +66,11 @@ def quantize(
     whole denoiser's weight memory) set the budget of a recipe with a ``mixed_precision`` section (the
     ``auto`` recipe): each layer's weight bits are then chosen from its measured sensitivity
     (:mod:`dmquant.calibration.mixed`); ``pipe.dmquant.config`` is the chosen plan, a rerunnable recipe.
+
+    ControlNet pipelines: pass the conditioning images as the pipeline takes them (``image=`` for SD / SDXL,
+    ``control_image=`` for FLUX; one image, or one per prompt). ``controlnet=True`` also quantizes the
+    pipeline's ControlNet with the same recipe (or ``controlnet="w8a8"``: a recipe of its own), calibrated on
+    the calls the pipeline makes to it in the same runs; its report is ``pipe.controlnet.dmquant``.
     """
     config = with_budget(load_recipe(recipe), target_bits, max_weight_bytes)
     overrides = dict(num_inference_steps=num_inference_steps, num_timesteps=num_timesteps, batch_size=batch_size,
@@ -74,32 +81,48 @@ def quantize(
     if calibration_data is not None and config.correction is not None:
         raise DMQuantError("noise correction ('correction') is fitted on sampling runs of the pipeline: pass "
                            "prompts instead of calibration_data, or drop the 'correction' section")
-    if config.needs_calibration_data and calibration_data is None:
+    control = controlnet_target(pipe, controlnet, config, calibration_data is not None)
+    control_data = control is not None and control.config.needs_calibration_data
+    if (config.needs_calibration_data or control_data) and calibration_data is None:
         prompts = _capped(check_prompts(pipe, prompts), config.calibration.max_prompts)
     folder = contextlib.nullcontext(calib_dir) if calib_dir is not None else shared_temp_dir()
     with folder as path:
         source = None
         if calibration_data is not None:
             source = CallSource(calibration_data, adapter)
-        elif config.needs_calibration_data:
-            source = PipelineSource(pipe, denoiser, prompts, config.calibration, Path(path), call_kwargs, adapter)
+        elif config.needs_calibration_data or control_data:
+            companions = {CONTROLNET_ATTRIBUTE: (control.module, control.adapter)} if control_data else None
+            source = PipelineSource(pipe, denoiser, prompts, config.calibration, Path(path), call_kwargs, adapter,
+                                    companions)
+        if source is not None and (config.mixed_precision is not None or control_data):
+            source.collect(denoiser, 0, progress)  # before anything is wrapped: every module in full precision
         plan = None
         if config.mixed_precision is not None:  # measure and allocate on the FP denoiser, then wrap the plan
-            source.collect(denoiser, 0, progress)
             plan = plan_mixed_precision(denoiser, adapter, config, source.iter_calls(), progress)
             config = plan.config
-        info = QuantizationInfo(config, attr, adapter.name, wrap_denoiser(denoiser, config, adapter))
-        info.calibration = calibrate(CalibrationRun(denoiser, adapter, config, source, progress))
+        info = _quantize_module(denoiser, adapter, config, source, attr, progress)
         if plan is not None:
             info.calibration["mixed_precision"] = plan.report()
-    info.report.attention = [name for name, _ in quantized_attention(denoiser)]  # calibration may release some
-    set_activation_mode(denoiser, "quant")
-    info.outliers = info.calibration.pop("outliers", {})
+        if control is not None:
+            control_source = source.companions[CONTROLNET_ATTRIBUTE] if control_data else None
+            attach_info(control.module, _quantize_module(control.module, control.adapter, control.config,
+                                                         control_source, CONTROLNET_ATTRIBUTE, progress))
     attach_info(pipe, info)
     make_quantized(pipe)
     if config.correction is not None:
         info.calibration["correction"] = _fit_correction(pipe, info, prompts, progress, call_kwargs)
     return pipe
+
+
+def _quantize_module(module, adapter, config: QuantConfig, source, attr: str, progress: bool) -> QuantizationInfo:
+    """Wrap ``module`` (the denoiser, or a ControlNet), run the calibration phases over ``source`` and switch its
+    activation quantizers on; what was done."""
+    info = QuantizationInfo(config, attr, adapter.name, wrap_denoiser(module, config, adapter))
+    info.calibration = calibrate(CalibrationRun(module, adapter, config, source, progress))
+    info.report.attention = [name for name, _ in quantized_attention(module)]  # calibration may release some
+    set_activation_mode(module, "quant")
+    info.outliers = info.calibration.pop("outliers", {})
+    return info
 
 
 def with_budget(config: QuantConfig, target_bits: float | None, max_weight_bytes: int | None) -> QuantConfig:
@@ -136,31 +159,38 @@ def _fit_correction(pipe, info: QuantizationInfo, prompts, progress, call_kwargs
 
 
 def freeze(pipe):
-    """Switch the denoiser's quantized layers to integer storage in place; returns ``pipe``."""
+    """Switch the quantized layers of the denoiser (and of a ControlNet quantized with it) to integer storage in
+    place; returns ``pipe``."""
     _, denoiser, _ = find_denoiser(pipe)
-    for _, layer in quant_layers(denoiser):
-        layer.freeze()
-    info = getattr(pipe, "dmquant", None)
-    if info is not None:
-        info.frozen = True
+    for module in (denoiser, *quantized_components(pipe).values()):
+        for _, layer in quant_layers(module):
+            layer.freeze()
+    for holder in (pipe, *quantized_components(pipe).values()):
+        info = getattr(holder, "dmquant", None)
+        if info is not None:
+            info.frozen = True
     return pipe
 
 
 def precompute_time_tables(pipe, num_inference_steps: int) -> int:
     """TDQ (``time.mode: learned``): the activation ranges for the steps of a run of ``num_inference_steps``
     with the pipeline's scheduler, computed before generating (simulated, frozen or loaded models alike);
-    returns the quantizers updated."""
+    returns the quantizers updated (the denoiser's and those of a ControlNet quantized with it)."""
     _, denoiser, adapter = find_denoiser(pipe)
-    learned = [q for q in activation_quantizers(denoiser) if q.learned]
+    modules = [(denoiser, adapter), *((m, adapter_for(m)) for m in quantized_components(pipe).values())]
+    learned = [q for module, _ in modules for q in activation_quantizers(module) if q.learned]
     if not learned:
         raise DMQuantError("this model has no learned (TDQ) time-conditioned quantizer: only time.mode='learned' "
                            "can compute ranges for new timesteps; others fall back to the nearest calibrated step")
-    keys = scheduler_timesteps(pipe.scheduler, num_inference_steps)
-    keys = keys * adapter.timestep_scale  # as the pipeline passes them to the denoiser
-    for q in learned:
-        q.retable(keys)
-    time_table(denoiser).set_keys(keys)
-    for _, layer in quant_layers(denoiser):
-        if layer.frozen:
-            layer.prepare_kernels()  # convs pack their weight with each table entry's input scale
+    steps = scheduler_timesteps(pipe.scheduler, num_inference_steps)
+    for module, module_adapter in modules:
+        keys = steps * module_adapter.timestep_scale  # as the pipeline passes them to the module
+        retabled = [q for q in activation_quantizers(module) if q.learned]
+        for q in retabled:
+            q.retable(keys)
+        if retabled:
+            time_table(module).set_keys(keys)
+        for _, layer in quant_layers(module):
+            if layer.frozen:
+                layer.prepare_kernels()  # convs pack their weight with each table entry's input scale
     return len(learned)

@@ -89,6 +89,36 @@ def guidance_arguments(pipe, call_kwargs: dict, batch_size: int) -> dict:
     return out
 
 
+# a ControlNet pipeline's conditioning image (FLUX and ControlNet img2img: control_image, SD / SDXL: image), an
+# img2img pipeline's initial image
+CONDITIONING_IMAGE_ARGUMENTS = ("control_image", "image")
+
+
+def conditioning_image_argument(pipe) -> str | None:
+    """The name of the pipeline's conditioning-image argument (``image`` / ``control_image``), or None."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    return next((name for name in CONDITIONING_IMAGE_ARGUMENTS if name in params), None)
+
+
+def batch_call_arguments(pipe, call_kwargs: dict, start: int, size: int, num_prompts: int) -> dict:
+    """``call_kwargs`` for the prompts ``start : start + size`` of ``num_prompts``: a conditioning image
+    argument holding one image per prompt (a list, or a batched tensor; the i-th image goes with the i-th
+    prompt, images past the last prompt are unused, as prompts past ``max_prompts`` are) is cut to the batch's
+    images; one image, or a MultiControlNet's list of per-ControlNet images, goes to every batch as it is."""
+    multi = type(getattr(pipe, "controlnet", None)).__name__.endswith("MultiControlNetModel")
+    out = dict(call_kwargs)
+    for name in CONDITIONING_IMAGE_ARGUMENTS:
+        value = out.get(name)
+        batched = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.ndim == 4)
+        if not batched or multi or len(value) == 1:
+            continue
+        if len(value) < num_prompts:
+            raise DMQuantError(f"{name}= holds {len(value)} images for {num_prompts} prompts: pass one image for "
+                               "every prompt, or a single image for all of them")
+        out[name] = value[start : start + size]
+    return out
+
+
 def is_class_conditional(pipe) -> bool:
     return conditioning_argument(pipe) == "class_labels"
 

@@ -3,7 +3,8 @@
 
 A saved folder is a diffusers pipeline folder (``model_index.json`` and one folder per component,
 written by the components' own ``save_pretrained``) whose denoiser folder holds the quantized
-denoiser (see :mod:`dmquant.serialization`). Saving is atomic: a temporary sibling, then a rename.
+denoiser (see :mod:`dmquant.serialization`), and so does the ControlNet's folder when the ControlNet was
+quantized with it. Saving is atomic: a temporary sibling, then a rename.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import diffusers
 from diffusers import DiffusionPipeline, DiTPipeline, StableDiffusionPipeline
+from torch import nn
 
 from dmquant.config import QuantConfig
 from dmquant.correction.ptqd import NoiseCorrectionStats, apply_noise_correction
 from dmquant.errors import DMQuantError
-from dmquant.models.adapters import DENOISER_ATTRIBUTES, find_denoiser
+from dmquant.models.adapters import DENOISER_ATTRIBUTES, adapter_for, find_denoiser
 from dmquant.nn.wrap import WrapReport
 from dmquant.runs import atomic_folder
 from dmquant.serialization import (
@@ -52,17 +54,21 @@ class QuantizedPipelineMixin:
 
     def save_pretrained(self, save_directory, overwrite: bool = True, extra_files: dict[str, str] | None = None,
                         **_ignored) -> Path:
-        """Write a diffusers-layout folder with the quantized denoiser; ``extra_files`` are text (or bytes) files to add."""
+        """Write a diffusers-layout folder with the quantized denoiser (and ControlNet, if quantized with it);
+        ``extra_files`` are text (or bytes) files to add."""
         info = getattr(self, "dmquant", None)
         if info is None:
             raise DMQuantError("this pipeline has no quantized denoiser: call dmquant.quantize(pipe, recipe) first")
         attr, denoiser, _ = find_denoiser(self)
+        quantized = {attr: (denoiser, info.config), **{name: (module, module.dmquant.config)
+                                                       for name, module in quantized_components(self).items()}}
         with atomic_folder(save_directory, overwrite=overwrite) as tmp:
             self.save_config(tmp)
             _set_base_class_name(tmp / "model_index.json", type(self), getattr(self, "labels", None))
             for name, component in self.components.items():
-                if name == attr:
-                    save_quantized_denoiser(denoiser, tmp / name, info.config)
+                if name in quantized:
+                    module, config = quantized[name]
+                    save_quantized_denoiser(module, tmp / name, config)
                 elif component is not None and hasattr(component, "save_pretrained"):
                     component.save_pretrained(tmp / name)
             if getattr(info, "correction", None) is not None:
@@ -78,10 +84,13 @@ class QuantizedPipelineMixin:
         if attr is None:
             raise DMQuantError(f"{folder} holds no dmquant quantized denoiser: pass a folder written by "
                                "save_pretrained of a dmquant-quantized pipeline")
-        denoiser = load_quantized_denoiser(folder / attr, device=device)
+        others = [p.name for p in sorted(folder.iterdir()) if p.name != attr and is_quantized_denoiser_folder(p)]
+        modules = {name: load_quantized_denoiser(folder / name, device=device) for name in (attr, *others)}
         kwargs.setdefault("use_safetensors", True)  # every component from safetensors only, never a pickle
-        pipe = super().from_pretrained(str(folder), **{attr: denoiser}, **kwargs)
+        pipe = super().from_pretrained(str(folder), **modules, **kwargs)
         _attach_loaded_info(pipe, folder / attr)
+        for name in others:  # a ControlNet quantized with the denoiser
+            attach_info(modules[name], loaded_info(modules[name], name, folder / name))
         _load_correction(pipe, folder)
         return pipe.to(device)
 
@@ -125,11 +134,26 @@ def quantized_denoiser_attribute(folder: Path) -> str | None:
 
 
 def _attach_loaded_info(pipe, denoiser_folder: Path) -> None:
-    description = read_description(denoiser_folder)
-    attr, _, adapter = find_denoiser(pipe)
+    attr, denoiser, _ = find_denoiser(pipe)
+    attach_info(pipe, loaded_info(denoiser, attr, denoiser_folder))
+
+
+def loaded_info(module, attr: str, folder: Path) -> QuantizationInfo:
+    """The :class:`QuantizationInfo` of a module loaded from the saved quantized folder ``folder``."""
+    description = read_description(folder)
     report = WrapReport(quantized=list(description["layers"]), attention=list(description["attention"]))
-    info = QuantizationInfo(QuantConfig.from_dict(description["recipe"]), attr, adapter.name, report, frozen=True)
-    attach_info(pipe, info)
+    return QuantizationInfo(QuantConfig.from_dict(description["recipe"]), attr, adapter_for(module).name, report,
+                            frozen=True)
+
+
+def quantized_components(pipe) -> dict[str, nn.Module]:
+    """The pipeline's quantized modules besides its denoiser (a ControlNet quantized with it), by attribute."""
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        return {}
+    attr = find_denoiser(pipe)[0]
+    return {name: m for name, m in components.items() if name != attr and isinstance(m, nn.Module)
+            and isinstance(getattr(m, "dmquant", None), QuantizationInfo)}
 
 
 class QuantizedStableDiffusionPipeline(QuantizedPipelineMixin, StableDiffusionPipeline):

@@ -3,7 +3,8 @@
 A forward pre-hook on the denoiser counts the steps within one pipeline call and records the calls
 at the sampler's steps (classifier-free guidance as the pipeline builds it: one batched call, or
 separate conditional and unconditional calls, which share a step when ``step_key`` tells the step). Batches of prompts can be spread over processes with accelerate; each
-process writes its own shards.
+process writes its own shards. Other modules the pipeline calls at each step (a ControlNet) can be recorded
+at the same steps, each into a folder of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dmquant.calibration.records import save_calls
-from dmquant.diffusers_io import conditioning_argument, guidance_arguments, process_state
+from dmquant.diffusers_io import (
+    batch_call_arguments,
+    conditioning_argument,
+    guidance_arguments,
+    process_state,
+)
 from dmquant.errors import DMQuantError
 from dmquant.runs import make_own_temp_folder, remove_own_folder
 
@@ -59,42 +65,51 @@ def collect_denoiser_inputs(
     progress: bool = True,
     call_kwargs: dict | None = None,
     step_key: Callable[[tuple, dict], object] | None = None,
+    others: dict[Path, tuple[torch.nn.Module, Callable[[tuple, dict], object] | None]] | None = None,
 ) -> Path:
     """Run ``pipe`` over ``prompts`` and store the denoiser's inputs at ``steps`` under ``out_dir``.
 
     ``steps`` is a list of step indices, or a function of the batch index giving them (samplers that
-    draw steps afresh for every prompt batch).
+    draw steps afresh for every prompt batch). ``others`` maps a folder to another module of the pipeline
+    and its step key: that module's calls at the same steps are stored there. Call arguments with one
+    conditioning image per prompt are split with the prompt batches (:func:`batch_call_arguments`).
     """
     state = process_state()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = {Path(out_dir): (denoiser, step_key), **(others or {})}
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
     cond_arg = conditioning_argument(pipe)
-    batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    starts = range(0, len(prompts), batch_size)
     steps_of = steps if callable(steps) else (lambda _batch, fixed=list(steps): fixed)
-    recorder = _StepRecorder(steps_of(0), step_key)
-    handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
+    recorders = {folder: _StepRecorder(steps_of(0), key) for folder, (_, key) in targets.items()}
+    handles = [module.register_forward_pre_hook(recorders[folder], with_kwargs=True)
+               for folder, (module, _) in targets.items()]
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    indexed = list(enumerate(batches))
+    indexed = list(enumerate(starts))
     try:
         with state.split_between_processes(indexed) as mine:
             bar = tqdm(mine, desc="calibration: collecting denoiser inputs", disable=not progress or not state.is_main_process)
-            for index, batch in bar:
-                recorder.reset(steps_of(index))
+            for index, start in bar:
+                batch, chosen = list(prompts[start : start + batch_size]), steps_of(index)
+                for recorder in recorders.values():
+                    recorder.reset(chosen)
                 generator = torch.Generator("cpu").manual_seed(seed + index)
+                kwargs = batch_call_arguments(pipe, call_kwargs or {}, start, len(batch), len(prompts))
                 with torch.no_grad():
                     pipe(**{cond_arg: batch}, num_inference_steps=num_inference_steps,
-                         generator=generator, output_type="latent", **guidance_arguments(pipe, call_kwargs or {},
-                                                                                         len(batch)))
-                if not recorder.calls:
-                    raise DMQuantError(
-                        f"the denoiser was never called at steps {sorted(recorder.steps)} with {num_inference_steps} steps"
-                    )
-                save_calls(recorder.calls, out_dir / f"shard-{index:05d}.safetensors")
+                         generator=generator, output_type="latent", **guidance_arguments(pipe, kwargs, len(batch)))
+                for folder, recorder in recorders.items():
+                    if not recorder.calls:
+                        what = "the denoiser" if folder == Path(out_dir) else type(targets[folder][0]).__name__
+                        raise DMQuantError(f"{what} was never called at steps {sorted(recorder.steps)} with "
+                                           f"{num_inference_steps} steps")
+                    save_calls(recorder.calls, folder / f"shard-{index:05d}.safetensors")
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     state.wait_for_everyone()
-    return out_dir
+    return Path(out_dir)
 
 
 @contextmanager

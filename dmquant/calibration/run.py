@@ -1,7 +1,9 @@
 """The calibration run: explicit phases over a *source* of denoiser calls.
 
     collect      the source records full-precision denoiser calls (prompts through the pipeline at the
-                 sampler's steps, or calls the user recorded); the TimeTable gets the run's timesteps
+                 sampler's steps, or calls the user recorded); the TimeTable gets the run's timesteps.
+                 A pipeline source also records, in the same runs, the calls to the pipeline's other
+                 modules it is asked for (a ControlNet): :class:`CompanionSource` replays them
     outliers     smoothing (from the collected calls), rotation, low-rank branch; every weight quantized
     observe      static activation ranges from the calls; a sampler with ``rounds`` (PCR) records again
                  along the quantized model's own trajectory and observes again, ``rounds`` times
@@ -70,22 +72,19 @@ class PipelineSource:
     what the denoiser sees when it generates."""
 
     def __init__(self, pipe, denoiser: nn.Module, prompts: Sequence, c: CalibrationConfig, folder: Path,
-                 call_kwargs: dict, adapter: DenoiserAdapter):
+                 call_kwargs: dict, adapter: DenoiserAdapter,
+                 companions: dict[str, tuple[nn.Module, DenoiserAdapter]] | None = None):
         self.pipe, self.denoiser, self.prompts, self.c = pipe, denoiser, list(prompts), c
         self.folder, self.call_kwargs, self.adapter = Path(folder), call_kwargs, adapter
         self.sampler = make_sampler(c.sampler, c.num_timesteps, c.seed)
         self.steps: set[int] = set()
         self.seen: set[float] = set()
         self.current: Path | None = None
+        self.companions = {name: CompanionSource(self, name, module, a) for name, (module, a) in
+                           (companions or {}).items()}
 
     def _timestep(self, args: tuple, kwargs: dict) -> float | None:
-        """The call's one timestep (remembered), or None (a per-sample or per-token timestep)."""
-        try:
-            t = single_timestep(self.adapter.read_timestep(args, kwargs))
-        except DMQuantError:
-            return None
-        self.seen.add(t)
-        return t
+        return remembered_timestep(self.adapter, self.seen, args, kwargs)
 
     def _steps_of(self, batch: int) -> list[int]:
         steps = self.sampler.select(self.c.num_inference_steps, batch)
@@ -98,9 +97,10 @@ class PipelineSource:
             return
         self.current = self.folder if round_index == 0 else self.folder / f"progressive-{round_index}"
         c = self.c
+        others = {s.folder: (s.module, s.timestep) for s in self.companions.values()} if round_index == 0 else {}
         collect_denoiser_inputs(self.pipe, denoiser, self.prompts, self._steps_of, self.current,
                                 c.num_inference_steps, c.batch_size, c.seed, progress, self.call_kwargs,
-                                step_key=self._timestep)
+                                step_key=self._timestep, others=others)
 
     def timesteps(self) -> torch.Tensor:
         """The timesteps the denoiser received in the calibration runs (else those the pipeline's
@@ -119,6 +119,45 @@ class PipelineSource:
                 "num_inference_steps": self.c.num_inference_steps, "processes": process_state().num_processes}
 
 
+class CompanionSource:
+    """The calls a :class:`PipelineSource`'s runs made to another module of the pipeline (a ControlNet), recorded
+    at the same steps as the denoiser's (in the sub-folder ``name``), before anything was quantized. Replayed
+    as recorded: no progressive rounds."""
+
+    def __init__(self, parent: PipelineSource, name: str, module: nn.Module, adapter: DenoiserAdapter):
+        self.parent, self.name, self.module, self.adapter = parent, name, module, adapter
+        self.folder = parent.folder / name
+        self.seen: set[float] = set()
+
+    def timestep(self, args: tuple, kwargs: dict) -> float | None:
+        return remembered_timestep(self.adapter, self.seen, args, kwargs)
+
+    def collect(self, module: nn.Module, round_index: int, progress: bool) -> None:
+        if self.parent.current is None:
+            raise DMQuantError(f"the {self.name}'s calls are recorded with the denoiser's: collect the pipeline "
+                               "source first, before anything is quantized")
+
+    def timesteps(self) -> torch.Tensor:
+        return torch.tensor(sorted(self.seen, reverse=True), dtype=torch.float64)
+
+    def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
+        param = next(self.module.parameters())
+        return CalibrationSet(self.folder).iter_calls(param.device, param.dtype)
+
+    def summary(self) -> dict:
+        return {**self.parent.summary(), "recorded_with": "the denoiser's calibration runs"}
+
+
+def remembered_timestep(adapter: DenoiserAdapter, seen: set[float], args: tuple, kwargs: dict) -> float | None:
+    """The call's one timestep (added to ``seen``), or None (a per-sample or per-token timestep)."""
+    try:
+        t = single_timestep(adapter.read_timestep(args, kwargs))
+    except DMQuantError:
+        return None
+    seen.add(t)
+    return t
+
+
 @dataclass
 class CalibrationRun:
     """The state the phases share."""
@@ -126,7 +165,7 @@ class CalibrationRun:
     denoiser: nn.Module
     adapter: DenoiserAdapter
     config: QuantConfig
-    source: CallSource | PipelineSource | None
+    source: CallSource | PipelineSource | CompanionSource | None
     progress: bool = True
     report: dict = field(default_factory=dict)
 

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dmquant.diffusers_io import conditioning_argument, scheduler_timesteps
+from dmquant.diffusers_io import batch_call_arguments, conditioning_argument, scheduler_timesteps
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import full_precision
@@ -151,7 +151,8 @@ def fit_noise_correction(pipe, prompts, num_inference_steps: int, batch_size: in
             generator = torch.Generator("cpu").manual_seed(seed + i)
             with torch.no_grad():
                 pipe(**{cond: batch}, num_inference_steps=num_inference_steps, generator=generator,
-                     output_type="latent", **call_kwargs)
+                     output_type="latent", **batch_call_arguments(pipe, call_kwargs, i * batch_size, len(batch),
+                                                                  len(prompts)))
     finally:
         handle.remove()
     timesteps = sorted(recorder.acc, reverse=True)

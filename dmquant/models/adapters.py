@@ -121,9 +121,27 @@ COGVIDEOX = _family("cogvideox", "CogVideoXTransformer3DModel",
 HUNYUAN_VIDEO = _family("hunyuan-video", "HunyuanVideoTransformer3DModel",
                         ("x_embedder.*", "context_embedder.*", "time_text_embed.*", "norm_out.*", "proj_out"),
                         ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"))
+# ControlNets (quantized with ``quantize(pipe, ..., controlnet=True)``): the denoiser family's embedders stay
+# in full precision, and so do the ControlNet's own first layer on the conditioning image and its outputs, the
+# projections that make the residuals added to the denoiser (``*_FULL_PRECISION``). Measured on the tiny random
+# ControlNet pipelines, w8a8 (eval/controlnet_sqnr.py; SQNR of the ControlNet's residuals / of the denoiser's
+# output per step with both quantized): quantizing SD's zero-convs controlnet_down_blocks costs 4.4 dB /
+# 0.2 dB, FLUX's controlnet_blocks 13.5 / 9.6, controlnet_single_blocks 13.7 / 9.7, controlnet_x_embedder
+# 4.7 / 2.1; SD's controlnet_mid_block (a zero-conv too, one 1x1 conv) and the whole controlnet_cond_embedding
+# cost <= 0.2 / 0.3 dB: the cond embedding is quantized but its conv_in (raw pixels, like the UNet's conv_in).
+# XLabs-style FLUX ControlNets' input_hint_block is treated like the cond embedding (not measured: the tiny
+# model has none).
+CONTROLNET_FULL_PRECISION = ("controlnet_cond_embedding.conv_in", "controlnet_down_blocks.*", "controlnet_mid_block")
+FLUX_CONTROLNET_FULL_PRECISION = ("controlnet_x_embedder", "input_hint_block.conv_in", "controlnet_blocks.*",
+                                  "controlnet_single_blocks.*")
+CONTROLNET = DenoiserAdapter(name="controlnet", class_names=("ControlNetModel",),
+                             default_exclude=UNET.default_exclude + CONTROLNET_FULL_PRECISION)
+FLUX_CONTROLNET = _family("flux-controlnet", "FluxControlNetModel",
+                          ("x_embedder", "context_embedder", "time_text_embed.*") + FLUX_CONTROLNET_FULL_PRECISION,
+                          FLUX.block_types, timestep_scale=1e-3)
 GENERIC = DenoiserAdapter(name="generic", class_names=(), default_exclude=(), block_types=(), quantize_attention=False)
 
-ADAPTERS = (UNET, DIT, FLUX, SD3, QWEN_IMAGE, WAN, LTX, COGVIDEOX, HUNYUAN_VIDEO)
+ADAPTERS = (UNET, DIT, FLUX, SD3, QWEN_IMAGE, WAN, LTX, COGVIDEOX, HUNYUAN_VIDEO, CONTROLNET, FLUX_CONTROLNET)
 
 
 def _skip_channels(model: nn.Module) -> list[int]:
