@@ -394,10 +394,12 @@ class MixedPrecisionConfig:
     within a budget: ``target_bits`` (average bits per quantized weight, scales included),
     ``max_weight_bytes`` (the whole denoiser's weight memory: quantized codes and scales, full-precision
     layers, biases and norms) or, with neither, the bytes of the recipe's uniform ``weights`` format.
-    ``weighting``: ``uniform`` (every call's mean squared output error counts the same) or ``relative``
-    (each call's error divided by the power of its full-precision output). ``scale_dtype``: how the
+    ``weighting``: ``uniform`` (every call's mean squared output error counts the same), ``relative``
+    (each call's error divided by the power of its full-precision output), ``early`` / ``late`` (uniform
+    times ``t / t_max`` / ``1 - t / t_max``: the noisy / the last steps count more). ``scale_dtype``: how the
     candidate formats store their scales (default: the recipe's ``weights.scale_dtype``; the default
-    budget is the recipe's own ``weights`` format as written)."""
+    budget is the recipe's own ``weights`` format as written). ``asymmetric_bits``: bit-widths whose
+    candidate formats are also tried with a zero point per scale (where the recipe's weights are symmetric)."""
 
     target_bits: float | None = None
     max_weight_bytes: int | None = None
@@ -407,8 +409,12 @@ class MixedPrecisionConfig:
     num_samples: int = 16
     weighting: str = "uniform"
     scale_dtype: str | None = None
+    asymmetric_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "asymmetric_bits", tuple(sorted(set(self.asymmetric_bits or ()))))
+        for b in self.asymmetric_bits:
+            check_bits(b, "mixed_precision.asymmetric_bits")
         if self.scale_dtype is not None:
             _check_choice(self.scale_dtype, tuple(SCALE_DTYPES), "mixed_precision.scale_dtype")
         object.__setattr__(self, "candidate_bits", tuple(sorted(set(self.candidate_bits))))
@@ -438,7 +444,7 @@ class MixedPrecisionConfig:
             raise DMQuantError(f"mixed_precision.max_weight_bytes={self.max_weight_bytes!r} must be a positive "
                                "integer (bytes)")
         _check_positive_ints(self, ("num_samples",), "mixed_precision")
-        _check_choice(self.weighting, ("uniform", "relative"), "mixed_precision.weighting")
+        _check_choice(self.weighting, ("uniform", "relative", "early", "late"), "mixed_precision.weighting")
 
 
 def _sampler_config(value: Any) -> TimestepSamplerConfig:

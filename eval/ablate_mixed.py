@@ -1,11 +1,13 @@
 """Automatic mixed precision on the zoo (issue 17), protocol of eval/README.md (as eval/ablate_outliers.py).
 
 Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights with float32 scales, candidates
-with float16 scales) and ``auto-<modifier>-...`` with modifiers ``<B>bit`` (``target_bits`` B, e.g.
-``auto-3bit``), ``channel`` (bit-widths per output channel only, no group candidates), ``scale32``
-(candidates store float32 scales, as before float16 scales existed), ``relative`` (per-call relative
-weighting of the sensitivity), ``calls<N>`` (sensitivity on N calls); ``recipe:<name>`` for the uniform
-baselines.
+with float16 scales), ``w4a8`` (the shipped uniform recipe) and ``<auto|w4a8>-<modifier>-...``. Modifiers of
+any recipe: ``noreco`` (no block reconstruction: round to nearest), ``g64`` (weights in groups of 64 with
+float16 scales); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
+output channel only, no group candidates), ``scale32`` (candidates store float32 scales, as before float16
+scales existed), ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity),
+``calls<N>`` (sensitivity on N calls), ``asym`` (every 2-, 3- and 4-bit format also with zero points).
+``recipe:<name>`` runs a shipped recipe as it is.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,recipe:w4a8 --num-images 200 --fid
@@ -32,30 +34,42 @@ from dmquant.config import QuantConfig, load_recipe  # noqa: E402
 OUT = Path(__file__).resolve().parent / "ablation_mixed"
 
 
-MODIFIERS = {
+RECIPE_MODIFIERS = {
+    "noreco": lambda c: replace(c, reconstruction=None),
+    "g64": lambda c: replace(c, weights=replace(c.weights, granularity="group", group_size=64, scale_dtype="float16")),
+}
+MIXED_MODIFIERS = {
     "channel": lambda mp: replace(mp, group_sizes=()),
     "scale32": lambda mp: replace(mp, scale_dtype="float32"),
     "relative": lambda mp: replace(mp, weighting="relative"),
+    "early": lambda mp: replace(mp, weighting="early"),
+    "late": lambda mp: replace(mp, weighting="late"),
+    "asym": lambda mp: replace(mp, asymmetric_bits=(2, 3, 4)),
 }
 
 
 def variant_config(variant: str) -> QuantConfig:
     if variant.startswith("recipe:"):
         return load_recipe(variant.split(":", 1)[1])
-    config = replace(load_recipe("auto"), name=variant)
     name, *modifiers = variant.split("-")
-    if name != "auto":
-        raise SystemExit(f"unknown variant {variant!r}: auto[-modifier...] or recipe:<name>")
+    if name not in ("auto", "w4a8"):
+        raise SystemExit(f"unknown variant {variant!r}: auto[-modifier...], w4a8[-modifier...] or recipe:<name>")
+    config = replace(load_recipe(name), name=variant)
     mp = config.mixed_precision
     for m in modifiers:
-        if m in MODIFIERS:
-            mp = MODIFIERS[m](mp)
+        if m in RECIPE_MODIFIERS:
+            config = RECIPE_MODIFIERS[m](config)
+        elif mp is None:
+            raise SystemExit(f"modifier {m!r} of {variant!r} is for auto; w4a8 takes {', '.join(RECIPE_MODIFIERS)}")
+        elif m in MIXED_MODIFIERS:
+            mp = MIXED_MODIFIERS[m](mp)
         elif m.endswith("bit"):
             mp = replace(mp, target_bits=float(m[:-3]))
         elif m.startswith("calls"):
             mp = replace(mp, num_samples=int(m[5:]))
         else:
-            raise SystemExit(f"unknown modifier {m!r} of {variant!r}: {', '.join(MODIFIERS)}, <B>bit, calls<N>")
+            raise SystemExit(f"unknown modifier {m!r} of {variant!r}: {', '.join([*RECIPE_MODIFIERS, *MIXED_MODIFIERS])}, "
+                             "<B>bit, calls<N>")
     return replace(config, mixed_precision=mp)
 
 

@@ -70,7 +70,7 @@ def test_layer_overrides_resolve_by_exact_name_then_glob_and_round_trip():
     ({"layers": {"a": {"weights": {"bits": 4}}}, "mixed_precision": {}}, "drop the 'layers' section"),
     ({"mixed_precision": {"target_bits": 4, "max_weight_bytes": 10}}, "not both"),
     ({"mixed_precision": {"candidate_bits": [4, 9]}}, "candidate_bits"),
-    ({"mixed_precision": {"weighting": "late"}}, "mixed_precision.weighting='late'"),
+    ({"mixed_precision": {"weighting": "middle"}}, "mixed_precision.weighting='middle'"),
     ({"mixed_precision": {}, "low_rank": {"rank": 4}}, "does not combine with smoothing, rotation or low_rank"),
 ])
 def test_bad_layer_overrides_and_budgets_fail_with_one_line(data, message):

@@ -4,7 +4,7 @@
                  ``group_bits`` with one scale per group of each of ``group_sizes`` input weights (a
                  group size is a candidate of a layer only where it divides the rows of each of its
                  quantized parts and is shorter than them: a group as long as the row is the per-channel
-                 format)
+                 format); the formats of ``asymmetric_bits`` also with a zero point per scale
     sensitivity  for each layer the recipe quantizes and each candidate format, the denoiser's output
                  error when only that layer's weight is fake-quantized (all others in full precision), on
                  ``num_samples`` recorded calibration calls spread over the run (every sampled step); the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,29 +52,36 @@ CURVE_BITS = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0)
 @dataclass(frozen=True)
 class Candidate:
     """One candidate weight format: ``bits`` at the recipe's granularity (``group_size`` None), or ``bits``
-    with one scale per ``group_size`` consecutive input weights."""
+    with one scale per ``group_size`` consecutive input weights; ``asymmetric``: with a zero point per scale
+    (an unshifted grid of ``2^bits`` levels) where the recipe's weights are symmetric."""
 
     bits: int
     group_size: int | None = None
+    asymmetric: bool = False
 
     @property
     def label(self) -> str:
-        """``"4"`` (the recipe's granularity) or ``"3g64"`` (3 bits, groups of 64)."""
-        return str(self.bits) if self.group_size is None else f"{self.bits}g{self.group_size}"
+        """``"4"`` (the recipe's granularity), ``"3g64"`` (3 bits, groups of 64), ``"3a"`` / ``"3ag64"``
+        (the same with zero points)."""
+        return f"{self.bits}{'a' if self.asymmetric else ''}" + (f"g{self.group_size}" if self.group_size else "")
 
     def weights(self, base: WeightQuantConfig) -> WeightQuantConfig:
+        c = dataclasses.replace(base, bits=self.bits, symmetric=base.symmetric and not self.asymmetric)
         if self.group_size is None:
-            return dataclasses.replace(base, bits=self.bits)
-        return dataclasses.replace(base, bits=self.bits, granularity="group", group_size=self.group_size)
+            return c
+        return dataclasses.replace(c, granularity="group", group_size=self.group_size)
 
     def override(self, base: WeightQuantConfig) -> dict | None:
         """The layer's ``weights`` override (None when the format is the recipe's own)."""
         c = self.weights(base)
         if c == base:
             return None
-        if c.granularity == base.granularity and c.group_size == base.group_size:
-            return {"bits": c.bits}
-        return {"bits": c.bits, "granularity": c.granularity, "group_size": c.group_size}
+        found = {"bits": c.bits}
+        if (c.granularity, c.group_size) != (base.granularity, base.group_size):
+            found.update(granularity=c.granularity, group_size=c.group_size)
+        if c.symmetric != base.symmetric:
+            found["symmetric"] = c.symmetric
+        return found
 
 
 def candidate_base(config: QuantConfig) -> WeightQuantConfig:
@@ -91,6 +99,8 @@ def candidates(mp: MixedPrecisionConfig, base: WeightQuantConfig) -> list[Candid
         if base.granularity == "group" and base.group_size == g:
             continue  # the recipe's own granularity: its bits are the candidate_bits
         found += [Candidate(b, g) for b in (mp.group_bits or mp.candidate_bits)]
+    if base.symmetric:
+        found += [dataclasses.replace(c, asymmetric=True) for c in found if c.bits in mp.asymmetric_bits]
     return found
 
 
@@ -113,6 +123,7 @@ class LayerSensitivity:
     split: int | None
     options: dict[str, tuple[int, float]] = field(default_factory=dict)  # format label -> (bytes, relative error)
     formats: dict[str, Candidate] = field(default_factory=dict)  # format label -> the format
+    call_errors: dict[str, list[float]] = field(default_factory=dict)  # format label -> each call's output MSE
 
 
 @dataclass
@@ -168,9 +179,9 @@ class MixedPlan:
         }
 
 
-def _format_order(label: str) -> tuple[int, int]:
-    bits, _, group = label.partition("g")
-    return int(bits), -int(group) if group else -10**9
+def _format_order(label: str) -> tuple[int, bool, int]:
+    bits, asymmetric, group = re.fullmatch(r"(\d+)(a?)(?:g(\d+))?", label).groups()
+    return int(bits), bool(asymmetric), -int(group) if group else -10**9
 
 
 def sqnr_db(relative_error: float) -> float:
@@ -225,22 +236,40 @@ def spread(calls: Iterable[tuple[tuple, dict]], count: int) -> list[tuple[tuple,
     return [calls[round(i * (len(calls) - 1) / (count - 1))] for i in range(count)] if count > 1 else calls[:1]
 
 
+TIMED_WEIGHTINGS = ("early", "late")
+
+
+def call_timesteps(adapter: DenoiserAdapter, calls: list[tuple[tuple, dict]]) -> list[float]:
+    """Each call's timestep (the mean of a batch's timesteps)."""
+    return [float(torch.as_tensor(adapter.read_timestep(a, k)).double().mean()) for a, k in calls]
+
+
+def call_weights(weighting: str, powers: list[float], timesteps: list[float]) -> list[float]:
+    """How much each call's mean squared output error counts in a layer's sensitivity: ``uniform`` (every
+    call alike, the sum relative to the summed output power), ``relative`` (each call relative to its own
+    output power, averaged), ``early`` / ``late`` (uniform, times ``t / t_max`` / ``1 - t / t_max``:
+    the noisy steps / the last steps count more)."""
+    total, n = max(sum(powers), 1e-30), len(powers)
+    if weighting == "relative":
+        return [1 / (n * max(p, 1e-30)) for p in powers]
+    t_max = max(max(timesteps, default=1.0), 1e-30)
+    shape = {"uniform": lambda t: 1.0, "early": lambda t: t / t_max, "late": lambda t: 1 - t / t_max}[weighting]
+    w = [shape(t) for t in timesteps]
+    norm = n / max(sum(w), 1e-30)  # the weights average 1: errors stay on the scale of uniform's
+    return [x * norm / total for x in w]
+
+
 @torch.no_grad()
 def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], config: QuantConfig,
-                        calls: list[tuple[tuple, dict]], progress: bool = True) -> None:
+                        calls: list[tuple[tuple, dict]], progress: bool = True,
+                        timesteps: list[float] | None = None) -> list[float]:
     """Fill each layer's ``options``: format label -> (stored bytes, output error when only this layer is
-    quantized in that format, relative to the full-precision output's power), for each of its ``formats``."""
+    quantized in that format, each call's mean squared error weighted by :func:`call_weights`) and
+    ``call_errors`` (format label -> each call's mean squared error); returns the calls' output powers."""
     mp = config.mixed_precision
     reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
     powers = [float(r.pow(2).mean()) for r in reference]
-    total_power = sum(powers)
-
-    def error() -> float:
-        errs = [float((_output(denoiser(*a, **k)).float() - r).pow(2).mean()) for (a, k), r in zip(calls, reference)]
-        if mp.weighting == "relative":
-            return sum(e / max(p, 1e-30) for e, p in zip(errs, powers)) / len(errs)
-        return sum(errs) / max(total_power, 1e-30)
-
+    weights = call_weights(mp.weighting, powers, timesteps or [1.0] * len(calls))
     base = candidate_base(config)
     bar = tqdm(layers, desc="mixed precision: layer sensitivity", disable=not progress)
     for entry in bar:
@@ -250,9 +279,14 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
             for label, candidate in entry.formats.items():
                 c = candidate.weights(base)
                 module.weight.data = fake_quantized_weight(original, c, entry.split)
-                entry.options[label] = (storage_bytes(tuple(original.shape), c, entry.split), error())
+                errs = [float((_output(denoiser(*a, **k)).float() - r).pow(2).mean())
+                        for (a, k), r in zip(calls, reference)]
+                entry.call_errors[label] = errs
+                entry.options[label] = (storage_bytes(tuple(original.shape), c, entry.split),
+                                        sum(w * e for w, e in zip(weights, errs)))
         finally:
             module.weight.data = original
+    return powers
 
 
 # -- planning ----------------------------------------------------------------------------------------------
@@ -326,7 +360,8 @@ def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: 
     chosen_calls = spread(calls, mp.num_samples)
     if not chosen_calls:
         raise DMQuantError("mixed precision needs calibration calls: pass prompts (or calibration_data)")
-    measure_sensitivity(denoiser, layers, config, chosen_calls, progress)
+    timesteps = call_timesteps(adapter, chosen_calls) if mp.weighting in TIMED_WEIGHTINGS else None
+    measure_sensitivity(denoiser, layers, config, chosen_calls, progress, timesteps)
     measured = time.perf_counter() - start
     start = time.perf_counter()
     options = _options(layers)
@@ -440,7 +475,7 @@ def plan_markdown(report: dict) -> list[str]:
     lines = ["", "## Mixed precision", "",
              f"- budget {report['budget_bytes']} bytes, plan {report['plan_bytes']} bytes of quantized weights "
              f"(codes and scales): {report['average_bits']:.3f} bits per weight over {report['weights']} weights",
-             f"- layers per format (`3g64`: 3 bits, one scale per 64 input weights): {hist}",
+             f"- layers per format (`3g64`: 3 bits, one scale per 64 input weights; `3a`: with zero points): {hist}",
              f"- sensitivity on {report['calls']} calibration calls ({report['weighting']} weighting): "
              f"{report['seconds_sensitivity']} s; allocation {report['seconds_allocation']} s",
              f"- predicted SQNR of the plan {report['predicted_sqnr_db']:.1f} dB (sum of the layers' errors); "

@@ -8,17 +8,22 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dmquant
 import dmquant.models.adapters
 from dmquant.calibration.mixed import (
     Candidate,
+    LayerSensitivity,
     budget_bytes,
+    call_weights,
     candidate_base,
     candidate_layers,
     candidates,
     draw_plan,
+    fake_quantized_weight,
     fits,
+    measure_sensitivity,
     plan_config,
     plan_markdown,
     storage_bytes,
@@ -152,6 +157,16 @@ def test_group_candidates_fit_only_where_the_groups_divide_each_part():
     assert [c.label for c in candidates(mp, group_base)] == ["2", "4", "8", "2g64", "3g64"]
     assert Candidate(4).override(base) is None and Candidate(3).override(base) == {"bits": 3}
     assert Candidate(3, 64).override(base) == {"bits": 3, "granularity": "group", "group_size": 64}
+    # zero points: every format of an asymmetric bit-width also with one zero point per scale
+    asym = dataclasses.replace(mp, asymmetric_bits=(2,))
+    assert [c.label for c in candidates(asym, base)] == labels + ["2a", "2ag16", "2ag64"]
+    assert Candidate(2, 64, True).override(base) == {"bits": 2, "granularity": "group", "group_size": 64,
+                                                     "symmetric": False}
+    assert Candidate(2, None, True).override(base) == {"bits": 2, "symmetric": False}
+    half = dataclasses.replace(base, scale_dtype="float16")  # (32, 128): 1024 bytes of 2-bit codes, 64 groups
+    assert storage_bytes((32, 128), Candidate(2, 64).weights(half), None) == 1024 + 64 * 2
+    assert storage_bytes((32, 128), Candidate(2, 64, True).weights(half), None) == 1024 + 64 * (2 + 2)
+    assert not candidates(asym, dataclasses.replace(base, symmetric=False))[-1].asymmetric  # already asymmetric
 
 
 @pytest.fixture(scope="module")
@@ -215,15 +230,15 @@ def test_a_model_of_per_channel_and_grouped_layers_saves_and_loads_bit_for_bit(t
                                   "weights": {"bits": 4, "scale_dtype": "float16"}})
     pipe = build_tiny_sd_pipeline()
     adapter = dmquant.models.adapters.adapter_for(pipe.unet)
-    layers = candidate_layers(pipe.unet, dataclasses.replace(base, mixed_precision=QuantConfig.from_dict(
-        GROUPED).mixed_precision), adapter)
-    cycle = [Candidate(3, 64), Candidate(3, 16), Candidate(4), Candidate(2, 16), Candidate(8)]
+    mp = dataclasses.replace(QuantConfig.from_dict(GROUPED).mixed_precision, asymmetric_bits=(3,))
+    layers = candidate_layers(pipe.unet, dataclasses.replace(base, mixed_precision=mp), adapter)
+    cycle = [Candidate(3, 64), Candidate(3, 16), Candidate(4), Candidate(2, 16), Candidate(8), Candidate(3, 16, True)]
     formats = {}
     for i, layer in enumerate(layers):
-        formats[layer.name] = next(c for c in cycle[i % 5:] + cycle if c.label in layer.formats)
+        formats[layer.name] = next(c for c in cycle[i % 6:] + cycle if c.label in layer.formats)
     shapes = {layer.name: tuple(pipe.unet.get_submodule(layer.name).weight.shape) for layer in layers}
     recipe = plan_config(base, formats)
-    assert {c.group_size for c in formats.values()} == {None, 16, 64}
+    assert {c.group_size for c in formats.values()} == {None, 16, 64} and any(c.asymmetric for c in formats.values())
     dmquant.quantize(pipe, recipe, prompts=PROMPTS, progress=False, **KW)
     dmquant.freeze(pipe)
     pipe.save_pretrained(tmp_path / "q")
@@ -233,9 +248,43 @@ def test_a_model_of_per_channel_and_grouped_layers_saves_and_loads_bit_for_bit(t
         c = formats[name].weights(base.weights)
         assert a.weight_nbytes() == storage_bytes(shapes[name], c, b.split), name
         for qa, qb in zip(a.qweights, b.qweights):
-            assert (qa.bits, qa.granularity, qa.group_size) == (c.bits, c.granularity, c.group_size), name
+            assert (qa.bits, qa.granularity, qa.group_size, qa.symmetric) == (c.bits, c.granularity, c.group_size,
+                                                                              c.symmetric), name
             assert torch.equal(qa.qdata, qb.qdata) and torch.equal(qa.scale, qb.scale), name
             assert qa.scale.dtype == torch.float16, name
             seen.add((qa.granularity, qa.packing))
     assert {("group", "bitpack"), ("channel", "int4x2"), ("channel", "int8")} <= seen
     assert np.array_equal(images(loaded), images(pipe))
+
+
+# -- the weighting of the calls in a layer's sensitivity ------------------------------------------------------
+def test_call_weights_of_each_weighting():
+    powers, t = [1.0, 3.0], [999.0, 249.75]
+    assert call_weights("uniform", powers, t) == [0.25, 0.25]
+    assert call_weights("relative", powers, t) == [0.5, pytest.approx(1 / 6)]
+    early, late = call_weights("early", powers, t), call_weights("late", powers, t)
+    assert early == pytest.approx([2 / (1.25 * 4), 0.5 / (1.25 * 4)])  # t / t_max = 1, 0.25; averaging 1
+    assert late == pytest.approx([0.0, 2 / 4])  # 1 - t / t_max = 0, 0.75
+    for w in (early, late):
+        assert sum(w) == pytest.approx(2 / sum(powers))  # as uniform's in total
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "relative", "late"])
+def test_sensitivity_is_the_weighted_sum_of_each_calls_output_error(weighting):
+    torch.manual_seed(0)
+    denoiser = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    calls = [((torch.randn(5, 16),), {}), ((3 * torch.randn(5, 16),), {})]
+    config = QuantConfig.from_dict({**RECIPE, "mixed_precision": {"candidate_bits": [2, 4], "weighting": weighting}})
+    layer = LayerSensitivity("0", 128, None, formats={"2": Candidate(2), "4": Candidate(4)})
+    powers = measure_sensitivity(denoiser, [layer], config, calls, progress=False, timesteps=[800.0, 200.0])
+    w = denoiser[0].weight.data
+    for label, bits in (("2", 2), ("4", 4)):
+        q = fake_quantized_weight(w, dataclasses.replace(config.weights, bits=bits), None)
+        with torch.no_grad():
+            errs = [float((F.linear(x, q, denoiser[0].bias) - denoiser(x)).pow(2).mean()) for (x,), _ in calls]
+        assert layer.call_errors[label] == pytest.approx(errs, rel=1e-6)
+        weights = call_weights(weighting, powers, [800.0, 200.0])
+        assert layer.options[label] == (storage_bytes((8, 16), dataclasses.replace(config.weights, bits=bits), None),
+                                        pytest.approx(sum(a * b for a, b in zip(weights, errs)), rel=1e-6))
+    assert layer.options["2"][1] > layer.options["4"][1] > 0
+    assert torch.equal(denoiser[0].weight.data, w)  # the layer's weight is put back
