@@ -92,9 +92,12 @@ class QuantLoraLayer(nn.Module, LoraLayer):
 
     def _get_base_layer_device_and_dtype(self, base_layer: QuantLayer):
         """Where the adapters go: the device of the stored weight (codes or float weight), in the layer's float
-        dtype (its weight when simulated, its bias when frozen; None keeps the adapter's own dtype)."""
-        float_tensor = base_layer.weight if base_layer.weight is not None else base_layer.bias
-        return base_layer.qweight.device, None if float_tensor is None else float_tensor.dtype
+        dtype: its weight's (simulated), else that of its bias, smoothing factors or input ranges, which ``.to()``
+        casts with the model (None: a frozen layer with none of them keeps the adapter's own dtype)."""
+        smooth = None if base_layer.outlier is None else base_layer.outlier.smooth
+        ranges = [b for q in base_layer.input_quantizers for b in q.buffers() if b.is_floating_point() and b.numel()]
+        floats = [t for t in (base_layer.weight, base_layer.bias, smooth, *ranges) if t is not None]
+        return base_layer.qweight.device, floats[0].dtype if floats else None
 
     @property
     def weight(self) -> torch.Tensor | None:

@@ -118,10 +118,10 @@ class OutlierBranch(nn.Module):
     def append_low_rank(self, up: torch.Tensor, down: torch.Tensor) -> None:
         """Append ``r`` ranks to the low-rank branch: ``L1 <- [L1 | up]`` (``up [out, r]``) and ``L2 <- [L2 ; down]``
         (``down [r, C·kh·kw]`` or a conv-shaped ``[r, C, kh, kw]``, reading the transformed input x'), stored in
-        the branch's dtype on ``up``'s device. The ranks already there keep their stored values, so
-        :meth:`keep_low_rank` gives the branch back exactly."""
+        the dtype the branch holds (its own, or the one ``.to()`` gave it) on ``up``'s device. The ranks already
+        there keep their stored values, so :meth:`keep_low_rank` gives the branch back exactly."""
         taps = 1 if self.geometry is None else math.prod(self.geometry["kernel_size"])
-        dt = DTYPES[self.dtype_name]
+        dt = self.lora_up.dtype if self.rank else DTYPES[self.dtype_name]
         down = down.reshape(down.shape[0], -1)
         if up.ndim != 2 or up.shape[0] != self.out_channels or down.shape != (up.shape[1], self.in_channels * taps):
             raise DMQuantError(f"low-rank factors {tuple(up.shape)} x {tuple(down.shape)} do not fit a branch of "

@@ -221,23 +221,32 @@ def test_lora_on_quantized_flux_simulated_and_frozen(flux):
 
 
 def test_lora_on_a_saved_and_loaded_model(sd, tmp_path):
-    """Frozen after save/load, with dmquant's loader and with diffusers' own ``from_pretrained``."""
+    """Frozen after save/load, with dmquant's loader and with diffusers' own ``from_pretrained``; a LoRA fused then
+    unloaded stays in the branches, and a folder saved then holds it."""
     family, refs, loras = sd
     pipe = dmquant.freeze(dmquant.quantize(dmquant.zoo.load("tiny-shapes-sd"), "w4a4", **CALIBRATION))
     pipe.save_pretrained(tmp_path / "q")
+    own, native = dmquant.load_quantized_pipeline(tmp_path / "q"), DiffusionPipeline.from_pretrained(tmp_path / "q")
     figures = []
-    for loaded in (dmquant.load_quantized_pipeline(tmp_path / "q"), DiffusionPipeline.from_pretrained(tmp_path / "q")):
+    for loaded in (own, native):
         assert all(m.frozen for _, m in quant_layers(loaded.unet))
         figures.append(exercise(family, loaded, refs, loras))
         assert_tracks_fp(figures[-1])
     print(f"\nsaved w4a4, loaded {figures}")
     assert figures[0] == figures[1]  # both loaders build the same model
+    own.load_lora_weights(loras["a"], adapter_name="a")
+    own.fuse_lora()
+    fused = family.run(own)
+    own.unload_lora_weights()
+    assert torch.equal(family.run(own), fused)
+    own.save_pretrained(tmp_path / "baked")
+    assert torch.equal(family.run(DiffusionPipeline.from_pretrained(tmp_path / "baked")), fused)
 
 
 # -- one layer: fusing into the branch ----------------------------------------------------------------------------
-def quant_layer(kind: str, smooth: bool, rotation: bool, rank: int, dtype: str = "float32", acts=None):
+def quant_layer(kind: str, smooth: bool, rotation: bool, rank: int, dtype: str = "float32", acts=None, bias=True):
     torch.manual_seed(0)
-    base = nn.Linear(32, 24) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
+    base = nn.Linear(32, 24, bias=bias) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1, bias=bias)
     cls = QuantLinear if kind == "linear" else QuantConv2d
     layer = cls.wrap(base, weight_quantizers(WeightQuantConfig(bits=4)), input_quantizers(acts, None, None))
     if smooth or rotation or rank:
@@ -323,8 +332,8 @@ def test_a_16_bit_branch_stores_the_fused_lora_in_16_bits():
     assert 60 < sqnr(unfused - plain, fused - plain) < 100  # float16 rounding of the folded factors
 
 
-def calibrated_frozen_layer(kind: str):
-    layer = quant_layer(kind, True, False, 8, acts=ActQuantConfig(bits=8))
+def calibrated_frozen_layer(kind: str, bias: bool = True):
+    layer = quant_layer(kind, True, False, 8, dtype="float16", acts=ActQuantConfig(bits=8), bias=bias)
     set_activation_mode(layer, "observe")
     with torch.no_grad():
         layer(layer_input(kind))
@@ -354,6 +363,23 @@ def test_frozen_layer_prepares_its_kernels_again_when_the_branch_changes(kind, m
     assert calls == [11, 8] and layer.kernels_device == layer.storage_device()
     assert sqnr(unfused, fused) > 40 and torch.equal(again, unfused)
     assert all(torch.equal(a, q.qdata) for a, q in zip(codes, layer.qweights))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_bfloat16_model_gets_bfloat16_adapters_and_branch(kind):
+    """The adapters take the frozen layer's float dtype (here from its smoothing factors and input range: no
+    bias, no float weight); the fused LoRA joins the branch in the dtype the branch holds after ``.to()``."""
+    layer = calibrated_frozen_layer(kind, bias=False).to(torch.bfloat16)
+    x = layer_input(kind).to(torch.bfloat16)
+    lora = with_lora(layer)
+    assert {p.dtype for p in lora.lora_A.parameters()} | {p.dtype for p in lora.lora_B.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        unfused = lora(x)
+        lora.merge()
+        fused = lora(x)
+        assert layer.outlier.lora_down.dtype == torch.bfloat16 and layer.outlier.rank == 11
+        lora.unmerge()
+        assert fused.dtype == torch.bfloat16 and sqnr(unfused, fused) > 20 and torch.equal(lora(x), unfused)
 
 
 def test_the_scale_scales_the_side_branch():
