@@ -63,7 +63,17 @@ def export_denoiser(denoiser: torch.nn.Module) -> tuple[dict, dict[str, torch.Te
     return {"layers": layers, "attention": attention}, {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def check_no_adapters(denoiser: torch.nn.Module) -> None:
+    """A model with LoRA adapters loaded has their layers in its state dict and would not load again: refuse."""
+    names = sorted({a for m in denoiser.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")
+                    for a in m.lora_A.keys()})
+    if names:
+        raise DMQuantError(f"the model has LoRA adapters loaded ({', '.join(names)}): call pipe.unload_lora_weights() "
+                           "before saving (pipe.fuse_lora() first keeps them in the saved model)")
+
+
 def save_quantized_denoiser(denoiser: torch.nn.Module, folder: str | Path, config: QuantConfig) -> None:
+    check_no_adapters(denoiser)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parts, state = export_denoiser(denoiser)

@@ -235,6 +235,9 @@ def test_lora_on_a_saved_and_loaded_model(sd, tmp_path):
     print(f"\nsaved w4a4, loaded {figures}")
     assert figures[0] == figures[1]  # both loaders build the same model
     own.load_lora_weights(loras["a"], adapter_name="a")
+    with pytest.raises(DMQuantError, match="unload_lora_weights"):
+        own.save_pretrained(tmp_path / "with-adapter")  # its layers would not load again
+    assert not (tmp_path / "with-adapter").exists()
     own.fuse_lora()
     fused = family.run(own)
     own.unload_lora_weights()
