@@ -12,6 +12,8 @@
 - ``tiny-shapes-flux``: StableDiffusion3Pipeline, the modern family: an SD3-style MMDiT (joint text/image
   attention) trained with flow matching (FlowMatchEulerDiscreteScheduler) on tiny-shapes-sd's VAE and text
   encoder (see ``dmquant.zoo.train_flux`` for why SD3's pipeline rather than FLUX's).
+- ``tiny-shapes-sd-lora``: a LoRA for tiny-shapes-sd (diffusers format) that rotates the colors
+  (:mod:`dmquant.zoo.lora_effect`): ``pipe.load_lora_weights(dmquant.zoo.lora_path("tiny-shapes-sd-lora"))``.
 - ``tiny-shapes-clip``: an open_clip model, the judge (a :class:`dmquant.zoo.judge.ClipModel`): CLIP score and FID
   features for the zoo, zero-shot attribute classification.
 
@@ -31,12 +33,17 @@ from diffusers import DiffusionPipeline
 from dmquant.errors import DMQuantError
 from dmquant.zoo.configs import WEIGHTS_DIR
 from dmquant.zoo.judge import JUDGE, ClipModel
+from dmquant.zoo.lora_effect import LORA_NAME
 
 _MODELS: dict[str, str] = {
     JUDGE: "open_clip model (ViT 32px/4, 64-d embeddings): the zoo's judge",
     "tiny-shapes-dit": "DiTPipeline, class-conditioned (24 '<color> <shape>' labels)",
     "tiny-shapes-sd": "StableDiffusionPipeline, text-conditioned on the shapes grammar",
     "tiny-shapes-flux": "StableDiffusion3Pipeline: an MMDiT trained with flow matching, text-conditioned",
+}
+
+_LORAS: dict[str, str] = {
+    LORA_NAME: "LoRA for tiny-shapes-sd: every object in the next color of the cycle (dmquant.zoo.lora_effect)",
 }
 
 
@@ -66,6 +73,17 @@ def path(name: str) -> Path:
     return folder
 
 
+def lora_path(name: str) -> Path:
+    """The folder of the zoo LoRA ``name`` (diffusers format: ``pipe.load_lora_weights(folder)`` reads it)."""
+    if name not in _LORAS:
+        raise DMQuantError(f"no zoo LoRA named {name!r}; the zoo has: {', '.join(sorted(_LORAS))}")
+    folder = WEIGHTS_DIR / name
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise DMQuantError(f"the weights of {name!r} are missing ({folder}); rebuild them with "
+                           "`python -m dmquant.zoo.train_lora`")
+    return folder
+
+
 def load(name: str, device: str = "cpu", dtype: Any = None) -> Any:
     """The ready pipeline (or, for ``tiny-shapes-clip``, the judge as a ``ClipModel``), offline.
 
@@ -82,4 +100,4 @@ def load(name: str, device: str = "cpu", dtype: Any = None) -> Any:
 
 list = list_models  # noqa: A001 - the issue's name for it: dmquant.zoo.list()
 
-__all__ = ["list", "list_models", "load", "path", "describe"]
+__all__ = ["list", "list_models", "load", "path", "lora_path", "describe"]

@@ -50,6 +50,30 @@ def scheduled_steps(opt: torch.optim.Optimizer, total: int, peak: float, warmup:
         yield step
 
 
+def budgeted_steps(opt: torch.optim.Optimizer, total: int, peak: float, log: Logger, time_budget: float | None,
+                   warmup: int = 100, measure: int = 30):
+    """Like :func:`scheduled_steps`; with a ``time_budget`` (seconds), after ``measure`` steps the step count
+    (and with it the schedule, and ``log.total``) is cut to what fits in the budget at the speed so far."""
+    step = 0
+    while step < total:
+        if time_budget is not None and step == measure:
+            total = min(total, max(measure + 1, int(time_budget * measure / log.seconds)))
+            log.total = total
+            print(f"{log.seconds / measure:.2f} s/step: {total} steps fit the {time_budget:.0f}s budget", flush=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, peak, warmup)
+        yield step
+        step += 1
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0) -> None:
+    """Backward, gradient-norm clipping of ``params`` at ``max_norm``, and the optimizer's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+
+
 def to_tensor_images(images: np.ndarray) -> torch.Tensor:
     """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -184,14 +184,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     log = _training.Logger(NAME, args.steps, args.log_every)
-    total, step = args.steps, 0
-    while step < total:
-        if args.time_budget is not None and step == 30:  # fit the schedule into the budget
-            total = min(args.steps, max(31, int(args.time_budget * 30 / log.seconds)))
-            log.total = total
-            print(f"{log.seconds / 30:.2f} s/step: {total} steps fit the {args.time_budget:.0f}s budget", flush=True)
-        for group in opt.param_groups:
-            group["lr"] = _training.lr_at(step, total, args.lr)
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -205,17 +198,13 @@ def main(argv=None) -> None:
         pred = model(hidden_states=xt, encoder_hidden_states=with_zero_token(seq), pooled_projections=pooled,
                      timestep=(sigma * 1000).to(args.device)).sample
         loss = F.mse_loss(pred, (noise - x0).to(args.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _training.optimizer_step(opt, loss, model.parameters())
         if ema is not None:
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - decay)
         log.step(step, loss.item())
-        step += 1
 
     final = (ema if ema is not None else model).cpu().eval()
     final.set_attn_processor(JointAttnProcessor2_0())
@@ -247,7 +236,7 @@ def main(argv=None) -> None:
     pipe.save_pretrained(str(args.out), safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer_files(args.out / sub)
-    _training.write_train_log(args.out, NAME, args, log, steps_done=step, transformer_parameters=n_params,
+    _training.write_train_log(args.out, NAME, args, log, steps_done=log.total, transformer_parameters=n_params,
                               vae_shift_factor=shift, attention_shortcut_max_diff=max_diff,
                               seconds_total=round(time.time() - t0, 1))
     print(f"saved {args.out}", flush=True)

@@ -126,10 +126,7 @@ def main(argv=None) -> None:
         ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
         cond = text_encoder(ids).last_hidden_state
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _training.optimizer_step(opt, loss, params)
         log.step(step, loss.item())
 
     pipe = StableDiffusionPipeline(
