@@ -11,6 +11,16 @@ the quantized and full-precision denoiser on the quantized model's own trajector
   ``λ_t·Δ'/(1 + k_t)``, replaces part of the injected noise: the noise std becomes
   ``sqrt(max(0, s_t² − λ_t²·σ_t²/(1 + k_t)²))`` instead of ``s_t``. Other schedulers keep their
   noise (the correction of ``ε`` still applies).
+
+Flow matching (``FlowMatchEulerDiscreteScheduler``; the denoiser predicts a velocity ``v``, and
+``x_σ = (1 − σ)·x0 + σ·n``): the regression is on whatever the denoiser outputs, so the slope and bias
+correction ``ṽ = (v̂ − μ_t) / (1 + k_t)`` applies unchanged. The residual enters the next latent as
+``(σ' − σ)·Δ'/(1 + k_t)`` in a deterministic Euler step, which injects no noise: as with DDIM at
+eta = 0 there is nothing to absorb it into, and only the slope and bias act. The stochastic Euler step
+(``stochastic_sampling=True``: ``x' = (1 − σ')·(x − σ·v̂) + σ'·z``) injects noise of std ``s = σ'``
+and carries the residual with ``λ = −(1 − σ')·σ``: its noise std is lowered by the same formula.
+The prediction's channels are found on axis 1 (``[B, C, H, W]``, video ``[B, C, F, H, W]``) or, for
+packed token sequences ``[B, S, C]`` (FLUX, Qwen-Image), on the last axis.
 """
 
 from __future__ import annotations
@@ -112,6 +122,20 @@ def _output_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output.sample
 
 
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """A view of a prediction with its channels on axis 1: packed token sequences ``[B, S, C]`` (FLUX,
+    Qwen-Image) have them last; images ``[B, C, H, W]`` and videos ``[B, C, F, H, W]`` already on axis 1."""
+    return x.movedim(-1, 1) if x.ndim == 3 else x
+
+
+def prediction_channels(denoiser) -> int:
+    """Channels of the prediction that the correction acts on: ``in_channels`` (learned-sigma DiTs output
+    twice as many; the variance half is left alone), or ``out_channels`` where it is smaller (FLUX Fill,
+    Wan image-to-video take the condition as extra input channels)."""
+    config = denoiser.config
+    return min(int(config.in_channels), int(getattr(config, "out_channels", None) or config.in_channels))
+
+
 class _PairedRecorder:
     """Forward hook: at every denoiser call, also run the full-precision model on the same input."""
 
@@ -129,7 +153,7 @@ class _PairedRecorder:
                 reference = _output_tensor(module(*args, **kwargs))
         finally:
             self.busy = False
-        quantized = _output_tensor(output)
+        quantized, reference = _channels_first(_output_tensor(output)), _channels_first(reference)
         c = self.channels
         t = single_timestep(self.read_timestep(args, kwargs))
         self.acc.setdefault(t, _Accumulator(c)).add(reference[:, :c].float(), (quantized - reference)[:, :c].float())
@@ -140,8 +164,7 @@ def fit_noise_correction(pipe, prompts, num_inference_steps: int, batch_size: in
                          progress: bool = True, **call_kwargs) -> NoiseCorrectionStats:
     """Fit per-step ``k``, ``μ`` and residual variance on the quantized pipeline's own trajectories."""
     _, denoiser, adapter = find_denoiser(pipe)
-    channels = int(denoiser.config.in_channels)
-    recorder = _PairedRecorder(channels, adapter.read_timestep)
+    recorder = _PairedRecorder(prediction_channels(denoiser), adapter.read_timestep)
     handle = denoiser.register_forward_hook(recorder, with_kwargs=True)
     cond = conditioning_argument(pipe)
     try:
@@ -168,7 +191,7 @@ class NoiseCorrection:
     def __init__(self, pipe, stats: NoiseCorrectionStats, absorb_variance: bool = True):
         self.pipe, self.stats, self.absorb_variance = pipe, stats, absorb_variance
         _, self.denoiser, adapter = find_denoiser(pipe)
-        self.read_timestep = adapter.read_timestep
+        self.read_timestep, self.timestep_scale = adapter.read_timestep, adapter.timestep_scale
         self.channels = stats.mu.shape[1]
         self.handle = self.denoiser.register_forward_hook(self._correct_output, with_kwargs=True)
         self.scheduler = pipe.scheduler
@@ -178,25 +201,27 @@ class NoiseCorrection:
         compiling = torch.compiler.is_compiling()  # traced with a compiled denoiser: graph ops only (no check)
         timestep = self.read_timestep(args, kwargs)
         i = self.stats.table.traced_lookup(timestep) if compiling else self.stats.index(timestep)
-        eps = _output_tensor(output)[:, : self.channels]
+        eps = _channels_first(_output_tensor(output))[:, : self.channels]
         mu = take(self.stats.mu, i).to(eps)
-        mu = mu[None, :, None, None] if eps.ndim == 4 else mu
+        mu = mu.reshape(1, -1, *([1] * (eps.ndim - 2)))
         eps.sub_(mu).div_(1.0 + (take(self.stats.k, i).to(eps) if compiling else float(self.stats.k[i])))
         return output
 
     def residual_std(self, timestep) -> float:
+        """Std of the residual left in the corrected prediction at ``timestep`` (the denoiser's own timestep)."""
         i = self.stats.index(timestep)
         return math.sqrt(float(self.stats.var[i])) / (1.0 + float(self.stats.k[i]))
 
     def _patch_scheduler(self) -> None:
         kind = type(self.scheduler).__name__
-        if not self.absorb_variance or kind not in ("DDIMScheduler", "DDPMScheduler"):
+        if not self.absorb_variance or kind not in STEP_WRAPPERS:
             if self.absorb_variance:
-                warnings.warn(f"noise correction: {kind} keeps its injected noise (only DDIM and DDPM absorb the "
-                              "residual variance); the prediction is still corrected", stacklevel=3)
+                warnings.warn(f"noise correction: dmquant lowers the injected noise of {', '.join(STEP_WRAPPERS)} "
+                              f"only, not of {kind}: any noise it injects stays as it is, the prediction is still "
+                              "corrected (slope and bias)", stacklevel=3)
             return
         original = self.scheduler.step
-        wrapper = _ddim_step if kind == "DDIMScheduler" else _ddpm_step
+        wrapper = STEP_WRAPPERS[kind]
         correction = self
 
         def step(scheduler, model_output, timestep, sample, *args, **kwargs):
@@ -262,6 +287,38 @@ def _ddpm_step(correction, original, model_output, timestep, sample, generator=N
     return out
 
 
+def _flow_euler_step(correction, original, model_output, timestep, sample, *args, generator=None,
+                     per_token_timesteps=None, return_dict: bool = True, **kwargs):
+    """FlowMatchEulerDiscreteScheduler's step; with ``stochastic_sampling`` its fresh noise ``σ'·z`` is lowered
+    to ``s'·z`` (the noise is replayed from the same generator state). Deterministic Euler, and per-token
+    timesteps (one σ per token), run unchanged."""
+    scheduler = correction.scheduler
+    if not scheduler.config.stochastic_sampling or per_token_timesteps is not None:
+        return original(model_output, timestep, sample, *args, generator=generator,
+                        per_token_timesteps=per_token_timesteps, return_dict=return_dict, **kwargs)
+    if scheduler.step_index is None:
+        scheduler._init_step_index(timestep)
+    sigma = float(scheduler.sigmas[scheduler.step_index])
+    sigma_next = float(scheduler.sigmas[scheduler.step_index + 1])
+    state = generator.get_state() if generator is not None else torch.random.get_rng_state()
+    out = original(model_output, timestep, sample, *args, generator=generator, return_dict=True, **kwargs)
+    replay = torch.Generator(sample.device).set_state(state) if generator is not None else None
+    if replay is None:
+        torch.random.set_rng_state(state)
+    z = randn_tensor(sample.shape, generator=replay, device=sample.device, dtype=torch.float32)
+    residual = correction.residual_std(single_timestep(timestep) * correction.timestep_scale)
+    lam = -(1.0 - sigma_next) * sigma
+    prev = out.prev_sample - ((sigma_next - _reduced_std(sigma_next, lam, residual)) * z).to(out.prev_sample.dtype)
+    if not return_dict:
+        return (prev,)
+    out.prev_sample = prev
+    return out
+
+
+STEP_WRAPPERS = {"DDIMScheduler": _ddim_step, "DDPMScheduler": _ddpm_step,
+                 "FlowMatchEulerDiscreteScheduler": _flow_euler_step}
+
+
 def apply_noise_correction(pipe, stats: NoiseCorrectionStats, absorb_variance: bool = True) -> NoiseCorrection:
     """Hook the correction onto ``pipe`` (remove it with ``.remove()``); returns the handle."""
     remove_noise_correction(pipe)
@@ -275,7 +332,14 @@ def check_correction_schedule(pipe, num_inference_steps: int) -> None:
     correction = getattr(pipe, "_dmquant_noise_correction", None)
     if correction is None:
         return
-    fitted, timesteps = len(correction.stats.table), scheduler_timesteps(pipe.scheduler, num_inference_steps)
+    fitted = len(correction.stats.table)
+    if getattr(pipe.scheduler.config, "use_dynamic_shifting", False):  # FLUX: the timesteps depend on the image size
+        if num_inference_steps != fitted:
+            raise DMQuantError(f"this pipeline's noise correction was fitted for {fitted} steps and cannot correct a "
+                               f"{num_inference_steps}-step run: generate with {fitted} steps, or fit the correction "
+                               "again for this step count")
+        return  # each step's timestep is checked when the denoiser is called
+    timesteps = scheduler_timesteps(pipe.scheduler, num_inference_steps) * correction.timestep_scale
     try:
         for t in timesteps:
             correction.stats.index(t)
