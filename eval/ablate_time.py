@@ -30,7 +30,8 @@ from dmquant.config import QuantConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "ablation"
-MODELS = {"sd": "tiny-shapes-sd", "dit": "tiny-shapes-dit"}
+MODELS = {"sd": "tiny-shapes-sd", "dit": "tiny-shapes-dit", "flux": "tiny-shapes-flux"}
+TEXT_MODELS = ("sd", "flux")  # text-conditioned: held-out captions (the DiT is class-conditioned)
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A6": (4, 6)}
 VARIANTS = {
     "naive": {},
@@ -72,14 +73,14 @@ def prompts_for(model: str, n: int) -> tuple[list, list[str]]:
     from dmquant.prompts import read_prompts
 
     calib = read_prompts(ROOT.parent / "calib" / "shapes_calib.txt")
-    if model == "sd":
+    if model in TEXT_MODELS:
         return calib, read_prompts(ROOT.parent / "calib" / "shapes_eval.txt", n)
     single = [p for p in calib if " and " not in p]
     return single, single[:n]
 
 
 def calib_inputs(pipe, model: str, prompts: list) -> list:
-    if model == "sd":
+    if model in TEXT_MODELS:
         return prompts
     from dmquant.diffusers_io import class_id
 
