@@ -399,7 +399,9 @@ class MixedPrecisionConfig:
     times ``t / t_max`` / ``1 - t / t_max``: the noisy / the last steps count more). ``scale_dtype``: how the
     candidate formats store their scales (default: the recipe's ``weights.scale_dtype``; the default
     budget is the recipe's own ``weights`` format as written). ``asymmetric_bits``: bit-widths whose
-    candidate formats are also tried with a zero point per scale (where the recipe's weights are symmetric)."""
+    candidate formats are also tried with a zero point per scale (where the recipe's weights are symmetric).
+    ``measure``: ``all`` (every candidate format measured on the calls) or ``anchored`` (one format per layer
+    measured, the others scaled from it by a weight-space proxy: far fewer denoiser calls)."""
 
     target_bits: float | None = None
     max_weight_bytes: int | None = None
@@ -410,8 +412,10 @@ class MixedPrecisionConfig:
     weighting: str = "uniform"
     scale_dtype: str | None = None
     asymmetric_bits: tuple[int, ...] = ()
+    measure: str = "all"
 
     def __post_init__(self) -> None:
+        _check_choice(self.measure, ("all", "anchored"), "mixed_precision.measure")
         object.__setattr__(self, "asymmetric_bits", tuple(sorted(set(self.asymmetric_bits or ()))))
         for b in self.asymmetric_bits:
             check_bits(b, "mixed_precision.asymmetric_bits")

@@ -18,11 +18,20 @@ On a zoo model, with the ``auto`` recipe's calibration calls (recorded as ``dmqu
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model dit --out eval/ablation_mixed/study-dit.json
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model sd --layers every4 --truth-formats "" \
         --out eval/ablation_mixed/study-sd.json
+
+``--plans`` instead measures whole plans with round-to-nearest weights only (full-precision activations, no
+reconstruction): the PSNR of the protocol's images against the full-precision ones, for the plans saved in
+ablate_mixed's rows (``row:<file>``) and uniform formats (``uniform:<label>``, e.g. ``uniform:4g64h``: a label
+ending in ``h`` stores float16 scales):
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model dit --num-images 64 \
+        --plans uniform:4,row:dit-9cb7a69bdb-WmixedA8-auto-64.json --out eval/ablation_mixed/plans-dit.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -48,7 +57,9 @@ from dmquant.calibration.mixed import (  # noqa: E402
     measure_sensitivity,
     spread,
     sqnr_db,
+    storage_bytes,
 )
+from dmquant.calibration.proxy import record_input_moments, weight_proxy  # noqa: E402
 from dmquant.calibration.run import PipelineSource  # noqa: E402
 from dmquant.config import load_recipe  # noqa: E402
 from dmquant.models.adapters import find_denoiser  # noqa: E402
@@ -66,38 +77,6 @@ def record_calls(pipe, model: str, config, folder: Path):
     return spread(source.iter_calls(), config.mixed_precision.num_samples)
 
 
-@torch.no_grad()
-def input_moments(denoiser, names: list[str], calls) -> dict[str, torch.Tensor]:
-    """Each layer's per-input-channel mean square of its input over ``calls``."""
-    sums, counts, hooks = {}, {}, []
-
-    def hook(name, kind):
-        def fn(module, args):
-            x = args[0].detach().float()
-            m = x.pow(2).mean(dim=(0, 2, 3)) if kind == "conv" else x.reshape(-1, x.shape[-1]).pow(2).mean(0)
-            sums[name] = sums.get(name, 0) + m
-            counts[name] = counts.get(name, 0) + 1
-        return fn
-
-    for n in names:
-        module = denoiser.get_submodule(n)
-        hooks.append(module.register_forward_pre_hook(hook(n, "conv" if module.weight.dim() == 4 else "linear")))
-    try:
-        for a, k in calls:
-            denoiser(*a, **k)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in names}
-
-
-def weight_proxy(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor) -> float:
-    """``sum (dW)^2 * E[x_in^2]`` over the weight (one mean square per input channel, shared by a kernel)."""
-    d2 = (weight - approx).float().pow(2)
-    d2 = d2.sum(dim=(2, 3)) if d2.dim() == 4 else d2
-    return float((d2 * moment[None, :]).sum())
-
-
 def image_error(images: np.ndarray, reference: np.ndarray) -> float:
     return float(((images.astype(np.float64) - reference.astype(np.float64)) / 255.0).__pow__(2).mean())
 
@@ -110,6 +89,54 @@ def plan_sqnr(layers, errors: dict[str, dict[str, float]], measured: dict[str, d
     return sqnr_db(plan_error(truth, choice))
 
 
+def plan_formats(spec: str, layers, folder: Path) -> dict[str, tuple[str, str]]:
+    """layer -> (format label, scale dtype) of ``row:<file>`` (an ablate_mixed row) or ``uniform:<label>[h]``."""
+    kind, _, what = spec.partition(":")
+    if kind == "row":
+        report = json.loads((folder / what).read_text())["calibration"]["mixed_precision"]
+        # rows written before the report named it: float32 scales for auto-scale32 and recipe_auto, else float16
+        dtype = report.get("scale_dtype") or ("float32" if "scale32" in what or "recipe_auto" in what else "float16")
+        return {la.name: (report["formats"][la.name], dtype) for la in layers}
+    label, dtype = (what[:-1], "float16") if what.endswith("h") else (what, "float32")
+    return {la.name: (label, dtype) for la in layers}
+
+
+@torch.no_grad()
+def plan_images(pipe, denoiser, layers, formats: dict[str, tuple[str, str]], base, prompts) -> np.ndarray:
+    """The images with every layer's weight fake-quantized as ``formats`` says (round to nearest)."""
+    originals = {}
+    try:
+        for la in layers:
+            label, dtype = formats[la.name]
+            module = denoiser.get_submodule(la.name)
+            originals[la.name] = module.weight.data
+            c = dataclasses.replace(la.formats[label].weights(base), scale_dtype=dtype)
+            module.weight.data = fake_quantized_weight(module.weight.data, c, la.split)
+        return generate(pipe, prompts)
+    finally:
+        for name, w in originals.items():
+            denoiser.get_submodule(name).weight.data = w
+
+
+def measure_plans(args, pipe, denoiser, adapter, config) -> None:
+    from dmquant.metrics.fidelity import fidelity_metrics
+
+    layers = candidate_layers(denoiser, config, adapter)
+    base = candidate_base(config)
+    _, prompts = prompts_for(args.model, args.num_images)
+    reference = generate(pipe, prompts)
+    rows = {}
+    for spec in args.plans.split(","):
+        formats = plan_formats(spec, layers, Path(__file__).resolve().parent / "ablation_mixed")
+        metrics = fidelity_metrics(plan_images(pipe, denoiser, layers, formats, base, prompts), reference)
+        bytes_ = sum(storage_bytes(tuple(denoiser.get_submodule(la.name).weight.shape), dataclasses.replace(
+            la.formats[formats[la.name][0]].weights(base), scale_dtype=formats[la.name][1]), la.split) for la in layers)
+        rows[spec] = {"psnr": metrics["psnr_vs_reference"], "ssim": metrics["ssim_vs_reference"],
+                      "average_bits": 8 * bytes_ / sum(la.numel for la in layers)}
+        print(spec, json.dumps(rows[spec]), flush=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dit", choices=sorted(MODELS))
@@ -117,12 +144,16 @@ def main() -> None:
     p.add_argument("--truth-formats", default="3,4,3g64", help="formats with image ground truth ('' for none)")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--anchor", default="4")
+    p.add_argument("--plans", default="", help="row:<file> / uniform:<label>[h], comma-separated (see above)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
     config = load_recipe("auto")
     pipe = dmquant.zoo.load(MODELS[args.model])
     _, denoiser, adapter = find_denoiser(pipe)
+    if args.plans:
+        measure_plans(args, pipe, denoiser, adapter, config)
+        return
     result: dict = {"model": args.model, "layers_arg": args.layers}
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -138,7 +169,9 @@ def main() -> None:
         powers = measure_sensitivity(denoiser, layers, config, calls, progress=False, timesteps=timesteps)
         result["seconds_measure"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        moments = input_moments(denoiser, [la.name for la in layers], calls)
+        with torch.no_grad(), record_input_moments(denoiser, [la.name for la in layers]) as moments:
+            for a, k in calls:
+                denoiser(*a, **k)
         base = candidate_base(config)
         proxy = {}
         for la in layers:

@@ -8,7 +8,9 @@
     sensitivity  for each layer the recipe quantizes and each candidate format, the denoiser's output
                  error when only that layer's weight is fake-quantized (all others in full precision), on
                  ``num_samples`` recorded calibration calls spread over the run (every sampled step); the
-                 layer's weight is swapped in place, nothing is wrapped
+                 layer's weight is swapped in place, nothing is wrapped. ``measure: anchored`` runs the calls
+                 for one format per layer and scales the others by a weight-space proxy
+                 (:mod:`dmquant.calibration.proxy`)
     budget       ``target_bits`` per weight, ``max_weight_bytes`` for the whole denoiser, or the bytes of
                  the recipe's uniform ``weights`` format as written (its own scale dtype); costs are the
                  exact bytes the frozen layer will store (codes packed at their bit-width, scales in the
@@ -38,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmquant.calibration.allocation import allocate, plan_cost, plan_error
+from dmquant.calibration.proxy import record_input_moments, weight_proxy
 from dmquant.config import LayerOverrideConfig, MixedPrecisionConfig, QuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
@@ -170,7 +173,8 @@ class MixedPlan:
             "predicted_sqnr_db": round(sqnr_db(self.predicted_error), 3),
             "histogram": {f: sum(1 for v in self.formats.values() if v == f)
                           for f in sorted(set(self.formats.values()), key=_format_order)},
-            "bits": self.bits, "formats": self.formats, "calls": self.calls, "weighting": self.weighting,
+            "bits": self.bits, "formats": self.formats, "scale_dtype": self.config.weights.scale_dtype,
+            "calls": self.calls, "weighting": self.weighting,
             "seconds_sensitivity": round(self.seconds_sensitivity, 2),
             "seconds_allocation": round(self.seconds_allocation, 2),
             "sensitivity": {layer.name: {f: [c, float(f"{e:.4g}")] for f, (c, e) in layer.options.items()}
@@ -259,15 +263,29 @@ def call_weights(weighting: str, powers: list[float], timesteps: list[float]) ->
     return [x * norm / total for x in w]
 
 
+def anchor_label(entry: LayerSensitivity, base: WeightQuantConfig) -> str:
+    """The format measured in ``anchored`` mode: the recipe's own (else the layer's largest candidate)."""
+    own = Candidate(base.bits)
+    if own.label in entry.formats:
+        return own.label
+    return max(entry.formats, key=lambda f: (entry.formats[f].bits, -(entry.formats[f].group_size or 10**9)))
+
+
 @torch.no_grad()
 def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], config: QuantConfig,
                         calls: list[tuple[tuple, dict]], progress: bool = True,
                         timesteps: list[float] | None = None) -> list[float]:
     """Fill each layer's ``options``: format label -> (stored bytes, output error when only this layer is
     quantized in that format, each call's mean squared error weighted by :func:`call_weights`) and
-    ``call_errors`` (format label -> each call's mean squared error); returns the calls' output powers."""
+    ``call_errors`` (format label -> each call's mean squared error); returns the calls' output powers.
+
+    ``mixed_precision.measure``: ``all`` runs the calls for every format; ``anchored`` for one format per layer
+    (:func:`anchor_label`), the others' errors being the anchor's times their ratio of the weight-space proxy
+    (:func:`dmquant.calibration.proxy.weight_proxy`)."""
     mp = config.mixed_precision
-    reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
+    anchored = mp.measure == "anchored"
+    with record_input_moments(denoiser, [la.name for la in layers] if anchored else []) as moments:
+        reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
     powers = [float(r.pow(2).mean()) for r in reference]
     weights = call_weights(mp.weighting, powers, timesteps or [1.0] * len(calls))
     base = candidate_base(config)
@@ -275,18 +293,37 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
     for entry in bar:
         module = denoiser.get_submodule(entry.name)
         original = module.weight.data
+        measured = [anchor_label(entry, base)] if anchored else list(entry.formats)
+        approx = {}
         try:
-            for label, candidate in entry.formats.items():
-                c = candidate.weights(base)
-                module.weight.data = fake_quantized_weight(original, c, entry.split)
-                errs = [float((_output(denoiser(*a, **k)).float() - r).pow(2).mean())
-                        for (a, k), r in zip(calls, reference)]
-                entry.call_errors[label] = errs
-                entry.options[label] = (storage_bytes(tuple(original.shape), c, entry.split),
-                                        sum(w * e for w, e in zip(weights, errs)))
+            for label in measured:
+                approx[label] = fake_quantized_weight(original, entry.formats[label].weights(base), entry.split)
+                module.weight.data = approx[label]
+                entry.call_errors[label] = [float((_output(denoiser(*a, **k)).float() - r).pow(2).mean())
+                                            for (a, k), r in zip(calls, reference)]
         finally:
             module.weight.data = original
+        if anchored:
+            _scale_from_anchor(entry, measured[0], original, approx[measured[0]], moments.get(entry.name), base)
+        for label, candidate in entry.formats.items():
+            entry.options[label] = (storage_bytes(tuple(original.shape), candidate.weights(base), entry.split),
+                                    sum(w * e for w, e in zip(weights, entry.call_errors[label])))
     return powers
+
+
+def _scale_from_anchor(entry: LayerSensitivity, anchor: str, weight: torch.Tensor, anchor_weight: torch.Tensor,
+                       moment: torch.Tensor | None, base: WeightQuantConfig) -> None:
+    """Each unmeasured format's call errors: the anchor's, times the ratio of their weight-space proxies (the
+    anchor's own when the layer was never called or its anchor proxy is 0)."""
+    if moment is None:
+        moment = torch.ones(weight.shape[1], device=weight.device)
+    at_anchor = weight_proxy(weight, anchor_weight, moment)
+    for label, candidate in entry.formats.items():
+        if label == anchor:
+            continue
+        approx = fake_quantized_weight(weight, candidate.weights(base), entry.split)
+        ratio = weight_proxy(weight, approx, moment) / at_anchor if at_anchor > 0 else 1.0
+        entry.call_errors[label] = [e * ratio for e in entry.call_errors[anchor]]
 
 
 # -- planning ----------------------------------------------------------------------------------------------

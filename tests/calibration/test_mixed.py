@@ -28,7 +28,8 @@ from dmquant.calibration.mixed import (
     plan_markdown,
     storage_bytes,
 )
-from dmquant.config import QuantConfig
+from dmquant.calibration.proxy import record_input_moments, weight_proxy
+from dmquant.config import QuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig, generate
 from dmquant.models.tiny import build_tiny_sd_pipeline
@@ -288,3 +289,49 @@ def test_sensitivity_is_the_weighted_sum_of_each_calls_output_error(weighting):
                                         pytest.approx(sum(a * b for a, b in zip(weights, errs)), rel=1e-6))
     assert layer.options["2"][1] > layer.options["4"][1] > 0
     assert torch.equal(denoiser[0].weight.data, w)  # the layer's weight is put back
+
+
+# -- anchored measurement: one format per layer measured, the others scaled by the weight-space proxy --------
+def test_weight_proxy_is_the_output_mean_square_of_uncorrelated_inputs():
+    torch.manual_seed(0)
+    layer, conv = torch.nn.Linear(32, 16), torch.nn.Conv2d(6, 4, 3, padding=1)
+    sigma = torch.linspace(0.1, 3.0, 32)
+    x, y = torch.randn(20000, 32) * sigma, torch.randn(3, 6, 10, 10)
+    with record_input_moments(torch.nn.ModuleDict({"l": layer, "c": conv}), ["l", "c"]) as moments:
+        layer(x)
+        conv(y)
+        conv(2 * y)
+    assert torch.allclose(moments["c"], 2.5 * y.pow(2).mean(dim=(0, 2, 3)))  # (1 + 4) / 2 calls
+    w = layer.weight.data
+    approx = fake_quantized_weight(w, WeightQuantConfig(bits=3), None)
+    measured = float(F.linear(x, w - approx).pow(2).mean())
+    assert weight_proxy(w, approx, moments["l"]) / 16 == pytest.approx(measured, rel=0.03)
+
+
+def test_anchored_measurement_runs_the_calls_once_per_layer_and_scales_the_other_formats():
+    torch.manual_seed(0)
+    denoiser = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    calls = [((torch.randn(5, 16),), {}), ((2 * torch.randn(5, 16),), {})]
+    runs = []
+    denoiser.register_forward_pre_hook(lambda m, a: runs.append(1))
+    formats = {"2": Candidate(2), "4": Candidate(4), "8": Candidate(8), "3g16": Candidate(3, 16)}
+    found = {}
+    for measure in ("all", "anchored"):
+        config = QuantConfig.from_dict({**RECIPE, "mixed_precision": {"candidate_bits": [2, 4, 8], "measure": measure}})
+        layers = [LayerSensitivity(n, 0, None, formats=dict(formats)) for n in ("0", "2")]
+        runs.clear()
+        measure_sensitivity(denoiser, layers, config, calls, progress=False)
+        assert len(runs) == len(calls) * (1 + 2 * (4 if measure == "all" else 1))  # the reference, then the layers
+        found[measure] = layers
+    exact, anchored = found["all"], found["anchored"]
+    for e, a in zip(exact, anchored):
+        assert a.call_errors["4"] == e.call_errors["4"]  # the anchor: the recipe's own format, measured
+        w = denoiser.get_submodule(e.name).weight.data
+        for label in ("2", "8", "3g16"):
+            ratio = a.options[label][1] / a.options["4"][1]
+            assert a.options[label][0] == e.options[label][0]  # the same bytes
+            assert ratio == pytest.approx(a.call_errors[label][0] / a.call_errors["4"][0])
+        assert a.options["2"][1] > a.options["4"][1] > a.options["8"][1]
+        # the proxy ranks the layer's formats as the measurement does
+        assert sorted(formats, key=lambda f: a.options[f][1]) == sorted(formats, key=lambda f: e.options[f][1])
+        assert torch.equal(denoiser.get_submodule(e.name).weight.data, w)
