@@ -1,12 +1,14 @@
 """Automatic mixed precision on the zoo (issue 17), protocol of eval/README.md (as eval/ablate_outliers.py).
 
 Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights with float32 scales, candidates
-with float16 scales), ``w4a8`` (the shipped uniform recipe) and ``<auto|w4a8>-<modifier>-...``. Modifiers of
+with float16 scales, early weighting), ``w4a8`` (the shipped uniform recipe) and ``<auto|w4a8>-<modifier>-...``. Modifiers of
 any recipe: ``noreco`` (no block reconstruction: round to nearest), ``g64`` (weights in groups of 64 with
-float16 scales); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
+float16 scales), ``seed<N>`` (calibration seed N: other calibration steps and reconstruction draws); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
 output channel only, no group candidates), ``scale32`` (candidates store float32 scales, as before float16
-scales existed), ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity),
-``calls<N>`` (sensitivity on N calls), ``asym`` (every 2-, 3- and 4-bit format also with zero points).
+scales existed), ``uniform`` / ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity; ``auto``:
+early),
+``calls<N>`` (sensitivity on N calls), ``asym`` (every 2-, 3- and 4-bit format also with zero points), ``anchored`` (one format per layer measured,
+the others scaled by the weight-space proxy).
 ``recipe:<name>`` runs a shipped recipe as it is.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
@@ -41,10 +43,12 @@ RECIPE_MODIFIERS = {
 MIXED_MODIFIERS = {
     "channel": lambda mp: replace(mp, group_sizes=()),
     "scale32": lambda mp: replace(mp, scale_dtype="float32"),
+    "uniform": lambda mp: replace(mp, weighting="uniform"),
     "relative": lambda mp: replace(mp, weighting="relative"),
     "early": lambda mp: replace(mp, weighting="early"),
     "late": lambda mp: replace(mp, weighting="late"),
     "asym": lambda mp: replace(mp, asymmetric_bits=(2, 3, 4)),
+    "anchored": lambda mp: replace(mp, measure="anchored"),
 }
 
 
@@ -59,6 +63,8 @@ def variant_config(variant: str) -> QuantConfig:
     for m in modifiers:
         if m in RECIPE_MODIFIERS:
             config = RECIPE_MODIFIERS[m](config)
+        elif m.startswith("seed"):
+            config = replace(config, calibration=replace(config.calibration, seed=int(m[4:])))
         elif mp is None:
             raise SystemExit(f"modifier {m!r} of {variant!r} is for auto; w4a8 takes {', '.join(RECIPE_MODIFIERS)}")
         elif m in MIXED_MODIFIERS:

@@ -15,9 +15,9 @@ On a zoo model, with the ``auto`` recipe's calibration calls (recorded as ``dmqu
    sensitivity (all (layer, format) pairs, and within each layer); the predicted SQNR (measured
    sensitivities) of the plans each chooses at the bytes of uniform W4 and at 3 bits per weight.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model dit --out eval/ablation_mixed/study-dit.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model dit --out eval/ablation_mixed/study/study-dit.json
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model sd --layers every4 --truth-formats "" \
-        --out eval/ablation_mixed/study-sd.json
+        --out eval/ablation_mixed/study/study-sd.json
 
 ``--plans`` instead measures whole plans with round-to-nearest weights only (full-precision activations, no
 reconstruction): the PSNR of the protocol's images against the full-precision ones, for the plans saved in
@@ -25,7 +25,7 @@ ablate_mixed's rows (``row:<file>``) and uniform formats (``uniform:<label>``, e
 ending in ``h`` stores float16 scales):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model dit --num-images 64 \
-        --plans uniform:4,row:dit-9cb7a69bdb-WmixedA8-auto-64.json --out eval/ablation_mixed/plans-dit.json
+        --plans uniform:4,row:dit-9cb7a69bdb-WmixedA8-auto-uniform-64.json --out eval/ablation_mixed/study/plans-dit.json
 """
 
 from __future__ import annotations
