@@ -400,8 +400,9 @@ class MixedPrecisionConfig:
     candidate formats store their scales (default: the recipe's ``weights.scale_dtype``; the default
     budget is the recipe's own ``weights`` format as written). ``asymmetric_bits``: bit-widths whose
     candidate formats are also tried with a zero point per scale (where the recipe's weights are symmetric).
-    ``measure``: ``all`` (every candidate format measured on the calls) or ``anchored`` (one format per layer
-    measured, the others scaled from it by a weight-space proxy: far fewer denoiser calls)."""
+    ``measure``: ``all`` (every candidate format measured on the calls), ``sampled`` (one format per layer
+    measured on all of them, the others on ``sampled_calls`` of them and scaled by their ratio to it there)
+    or ``anchored`` (one format per layer measured, the others scaled from it by a weight-space proxy)."""
 
     target_bits: float | None = None
     max_weight_bytes: int | None = None
@@ -413,9 +414,10 @@ class MixedPrecisionConfig:
     scale_dtype: str | None = None
     asymmetric_bits: tuple[int, ...] = ()
     measure: str = "all"
+    sampled_calls: int = 4
 
     def __post_init__(self) -> None:
-        _check_choice(self.measure, ("all", "anchored"), "mixed_precision.measure")
+        _check_choice(self.measure, ("all", "sampled", "anchored"), "mixed_precision.measure")
         object.__setattr__(self, "asymmetric_bits", tuple(sorted(set(self.asymmetric_bits or ()))))
         for b in self.asymmetric_bits:
             check_bits(b, "mixed_precision.asymmetric_bits")
@@ -447,7 +449,7 @@ class MixedPrecisionConfig:
                                                   or self.max_weight_bytes < 1):
             raise DMQuantError(f"mixed_precision.max_weight_bytes={self.max_weight_bytes!r} must be a positive "
                                "integer (bytes)")
-        _check_positive_ints(self, ("num_samples",), "mixed_precision")
+        _check_positive_ints(self, ("num_samples", "sampled_calls"), "mixed_precision")
         _check_choice(self.weighting, ("uniform", "relative", "early", "late"), "mixed_precision.weighting")
 
 

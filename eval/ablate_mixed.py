@@ -8,7 +8,7 @@ output channel only, no group candidates), ``scale32`` (candidates store float32
 scales existed), ``uniform`` / ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity; ``auto``:
 early),
 ``calls<N>`` (sensitivity on N calls), ``asym`` (every 2-, 3- and 4-bit format also with zero points), ``anchored`` (one format per layer measured,
-the others scaled by the weight-space proxy).
+the others scaled by the weight-space proxy), ``all`` (every format measured on every call; ``auto``: sampled).
 ``recipe:<name>`` runs a shipped recipe as it is.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
@@ -49,6 +49,7 @@ MIXED_MODIFIERS = {
     "late": lambda mp: replace(mp, weighting="late"),
     "asym": lambda mp: replace(mp, asymmetric_bits=(2, 3, 4)),
     "anchored": lambda mp: replace(mp, measure="anchored"),
+    "all": lambda mp: replace(mp, measure="all"),
 }
 
 

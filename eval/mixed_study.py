@@ -7,13 +7,16 @@ On a zoo model, with the ``auto`` recipe's calibration calls (recorded as ``dmqu
    each call's output error kept, so every weighting of :func:`call_weights` is computed from one pass;
 2. the proxy: each layer's weight error weighted by its input's per-channel mean square (measured on the
    same calls, no extra denoiser call per format) -- ``proxy`` alone, and ``anchored`` (the measured
-   sensitivity of one format per layer, ``--anchor``, times the proxy's ratio to that format);
+   sensitivity of one format per layer, ``--anchor``, times the proxy's ratio to that format); and
+   ``sampled<k>`` (the other formats' errors on k of the calls, scaled by their ratio to the anchor's there:
+   ``measure: sampled``), computed from the same per-call errors;
 3. ground truth (``--truth-formats``): the images of ``--num-images`` protocol prompts with only that layer's
    weight fake-quantized in that format (round to nearest, as in the pass), their mean squared error
    against the full-precision images;
-4. Spearman rank correlations: each weighting against the image errors; the proxies against the measured
-   sensitivity (all (layer, format) pairs, and within each layer); the predicted SQNR (measured
-   sensitivities) of the plans each chooses at the bytes of uniform W4 and at 3 bits per weight.
+4. Spearman rank correlations: each weighting against the image errors; the estimates against the measured
+   sensitivity (the recipe's weighting; all (layer, format) pairs, and within each layer); the predicted SQNR
+   (measured sensitivities) of the plans each chooses at the bytes of uniform W4 and at 3 bits per weight;
+   the seconds each measuring mode would take on these layers at this pass's rate.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model dit --out eval/ablation_mixed/study/study-dit.json
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/mixed_study.py --model sd --layers every4 --truth-formats "" \
@@ -149,6 +152,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     config = load_recipe("auto")
+    config = dataclasses.replace(config, mixed_precision=dataclasses.replace(config.mixed_precision, measure="all"))
     pipe = dmquant.zoo.load(MODELS[args.model])
     _, denoiser, adapter = find_denoiser(pipe)
     if args.plans:
@@ -182,24 +186,39 @@ def main() -> None:
 
     weighted = {wt: {la.name: {f: sum(x * e for x, e in zip(call_weights(wt, powers, timesteps), errs))
                                for f, errs in la.call_errors.items()} for la in layers} for wt in WEIGHTINGS}
-    measured = weighted["uniform"]
+    used = config.mixed_precision.weighting  # the recipe's: what the proxies are judged against
+    measured = weighted[used]
     anchored = {la.name: {f: measured[la.name][args.anchor] * proxy[la.name][f] / max(proxy[la.name][args.anchor],
                                                                                        1e-30)
                           for f in la.formats} for la in layers}
+    w = call_weights(used, powers, timesteps)
+    estimates = {"proxy": proxy, "anchored": anchored}
+    for k in (2, 4, 8):  # measure: sampled with sampled_calls k, from the same call errors
+        subset = spread(range(len(calls)), k)
+        estimates[f"sampled{k}"] = {la.name: {f: measured[la.name][args.anchor] * sum(
+            w[i] * la.call_errors[f][i] for i in subset) / max(sum(w[i] * la.call_errors[args.anchor][i]
+                                                                  for i in subset), 1e-30)
+            for f in la.formats} for la in layers}
     pairs = [(la.name, f) for la in layers for f in la.formats]
     rho = {}
-    for name, table in (("proxy", proxy), ("anchored", anchored)):
+    for name, table in estimates.items():
         rho[name] = {"all_pairs": spearmanr([measured[n][f] for n, f in pairs], [table[n][f] for n, f in pairs])[0],
                      "within_layer_median": float(np.median([spearmanr(
                          [measured[la.name][f] for f in la.formats], [table[la.name][f] for f in la.formats])[0]
                          for la in layers]))}
+    result["weighting"] = used
     result["proxy_vs_measured"] = rho
+    # denoiser calls of each mode for these layers, and the seconds they take at this pass's rate
+    runs = {"all": sum(len(la.formats) for la in layers) * len(calls), "anchored": len(layers) * len(calls)}
+    runs.update({f"sampled{k}": len(layers) * len(calls) + sum(len(la.formats) - 1 for la in layers) * min(k, len(calls))
+                 for k in (2, 4, 8)})
+    result["projected_seconds"] = {m: round(result["seconds_measure"] * n / runs["all"], 1) for m, n in runs.items()}
     numel = sum(la.numel for la in layers)
     shapes = {la.name: tuple(denoiser.get_submodule(la.name).weight.shape) for la in layers}
     budgets = {"w4_bytes": budget_bytes(config.mixed_precision, config, layers, 0, shapes), "3bit": 3.0 * numel / 8}
     result["plans"] = {b: {name: plan_sqnr(layers, table, measured, budget)
-                           for name, table in (("measured", measured), ("anchored", anchored), ("proxy", proxy),
-                                               *((wt, weighted[wt]) for wt in WEIGHTINGS if wt != "uniform"))}
+                           for name, table in (("measured", measured), *estimates.items(),
+                                               *((wt, weighted[wt]) for wt in WEIGHTINGS if wt != used))}
                        for b, budget in budgets.items()}
     result["uniform_w4_sqnr"] = sqnr_db(sum(measured[la.name]["4"] for la in layers))
 
@@ -238,6 +257,7 @@ def main() -> None:
     result["powers"] = powers
     args.out.write_text(json.dumps(result, indent=1))
     summary = {k: v for k, v in result.items() if k in ("seconds_record", "seconds_measure", "seconds_proxy",
+                                                        "projected_seconds", "weighting",
                                                         "seconds_truth", "proxy_vs_measured", "plans",
                                                         "uniform_w4_sqnr", "weighting_vs_images")}
     print(json.dumps(summary, indent=1))

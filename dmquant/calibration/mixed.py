@@ -8,9 +8,10 @@
     sensitivity  for each layer the recipe quantizes and each candidate format, the denoiser's output
                  error when only that layer's weight is fake-quantized (all others in full precision), on
                  ``num_samples`` recorded calibration calls spread over the run (every sampled step); the
-                 layer's weight is swapped in place, nothing is wrapped. ``measure: anchored`` runs the calls
-                 for one format per layer and scales the others by a weight-space proxy
-                 (:mod:`dmquant.calibration.proxy`)
+                 layer's weight is swapped in place, nothing is wrapped. ``measure: sampled`` runs all the
+                 calls for one format per layer and ``sampled_calls`` of them for the others (scaled by their
+                 ratio to it there); ``anchored`` runs the calls for one format per layer and scales the
+                 others by a weight-space proxy (:mod:`dmquant.calibration.proxy`)
     budget       ``target_bits`` per weight, ``max_weight_bytes`` for the whole denoiser, or the bytes of
                  the recipe's uniform ``weights`` format as written (its own scale dtype); costs are the
                  exact bytes the frozen layer will store (codes packed at their bit-width, scales in the
@@ -279,32 +280,40 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
     quantized in that format, each call's mean squared error weighted by :func:`call_weights`) and
     ``call_errors`` (format label -> each call's mean squared error); returns the calls' output powers.
 
-    ``mixed_precision.measure``: ``all`` runs the calls for every format; ``anchored`` for one format per layer
-    (:func:`anchor_label`), the others' errors being the anchor's times their ratio of the weight-space proxy
+    ``mixed_precision.measure``: ``all`` runs every call for every format; ``sampled`` runs every call for one
+    format per layer (:func:`anchor_label`) and ``sampled_calls`` of them (spread over the calls) for the
+    others, whose errors are the anchor's times their ratio to it on those calls; ``anchored`` runs the calls
+    for the anchor only, the others' errors being the anchor's times their ratio of the weight-space proxy
     (:func:`dmquant.calibration.proxy.weight_proxy`)."""
     mp = config.mixed_precision
-    anchored = mp.measure == "anchored"
-    with record_input_moments(denoiser, [la.name for la in layers] if anchored else []) as moments:
+    with record_input_moments(denoiser, [la.name for la in layers] if mp.measure == "anchored" else []) as moments:
         reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
     powers = [float(r.pow(2).mean()) for r in reference]
     weights = call_weights(mp.weighting, powers, timesteps or [1.0] * len(calls))
+    subset = spread(range(len(calls)), mp.sampled_calls) if mp.measure == "sampled" else list(range(len(calls)))
     base = candidate_base(config)
     bar = tqdm(layers, desc="mixed precision: layer sensitivity", disable=not progress)
     for entry in bar:
         module = denoiser.get_submodule(entry.name)
         original = module.weight.data
-        measured = [anchor_label(entry, base)] if anchored else list(entry.formats)
-        approx = {}
+        anchor = anchor_label(entry, base)
+        approx, partial = {}, {}
         try:
-            for label in measured:
+            for label in [anchor] + [f for f in entry.formats if f != anchor and mp.measure != "anchored"]:
                 approx[label] = fake_quantized_weight(original, entry.formats[label].weights(base), entry.split)
                 module.weight.data = approx[label]
-                entry.call_errors[label] = [float((_output(denoiser(*a, **k)).float() - r).pow(2).mean())
-                                            for (a, k), r in zip(calls, reference)]
+                which = range(len(calls)) if label == anchor or mp.measure == "all" else subset
+                errs = [float((_output(denoiser(*calls[i][0], **calls[i][1])).float() - reference[i]).pow(2).mean())
+                        for i in which]
+                (entry.call_errors if len(errs) == len(calls) else partial)[label] = errs
         finally:
             module.weight.data = original
-        if anchored:
-            _scale_from_anchor(entry, measured[0], original, approx[measured[0]], moments.get(entry.name), base)
+        for label, errs in partial.items():  # sampled: the anchor's errors times the ratio on the subset
+            at_anchor = sum(weights[i] * entry.call_errors[anchor][i] for i in subset)
+            ratio = sum(weights[i] * e for i, e in zip(subset, errs)) / at_anchor if at_anchor > 0 else 1.0
+            entry.call_errors[label] = [e * ratio for e in entry.call_errors[anchor]]
+        if mp.measure == "anchored":
+            _scale_from_anchor(entry, anchor, original, approx[anchor], moments.get(entry.name), base)
         for label, candidate in entry.formats.items():
             entry.options[label] = (storage_bytes(tuple(original.shape), candidate.weights(base), entry.split),
                                     sum(w * e for w, e in zip(weights, entry.call_errors[label])))

@@ -308,7 +308,7 @@ def test_weight_proxy_is_the_output_mean_square_of_uncorrelated_inputs():
     assert weight_proxy(w, approx, moments["l"]) / 16 == pytest.approx(measured, rel=0.03)
 
 
-def test_anchored_measurement_runs_the_calls_once_per_layer_and_scales_the_other_formats():
+def test_anchored_and_sampled_measurements_run_fewer_calls_and_scale_the_other_formats():
     torch.manual_seed(0)
     denoiser = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     calls = [((torch.randn(5, 16),), {}), ((2 * torch.randn(5, 16),), {})]
@@ -316,14 +316,21 @@ def test_anchored_measurement_runs_the_calls_once_per_layer_and_scales_the_other
     denoiser.register_forward_pre_hook(lambda m, a: runs.append(1))
     formats = {"2": Candidate(2), "4": Candidate(4), "8": Candidate(8), "3g16": Candidate(3, 16)}
     found = {}
-    for measure in ("all", "anchored"):
-        config = QuantConfig.from_dict({**RECIPE, "mixed_precision": {"candidate_bits": [2, 4, 8], "measure": measure}})
+    expected_runs = {"all": 2 * (1 + 2 * 4), "anchored": 2 * (1 + 2 * 1), "sampled": 2 + 2 * (2 + 3 * 1)}
+    for measure in ("all", "anchored", "sampled"):
+        config = QuantConfig.from_dict({**RECIPE, "mixed_precision": {"candidate_bits": [2, 4, 8], "measure": measure,
+                                                                      "sampled_calls": 1}})
         layers = [LayerSensitivity(n, 0, None, formats=dict(formats)) for n in ("0", "2")]
         runs.clear()
         measure_sensitivity(denoiser, layers, config, calls, progress=False)
-        assert len(runs) == len(calls) * (1 + 2 * (4 if measure == "all" else 1))  # the reference, then the layers
+        assert len(runs) == expected_runs[measure]  # the reference calls, then the layers' formats
         found[measure] = layers
     exact, anchored = found["all"], found["anchored"]
+    for e, s in zip(exact, found["sampled"]):  # sampled on the first call: the anchor's errors times that ratio
+        assert s.call_errors["4"] == e.call_errors["4"]
+        for label in ("2", "8", "3g16"):
+            ratio = e.call_errors[label][0] / e.call_errors["4"][0]
+            assert s.call_errors[label] == pytest.approx([x * ratio for x in e.call_errors["4"]], rel=1e-9)
     for e, a in zip(exact, anchored):
         assert a.call_errors["4"] == e.call_errors["4"]  # the anchor: the recipe's own format, measured
         w = denoiser.get_submodule(e.name).weight.data
