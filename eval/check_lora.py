@@ -1,6 +1,7 @@
 """Issue 16's LoRA acceptance on tiny-shapes-sd with the zoo LoRA (``tiny-shapes-sd-lora``, colors rotate).
 
     OMP_NUM_THREADS=1 python eval/check_lora.py [--num-images 200] [--recipes w8a8,w4a8] [--fp-only]
+    OMP_NUM_THREADS=1 python eval/check_lora.py --recipes w8a8,w4a8,w4a8-rtn --requantized w4a8  # eval/check_lora.json
 
 For the protocol of eval/README.md (held-out prompts of calib/shapes_eval.txt, image i with seed i, 25
 DDIM steps, guidance 5), generates with FP, FP + LoRA, and for each recipe (calibrated once, without the
@@ -12,11 +13,16 @@ quantized model without and with the LoRA, loaded by the plain diffusers API
   recipe + LoRA vs FP + LoRA; the acceptance asks the second to be at most 1 dB below the first;
 - the judge's effect rate (``dmquant.zoo.lora_effect.effect_rate``: how often it reads the rotated color)
   of every image set; the acceptance asks recipe + LoRA within 5 points of FP + LoRA;
+- per-image PSNRs: the median of each set, and the mean paired difference (with LoRA - without) with a
+  bootstrap 95% interval (the set's mean PSNR is pulled by the few images whose trajectory tips over);
 - round trips on the first ``--roundtrip-images`` prompts: LoRA loaded with adapter weight 0
   (``set_adapters``), then unloaded (``unload_lora_weights``): each must give the no-LoRA images bit for bit.
 
-Writes eval/check_lora.json (``--out``) and prints a markdown table. Generated images are cached as .npy in
-``--cache`` (keyed by the LoRA's and the UNet's file hashes), so a later run with the recipes reuses FP.
+``--requantized w4a8`` adds a diagnostic row: the recipe calibrated on the model with the LoRA fused into its
+FP weights, against FP + LoRA (how close the recipe gets when the LoRA is part of what it calibrated).
+
+Writes eval/check_lora.json (``--out``) and prints a markdown table. FP's images are cached as .npy in
+``--cache`` (keyed by the LoRA's and the UNet's file hashes), so a later run with other recipes reuses them.
 """
 
 from __future__ import annotations
@@ -75,9 +81,14 @@ class Images:
         return images
 
 
-def quantized_pipe(recipe: str) -> tuple[object, float]:
-    """tiny-shapes-sd with its UNet quantized by ``recipe`` (simulation), calibrated without the LoRA."""
+def quantized_pipe(recipe: str, fused: bool = False) -> tuple[object, float]:
+    """tiny-shapes-sd with its UNet quantized by ``recipe`` (simulation), calibrated without the LoRA; with
+    ``fused``, the LoRA is first merged into the FP weights (the model is re-quantized with the LoRA in it)."""
     pipe = zoo.load("tiny-shapes-sd")
+    if fused:
+        pipe.load_lora_weights(str(zoo.lora_path(LORA_NAME)), adapter_name=ADAPTER)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
     config = load_recipe(recipe)
     calib = read_prompts(ROOT / "calib" / "shapes_calib.txt")[: config.calibration.max_prompts]
     start = time.perf_counter()
@@ -86,11 +97,12 @@ def quantized_pipe(recipe: str) -> tuple[object, float]:
 
 
 def measure(pipe, label: str, gen: Images, roundtrip_n: int) -> dict[str, np.ndarray | bool]:
-    """``label``'s images without and with the LoRA, and the round trips back to no LoRA."""
-    folder = str(zoo.lora_path(LORA_NAME))
-    plain = gen(pipe, label)
+    """``label``'s images without and with the LoRA, and the round trips back to no LoRA (only FP's are
+    cached: a quantized model's images depend on the code of the day)."""
+    folder, cached = str(zoo.lora_path(LORA_NAME)), label == "fp"
+    plain = gen(pipe, label, cached=cached)
     pipe.load_lora_weights(folder, adapter_name=ADAPTER)
-    with_lora = gen(pipe, f"{label}+lora")
+    with_lora = gen(pipe, f"{label}+lora", cached=cached)
     pipe.set_adapters(ADAPTER, 0.0)
     weight_zero = gen(pipe, f"{label}+lora@0", roundtrip_n, cached=False)
     pipe.set_adapters(ADAPTER, 1.0)
@@ -106,6 +118,25 @@ def measure(pipe, label: str, gen: Images, roundtrip_n: int) -> dict[str, np.nda
     }
 
 
+def image_psnrs(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each image's PSNR in dB (data range 1, as ``psnr`` averages them; inf where identical)."""
+    err = (images.astype(np.float64) - reference.astype(np.float64)) / 255.0
+    mse = (err**2).reshape(len(images), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(1.0 / mse)
+
+
+def paired_delta(with_lora: np.ndarray, without: np.ndarray, resamples: int = 2000) -> dict:
+    """Mean over images of (PSNR with LoRA - PSNR without), and a bootstrap 95% interval of that mean
+    (images resampled in pairs, seed 0); images identical to their reference in either set are left out."""
+    keep = np.isfinite(with_lora) & np.isfinite(without)
+    diff = with_lora[keep] - without[keep]
+    rng = np.random.default_rng(0)
+    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    return {"mean": float(diff.mean()), "ci95": [float(q) for q in np.percentile(means, [2.5, 97.5])],
+            "images": int(keep.sum())}
+
+
 def summarize(run: dict, judge, prompts: list[str], fp: dict | None = None, fp_row: dict | None = None) -> dict:
     """One table row: the round trips, the judge's effect rates, and for a recipe (``fp``, ``fp_row``: the
     FP run and its row) the PSNRs against FP and the acceptance checks."""
@@ -118,25 +149,50 @@ def summarize(run: dict, judge, prompts: list[str], fp: dict | None = None, fp_r
     row["psnr_vs_fp"] = psnr(run["plain"], fp["plain"])
     row["psnr_lora_vs_fp_lora"] = psnr(run["lora"], fp["lora"])
     row["psnr_delta"] = row["psnr_lora_vs_fp_lora"] - row["psnr_vs_fp"]
+    plain, lora = image_psnrs(run["plain"], fp["plain"]), image_psnrs(run["lora"], fp["lora"])
+    row["median_image_psnr_vs_fp"] = float(np.median(plain))
+    row["median_image_psnr_lora_vs_fp_lora"] = float(np.median(lora))
+    row["image_psnr_delta"] = paired_delta(lora, plain)
     row["effect_delta_points"] = 100 * (row["effect_lora"]["effect"] - fp_row["effect_lora"]["effect"])
     row["meets_psnr"] = row["psnr_delta"] >= -1.0
     row["meets_effect"] = abs(row["effect_delta_points"]) <= 5.0
     return row
 
 
+def requantized_row(recipe: str, gen: Images, judge, prompts: list[str], fp: dict, run: dict) -> dict:
+    """``recipe`` calibrated on the model with the LoRA fused into its weights, against FP + LoRA: what the
+    same recipe reaches when the LoRA is part of the model it calibrates (not the acceptance's setting).
+    ``run``: the recipe's own measurement (its no-LoRA images give the paired delta)."""
+    pipe, seconds = quantized_pipe(recipe, fused=True)
+    images = gen(pipe, f"{recipe}-fused", cached=False)
+    fused = image_psnrs(images, fp["lora"])
+    return {"psnr_vs_fp_lora": psnr(images, fp["lora"]), "median_image_psnr_vs_fp_lora": float(np.median(fused)),
+            "image_psnr_delta": paired_delta(fused, image_psnrs(run["plain"], fp["plain"])),
+            "effect": effect_rate(judge, images, prompts), "calibration_seconds": seconds}
+
+
 def table(report: dict) -> str:
-    lines = ["| model | PSNR vs FP (no LoRA) | PSNR +LoRA vs FP+LoRA | delta dB | effect, no LoRA | effect, +LoRA "
-             "| set_adapters 0 / 1, unload bit for bit | calib s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | PSNR vs FP (no LoRA) | PSNR +LoRA vs FP+LoRA | delta dB (95% CI) | median image PSNR "
+             "without / with | effect, no LoRA | effect, +LoRA | set_adapters 0 / 1, unload bit for bit | calib s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, row in report["rows"].items():
         trips = " / ".join("yes" if row[k] else "NO" for k in
                            ("set_adapters_0_equals_plain", "set_adapters_1_equals_lora", "unload_equals_plain"))
         if label == "fp":
-            cells = ["-", "-", "-"]
+            cells = ["-"] * 4
         else:
-            cells = [f"{row['psnr_vs_fp']:.2f}", f"{row['psnr_lora_vs_fp_lora']:.2f}", f"{row['psnr_delta']:+.2f}"]
+            lo, hi = row["image_psnr_delta"]["ci95"]
+            cells = [f"{row['psnr_vs_fp']:.2f}", f"{row['psnr_lora_vs_fp_lora']:.2f}",
+                     f"{row['psnr_delta']:+.2f} ({lo:+.2f}, {hi:+.2f})",
+                     f"{row['median_image_psnr_vs_fp']:.2f} / {row['median_image_psnr_lora_vs_fp_lora']:.2f}"]
         lines.append(f"| {label} | {' | '.join(cells)} | {row['effect_plain']['effect']:.3f} | "
                      f"{row['effect_lora']['effect']:.3f} | {trips} | {row.get('calibration_seconds', '-')} |")
+    for recipe, row in report.get("requantized", {}).items():
+        lo, hi = row["image_psnr_delta"]["ci95"]
+        lines.append(f"| {recipe}, LoRA fused before calibration | - | {row['psnr_vs_fp_lora']:.2f} | "
+                     f"{row['image_psnr_delta']['mean']:+.2f} ({lo:+.2f}, {hi:+.2f}) | - / "
+                     f"{row['median_image_psnr_vs_fp_lora']:.2f} | - | {row['effect']['effect']:.3f} | - | "
+                     f"{row['calibration_seconds']} |")
     return "\n".join(lines)
 
 
@@ -145,6 +201,9 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--recipes", default="w8a8,w4a8")
     p.add_argument("--fp-only", action="store_true", help="only FP and FP + LoRA (no quantized model)")
+    p.add_argument("--requantized", default="",
+                   help="recipes (among --recipes) to calibrate again with the LoRA fused into the FP weights, "
+                        "a diagnostic row against FP + LoRA")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--roundtrip-images", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
@@ -157,15 +216,19 @@ def main(argv=None) -> None:
     judge = zoo.load("tiny-shapes-clip")
     print("fp", flush=True)
     fp = measure(zoo.load("tiny-shapes-sd"), "fp", gen, args.roundtrip_images)
-    rows = {"fp": summarize(fp, judge, prompts)}
-    for recipe in ([] if args.fp_only else args.recipes.split(",")):
+    rows, requantized = {"fp": summarize(fp, judge, prompts)}, {}
+    recipes = [] if args.fp_only else args.recipes.split(",")
+    for recipe in recipes:
         print(recipe, flush=True)
         pipe, seconds = quantized_pipe(recipe)
         run = measure(pipe, recipe, gen, args.roundtrip_images)
         rows[recipe] = {**summarize(run, judge, prompts, fp, rows["fp"]), "calibration_seconds": seconds}
+        if recipe in args.requantized.split(","):
+            print(f"{recipe}, LoRA fused before calibration", flush=True)
+            requantized[recipe] = requantized_row(recipe, gen, judge, prompts, fp, run)
     report = {"lora": LORA_NAME, "num_images": args.num_images, "roundtrip_images": args.roundtrip_images,
               "protocol": gen.cfg.to_dict(), "threads": args.threads, "generation_seconds": gen.seconds,
-              "rows": rows}
+              "rows": rows, "requantized": requantized}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     print(f"wrote {args.out}")
