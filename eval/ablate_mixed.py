@@ -3,7 +3,8 @@
 Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights with float32 scales, candidates
 with float16 scales, early weighting), ``w4a8`` (the shipped uniform recipe) and ``<auto|w4a8>-<modifier>-...``. Modifiers of
 any recipe: ``noreco`` (no block reconstruction: round to nearest), ``g64`` (weights in groups of 64 with
-float16 scales), ``seed<N>`` (calibration seed N: other calibration steps and reconstruction draws); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
+float16 scales), ``seed<N>`` (calibration seed N: other calibration steps and reconstruction draws), ``it<N>`` (N
+reconstruction iterations per block); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
 output channel only, no group candidates), ``scale32`` (candidates store float32 scales, as before float16
 scales existed), ``uniform`` / ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity; ``auto``:
 early),
@@ -66,6 +67,8 @@ def variant_config(variant: str) -> QuantConfig:
             config = RECIPE_MODIFIERS[m](config)
         elif m.startswith("seed"):
             config = replace(config, calibration=replace(config.calibration, seed=int(m[4:])))
+        elif m.startswith("it") and config.reconstruction is not None:
+            config = replace(config, reconstruction=replace(config.reconstruction, iterations=int(m[2:])))
         elif mp is None:
             raise SystemExit(f"modifier {m!r} of {variant!r} is for auto; w4a8 takes {', '.join(RECIPE_MODIFIERS)}")
         elif m in MIXED_MODIFIERS:
