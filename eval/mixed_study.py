@@ -92,6 +92,25 @@ def plan_sqnr(layers, errors: dict[str, dict[str, float]], measured: dict[str, d
     return sqnr_db(plan_error(truth, choice))
 
 
+def bootstrap_difference(truth: dict, weighted: dict, draws: int = 1000) -> dict[str, list[float]]:
+    """Each weighting's Spearman correlation with the image errors minus uniform's, over ``draws`` resamplings of
+    the layers: [median, 5th, 95th percentile]."""
+    names = list(truth)
+    rng = np.random.default_rng(0)
+
+    def rho(table, pick):
+        pairs = [(names[i], f) for i in pick for f in truth[names[i]]]
+        return spearmanr([truth[n][f] for n, f in pairs], [table[n][f] for n, f in pairs])[0]
+
+    picks = [rng.choice(len(names), len(names)) for _ in range(draws)]
+    base = np.array([rho(weighted["uniform"], pick) for pick in picks])
+    found = {}
+    for wt, table in weighted.items():
+        d = np.array([rho(table, pick) for pick in picks]) - base
+        found[wt] = [float(np.median(d)), float(np.percentile(d, 5)), float(np.percentile(d, 95))]
+    return found
+
+
 def plan_formats(spec: str, layers, folder: Path) -> dict[str, tuple[str, str]]:
     """layer -> (format label, scale dtype) of ``row:<file>`` (an ablate_mixed row) or ``uniform:<label>[h]``."""
     kind, _, what = spec.partition(":")
@@ -249,6 +268,9 @@ def main() -> None:
                                                [table[n][f] for n in truth if f in truth[n]])[0]
                       for f in truth_formats}}
             for name, table in (*weighted.items(), ("proxy", proxy), ("anchored", anchored))}
+        result["weighting_minus_uniform_bootstrap"] = bootstrap_difference(truth, weighted)
+        if {"3", "4"} <= set(truth_formats):  # layers whose W3 images are closer to FP than their W4 images
+            result["w3_closer_than_w4"] = [n for n in truth if truth[n]["3"] < truth[n]["4"]]
         result["truth"] = truth
     result["measured"] = {wt: weighted[wt] for wt in WEIGHTINGS}
     result["proxy"] = proxy
@@ -259,7 +281,8 @@ def main() -> None:
     summary = {k: v for k, v in result.items() if k in ("seconds_record", "seconds_measure", "seconds_proxy",
                                                         "projected_seconds", "weighting",
                                                         "seconds_truth", "proxy_vs_measured", "plans",
-                                                        "uniform_w4_sqnr", "weighting_vs_images")}
+                                                        "uniform_w4_sqnr", "weighting_vs_images",
+                                                        "weighting_minus_uniform_bootstrap", "w3_closer_than_w4")}
     print(json.dumps(summary, indent=1))
 
 
