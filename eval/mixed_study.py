@@ -65,6 +65,7 @@ from dmquant.calibration.mixed import (  # noqa: E402
 from dmquant.calibration.proxy import record_input_moments, weight_proxy  # noqa: E402
 from dmquant.calibration.run import PipelineSource  # noqa: E402
 from dmquant.config import load_recipe  # noqa: E402
+from dmquant.metrics.fidelity import fidelity_metrics  # noqa: E402
 from dmquant.models.adapters import find_denoiser  # noqa: E402
 
 WEIGHTINGS = ("uniform", "relative", "early", "late")
@@ -141,8 +142,6 @@ def plan_images(pipe, denoiser, layers, formats: dict[str, tuple[str, str]], bas
 
 
 def measure_plans(args, pipe, denoiser, adapter, config) -> None:
-    from dmquant.metrics.fidelity import fidelity_metrics
-
     layers = candidate_layers(denoiser, config, adapter)
     base = candidate_base(config)
     _, prompts = prompts_for(args.model, args.num_images)
