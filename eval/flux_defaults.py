@@ -40,7 +40,7 @@ from ablate_time import (  # noqa: E402
 )
 
 import dmquant  # noqa: E402
-from dmquant.config import load_recipe  # noqa: E402
+from dmquant.config import QuantConfig, load_recipe  # noqa: E402
 from dmquant.metrics.fidelity import fidelity_metrics  # noqa: E402
 from dmquant.models.adapters import find_denoiser  # noqa: E402
 from dmquant.nn.wrap import selected  # noqa: E402
@@ -50,6 +50,7 @@ OUT = Path(__file__).resolve().parent / "ablation_outliers"
 ADALN = ("*.norm1.linear", "*.norm1_context.linear")
 TEXT = ("*.add_q_proj", "*.add_k_proj", "*.add_v_proj", "*.to_add_out", "*.ff_context.*")
 SETS = {"default": (), "adaln": ADALN, "text": TEXT, "adaln+text": ADALN + TEXT}
+W8_SETS = {"adaln-w8": ADALN}  # these layers quantized with 8-bit weights instead (a ``layers`` override)
 LAYERS = (nn.Linear, nn.Conv2d)
 IMAGE_TOKENS = 64  # 8 x 8 latents, patch 1: the image part comes first in SD3's joint attention
 
@@ -68,14 +69,23 @@ def weight_bytes(denoiser: nn.Module, config, adapter) -> int:
     return total
 
 
+def set_config(base: QuantConfig, recipe: str, name: str) -> QuantConfig:
+    """``base`` with the layers of the set ``name`` in full precision (or, for ``W8_SETS``, at 8-bit weights)."""
+    if name in W8_SETS:
+        data = {**base.to_dict(), "name": f"{recipe}-{name}"}
+        data["layers"] = {pattern: {"weights": {"bits": 8}} for pattern in W8_SETS[name]}
+        return QuantConfig.from_dict(data)
+    return replace(base, name=f"{recipe}-fp-{name}", exclude=base.exclude + SETS[name])
+
+
 def run_sets(recipes: list[str], sets: list[str], n: int, calib_prompts: int) -> None:
     _, den, adapter = find_denoiser(dmquant.zoo.load(MODELS["flux"]))
     for recipe in recipes:
         for name in sets:
-            base = load_recipe(recipe)
-            config = replace(base, name=f"{recipe}-fp-{name}", exclude=base.exclude + SETS[name])
-            r = run_config("flux", config, f"{recipe}+fp:{name}", f"{recipe}-fp-{name}", n, calib_prompts, out=OUT)
-            print(f"flux {recipe} full precision +{name}: PSNR {r['psnr_vs_reference']:.2f} "
+            config = set_config(load_recipe(recipe), recipe, name)
+            variant = f"{recipe}+{name}" if name in W8_SETS else f"{recipe}+fp:{name}"
+            r = run_config("flux", config, variant, config.name, n, calib_prompts, out=OUT)
+            print(f"flux {recipe} {name}: PSNR {r['psnr_vs_reference']:.2f} "
                   f"SSIM {r['ssim_vs_reference']:.4f} CLIP {r['clip_score']:.2f} (FP {r['clip_score_fp']:.2f}) "
                   f"weights {weight_bytes(den, config, adapter) / 1024:.1f} KiB "
                   f"(all 16-bit {sum(2 * m.weight.numel() for m in den.modules() if type(m) in LAYERS) / 1024:.1f}) "
@@ -151,12 +161,15 @@ class SegmentQuant(nn.Module):
                           self._quant(x[..., self.split:, :], *self.ranges[1])], dim=-2)
 
 
-def install_ranges(den: nn.Module, stats: dict, separate: bool) -> None:
+def install_ranges(den: nn.Module, stats: dict, mode: str) -> None:
+    """Every joint attention's Q / K / V quantizer: ``joint`` or ``separate`` ranges, or ``full precision``."""
     for name, parts in stats.items():
         quant = den.get_submodule(name).dmq_quant
         for key in "qkv":
             img, txt = parts[(key, "image")], parts[(key, "text")]
-            if separate:
+            if mode == "full precision":
+                setattr(quant, key, nn.Identity())
+            elif mode == "separate":
                 setattr(quant, key, SegmentQuant([img, txt], IMAGE_TOKENS))
             else:
                 setattr(quant, key, SegmentQuant([(min(img[0], txt[0]), max(img[1], txt[1]))], None))
@@ -178,12 +191,12 @@ def run_ranges(recipe: str, n: int, calib_prompts: int) -> None:
     _, den, _ = find_denoiser(pipe)
     print(f"flux {recipe} (dmquant's calibrated joint ranges): PSNR "
           f"{fidelity_metrics(generate(pipe, prompts), ref)['psnr_vs_reference']:.2f}", flush=True)
-    for separate in (False, True):
-        install_ranges(den, stats, separate)
+    for mode in ("joint", "separate", "full precision"):
+        install_ranges(den, stats, mode)
         metrics = fidelity_metrics(generate(pipe, prompts), ref)
-        print(f"flux {recipe} joint attention Q/K/V min-max, {'separate' if separate else 'joint'} "
-              f"image/text ranges: PSNR {metrics['psnr_vs_reference']:.2f} SSIM {metrics['ssim_vs_reference']:.4f}",
-              flush=True)
+        print(f"flux {recipe} joint attention Q/K/V {mode if mode != 'full precision' else 'in'} "
+              f"{'min-max image/text ranges' if mode != 'full precision' else 'full precision'}: "
+              f"PSNR {metrics['psnr_vs_reference']:.2f} SSIM {metrics['ssim_vs_reference']:.4f}", flush=True)
 
 
 def main() -> None:
@@ -200,9 +213,9 @@ def main() -> None:
             run_ranges(recipe, args.num_images, args.calib_prompts)
         return
     sets = args.sets.split(",")
-    unknown = [s for s in sets if s not in SETS]
+    unknown = [s for s in sets if s not in SETS and s not in W8_SETS]
     if unknown:
-        raise SystemExit(f"unknown sets {unknown}: use {', '.join(SETS)}")
+        raise SystemExit(f"unknown sets {unknown}: use {', '.join([*SETS, *W8_SETS])}")
     run_sets(args.recipes.split(","), sets, args.num_images, args.calib_prompts)
 
 
