@@ -82,7 +82,10 @@ def make_own_temp_folder(prefix: str) -> str:
 def _delete_entries(folder: Path, entries: list[str]) -> None:
     """Delete the listed entries of ``folder``: files and links themselves, then directories left empty
     (deepest first). Anything not listed, or a listed directory still holding something, stays."""
-    paths = [folder / e for e in entries]
+    root = folder.resolve()
+    # a listed entry outside the folder (an absolute name, "..", a link on the way) is never followed
+    paths = [folder / e for e in entries if not Path(e).is_absolute() and ".." not in Path(e).parts
+             and (folder / e).parent.resolve().is_relative_to(root)]
     for path in paths:
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)

@@ -77,3 +77,21 @@ def test_calibration_temp_folder_is_marked_and_removed(tmp_path):
         assert (folder / MARKER).is_file()
         (folder / "shard-00000.safetensors").write_bytes(b"x")
     assert not folder.exists()
+
+
+def test_a_marker_listing_outside_the_folder_deletes_nothing_there(tmp_path):
+    """Entries of a (damaged or edited) marker that point outside the folder are never followed."""
+    from dmquant.runs import _write_marker, remove_own_folder
+
+    outside = tmp_path / "user.txt"
+    outside.write_text("keep")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("dmquant's")
+    (folder / "link").symlink_to(tmp_path / "elsewhere")
+    _write_marker(folder, "run", files=["mine.txt", "../user.txt", str(outside), "link/keep.txt"])
+    remove_own_folder(folder)
+    assert outside.read_text() == "keep" and (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"
+    assert not (folder / "mine.txt").exists()
