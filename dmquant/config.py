@@ -351,14 +351,28 @@ class CalibrationConfig:
         _check_positive_ints(self, ("num_timesteps", "num_inference_steps", "batch_size", "max_prompts"), "calibration")
 
 
+LAYER_KINDS = ("linear", "conv")
+
+
+def layer_pattern_matches(pattern: str, name: str, kind: str | None) -> bool:
+    """Whether a ``layers`` pattern (``glob`` or ``kind:glob``) selects the layer ``name`` of ``kind``."""
+    if ":" in pattern:
+        want, pattern = pattern.split(":", 1)
+        if want != kind:
+            return False
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
 @dataclass(frozen=True)
 class LayerOverrideConfig:
     """Per-layer settings (mixed precision): keys of the recipe's ``weights`` / ``activations`` sections
     that the layers matching a pattern of ``layers`` take instead of the recipe's, e.g.
-    ``layers: {"transformer_blocks.0.ff.net.2": {weights: {bits: 8}}}``; keys left out keep the recipe's."""
+    ``layers: {"transformer_blocks.0.ff.net.2": {weights: {bits: 8}}}``; keys left out keep the recipe's.
+    ``weight_only: true`` leaves the layers' inputs unquantized (their weights still follow ``weights``)."""
 
     weights: dict[str, Any] | None = None
     activations: dict[str, Any] | None = None
+    weight_only: bool = False
 
     def resolve(self, weights: WeightQuantConfig, activations: ActQuantConfig | None, where: str
                 ) -> tuple[WeightQuantConfig, ActQuantConfig | None]:
@@ -366,7 +380,14 @@ class LayerOverrideConfig:
         if self.activations and activations is None:
             raise DMQuantError(f"{where}.activations: the recipe quantizes no activations, so a layer cannot "
                                "override them; drop the layer's 'activations' key")
+        if not isinstance(self.weight_only, bool):
+            raise DMQuantError(f"{where}.weight_only={self.weight_only!r} must be true or false")
+        if self.weight_only and self.activations:
+            raise DMQuantError(f"{where}: weight_only leaves the inputs unquantized, so 'activations' has no "
+                               "effect; drop one of the two")
         w = _override(WeightQuantConfig, weights, self.weights, f"{where}.weights")
+        if self.weight_only:
+            return w, None
         a = activations if not self.activations else _override(ActQuantConfig, activations, self.activations,
                                                                  f"{where}.activations")
         return w, a
@@ -509,6 +530,9 @@ class QuantConfig:
             if not isinstance(pattern, str) or not isinstance(override, LayerOverrideConfig):
                 raise DMQuantError(f"layers[{pattern!r}] must map a module-name pattern to "
                                    "{weights: {...}, activations: {...}}")
+            if ":" in pattern and pattern.split(":", 1)[0] not in LAYER_KINDS:
+                raise DMQuantError(f"layers[{pattern!r}]: a pattern's kind before ':' must be one of "
+                                   f"{', '.join(LAYER_KINDS)} (e.g. 'conv:*'), got {pattern.split(':', 1)[0]!r}")
             where = f"layers[{pattern!r}]"
             w, a = override.resolve(self.weights, self.activations, where)
             try:
@@ -516,11 +540,12 @@ class QuantConfig:
             except DMQuantError as exc:
                 raise DMQuantError(f"{where}: {exc}") from None
 
-    def layer_sections(self, name: str) -> tuple[WeightQuantConfig, ActQuantConfig | None]:
-        """The ``weights`` and ``activations`` sections of the layer ``name``: the first pattern of ``layers``
-        that matches it (the exact name or a glob), else the recipe's own."""
+    def layer_sections(self, name: str, kind: str | None = None) -> tuple[WeightQuantConfig, ActQuantConfig | None]:
+        """The ``weights`` and ``activations`` sections of the layer ``name`` (of ``kind`` ``linear`` or
+        ``conv``): the first pattern of ``layers`` that matches it, else the recipe's own. A pattern is the
+        exact name or a glob, optionally after a kind (``conv:*`` every convolution, ``linear:*.ff.*``)."""
         for pattern, override in self.layers.items():
-            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            if layer_pattern_matches(pattern, name, kind):
                 return override.resolve(self.weights, self.activations, f"layers[{pattern!r}]")
         return self.weights, self.activations
 
@@ -576,7 +601,8 @@ class QuantConfig:
     def tag(self) -> str:
         a = "16" if self.activations is None else str(self.activations.bits)
         fp8 = "-FP8" if self.weights.format == "fp8_e4m3" else ""
-        mixed = "mixed" if self.layers or self.mixed_precision is not None else ""
+        layer_bits = {o.weights["bits"] for o in self.layers.values() if o.weights and "bits" in o.weights}
+        mixed = "mixed" if (layer_bits - {self.weights.bits}) or self.mixed_precision is not None else ""
         return f"W{mixed or self.weights.bits}A{a}{fp8}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -61,8 +61,25 @@ def test_layer_overrides_resolve_by_exact_name_then_glob_and_round_trip():
     assert QuantConfig.from_dict(c.to_dict()) == c and c.tag == "WmixedA8"
 
 
+def test_layer_patterns_select_by_kind_and_weight_only_drops_the_input_quantizer():
+    from dmquant.config import QuantConfig
+
+    c = QuantConfig.from_dict({"activations": {"bits": 8, "granularity": "token"},
+                               "layers": {"conv:*": {"weight_only": True},
+                                          "linear:*.ff.*": {"activations": {"symmetric": True}}}})
+    assert c.layer_sections("down.0.conv1", "conv") == (c.weights, None)
+    assert c.layer_sections("down.0.ff.net.2", "linear")[1].symmetric is True
+    assert c.layer_sections("down.0.ff.net.2", "conv") == (c.weights, None)  # a conv named like a linear
+    assert c.layer_sections("down.0.to_q", "linear") == (c.weights, c.activations)
+    assert c.layer_sections("down.0.conv1") == (c.weights, c.activations)  # no kind given: kind patterns skip it
+    assert QuantConfig.from_dict(c.to_dict()) == c and c.tag == "W8A8"  # same bits everywhere: not "mixed"
+
+
 @pytest.mark.parametrize("data, message", [
     ({"layers": {"a": {"weights": {"bits": 1}}}}, "layers['a'].weights: weights.bits=1"),
+    ({"layers": {"norm:*": {"weight_only": True}}}, "kind before ':' must be one of linear, conv"),
+    ({"layers": {"a": {"weight_only": True, "activations": {"bits": 4}}}}, "drop one of the two"),
+    ({"layers": {"a": {"weight_only": "yes"}}}, "weight_only"),
     ({"layers": {"a": {"weights": {"bitz": 4}}}}, "unknown keys ['bitz']"),
     ({"layers": {"a": {"precision": 4}}}, "unknown keys ['precision']"),
     ({"layers": [1]}, "must be a mapping of module-name patterns"),

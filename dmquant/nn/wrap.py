@@ -83,11 +83,16 @@ def attention_quantizers(c: AttentionQuantConfig, table: TimeTable | None,
     return lambda: AttentionQuantizers(operand(), operand(), operand(), probs())
 
 
-def layer_quantizers(name: str, config: QuantConfig, table: TimeTable | None
+def layer_kind(layer: nn.Module) -> str:
+    """``linear`` or ``conv``: the kind a ``layers`` pattern of a recipe can select (``conv:*``)."""
+    return "conv" if isinstance(layer, nn.Conv2d) or getattr(layer, "kind", None) == "conv2d" else "linear"
+
+
+def layer_quantizers(name: str, config: QuantConfig, table: TimeTable | None, kind: str | None = None
                      ) -> tuple[MakeWeightQuantizer, MakeInputQuantizer | None]:
-    """The weight and input quantizer constructors of the layer ``name`` (the recipe's sections, or the
-    layer's own under ``layers``: mixed precision)."""
-    w, a = config.layer_sections(name)
+    """The weight and input quantizer constructors of the layer ``name`` of ``kind`` (the recipe's sections,
+    or the layer's own under ``layers``: mixed precision, kinds of layers)."""
+    w, a = config.layer_sections(name, kind)
     return weight_quantizers(w), input_quantizers(a, table, config.time)
 
 
@@ -101,7 +106,7 @@ def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
 
 
 def _check_groups(name: str, layer: nn.Module, config: QuantConfig) -> None:
-    w, a = config.layer_sections(name)
+    w, a = config.layer_sections(name, layer_kind(layer))
     if w.granularity == "group":
         check_group_size(layer.weight[0].numel(), w.group_size, where=f"layer {name!r}")
     if a is not None and a.granularity == "group":
@@ -120,7 +125,7 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
             report.excluded.append(name)
             continue
         _check_groups(name, layer, config)
-        make_weight, make_input = layer_quantizers(name, config, table)
+        make_weight, make_input = layer_quantizers(name, config, table, layer_kind(layer))
         model.set_submodule(name, FLOAT_TYPES[type(layer)].wrap(layer, make_weight, make_input))
         report.quantized.append(name)
     if not report.quantized:
@@ -166,7 +171,7 @@ def split_concatenations(model: nn.Module, config: QuantConfig, adapter: Denoise
     for name, split in adapter.concat_points(model):
         layer = model.get_submodule(name)
         if isinstance(layer, QuantLayer):
-            make_weight, make_input = layer_quantizers(name, config, table)
+            make_weight, make_input = layer_quantizers(name, config, table, layer_kind(layer))
             layer.split_quantizers(split, make_weight if s.weights else None, make_input if s.activations else None)
             done[name] = split
     return done

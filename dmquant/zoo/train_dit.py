@@ -12,6 +12,7 @@ dmquant/zoo/weights/tiny-shapes-dit/.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,12 @@ def main(argv=None) -> None:
     p.add_argument("--class-dropout", type=float, default=0.1)
     p.add_argument("--vae", type=Path, default=configs.WEIGHTS_DIR / "tiny-shapes-sd" / "vae")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
+    p.add_argument("--arch", type=json.loads, default={},
+                   help="JSON object of model arguments that replace configs.DIT's")
+    p.add_argument("--name", default=NAME, help="model name written in train_log.json")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "
+                        "what fits (the count used is in train_log.json: rerun with --steps N to reproduce)")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
@@ -49,7 +56,7 @@ def main(argv=None) -> None:
     labels_all = torch.tensor(np.array(labels)).to(args.device)
     lat_mean, lat_std = encode_latents(vae, _training.to_tensor_images(images).to(args.device))
 
-    model = DiTTransformer2DModel(**configs.DIT).to(args.device).train()
+    model = DiTTransformer2DModel(**{**configs.DIT, **args.arch}).to(args.device).train()
     for m in model.modules():  # drop labels ourselves, consistently across blocks
         if hasattr(m, "class_embedder"):
             m.class_embedder.dropout_prob = 0.0
@@ -57,8 +64,8 @@ def main(argv=None) -> None:
     alphas = noise_sched.alphas_cumprod.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    log = _training.Logger(NAME, args.steps, args.log_every)
-    for step in _training.scheduled_steps(opt, args.steps, args.lr):
+    log = _training.Logger(args.name, args.steps, args.log_every)
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen).to(args.device)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen).to(args.device)
         noise = torch.randn(x0.shape, generator=gen).to(args.device)
@@ -81,7 +88,7 @@ def main(argv=None) -> None:
     pipe = DiTPipeline(transformer=model.cpu().eval(), vae=vae.cpu(), scheduler=inference_scheduler(), id2label=id2label)
     pipe.register_to_config(id2label=id2label)  # stored in model_index.json, passed back by from_pretrained
     pipe.save_pretrained(str(args.out), safe_serialization=True)
-    _training.write_train_log(args.out, NAME, args, log)
+    _training.write_train_log(args.out, args.name, args, log, steps_done=log.total)
     print(f"saved {args.out}", flush=True)
 
 

@@ -38,6 +38,7 @@ Writes dmquant/zoo/weights/tiny-shapes-flux/ (save_pretrained layout, safetensor
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -157,6 +158,9 @@ def main(argv=None) -> None:
                    help="the tiny-shapes-sd folder whose vae/ and text_encoder/ are used (frozen)")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
     p.add_argument("--resume", type=Path, default=None, help="continue training the transformer of this folder")
+    p.add_argument("--arch", type=json.loads, default={},
+                   help="JSON object of model arguments that replace configs.MMDIT's")
+    p.add_argument("--name", default=NAME, help="model name written in train_log.json")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     t0 = time.time()
@@ -176,14 +180,14 @@ def main(argv=None) -> None:
     if args.resume is not None:
         model = SD3Transformer2DModel.from_pretrained(str(args.resume / "transformer")).to(args.device).train()
     else:
-        model = SD3Transformer2DModel(**configs.MMDIT).to(args.device).train()
+        model = SD3Transformer2DModel(**{**configs.MMDIT, **args.arch}).to(args.device).train()
     model.set_attn_processor(RepeatedLastTokenAttnProcessor(T5_TOKENS))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"transformer: {n_params / 1e6:.3f} M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    log = _training.Logger(NAME, args.steps, args.log_every)
+    log = _training.Logger(args.name, args.steps, args.log_every)
     for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
@@ -236,7 +240,7 @@ def main(argv=None) -> None:
     pipe.save_pretrained(str(args.out), safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer_files(args.out / sub)
-    _training.write_train_log(args.out, NAME, args, log, steps_done=log.total, transformer_parameters=n_params,
+    _training.write_train_log(args.out, args.name, args, log, steps_done=log.total, transformer_parameters=n_params,
                               vae_shift_factor=shift, attention_shortcut_max_diff=max_diff,
                               seconds_total=round(time.time() - t0, 1))
     print(f"saved {args.out}", flush=True)

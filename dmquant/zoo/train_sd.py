@@ -15,6 +15,7 @@ safetensors) to dmquant/zoo/weights/tiny-shapes-sd/.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +65,20 @@ def drop_attributes(caption: str, rng: np.random.Generator, p_color: float, p_si
     return " ".join(w for w in caption.split() if w not in drop)
 
 
-def build_text_encoder(tokenizer):
+def build_text_encoder(tokenizer, overrides: dict | None = None):
     cfg = CLIPTextConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **configs.TEXT_ENCODER,
+        **{**configs.TEXT_ENCODER, **(overrides or {})},
     )
     return CLIPTextModel(cfg)
 
 
-def inference_scheduler():
-    return DDIMScheduler(**configs.NOISE_SCHEDULE, set_alpha_to_one=False, steps_offset=1)
+def inference_scheduler(prediction_type: str = "epsilon"):
+    return DDIMScheduler(**configs.NOISE_SCHEDULE, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type=prediction_type)
 
 
 def main(argv=None) -> None:
@@ -89,6 +91,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
     p.add_argument("--resume", type=Path, default=None,
                    help="continue training the UNet and text encoder of this tiny-shapes-sd folder")
+    p.add_argument("--unet-arch", type=json.loads, default={},
+                   help="JSON object of UNet2DConditionModel arguments that replace configs.UNET's")
+    p.add_argument("--text-arch", type=json.loads, default={},
+                   help="JSON object of CLIPTextConfig arguments that replace configs.TEXT_ENCODER's")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "
+                        "what fits (the count used is in train_log.json: rerun with --steps N to reproduce)")
+    p.add_argument("--name", default=NAME, help="model name written in train_log.json")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
@@ -103,15 +114,15 @@ def main(argv=None) -> None:
         text_encoder = CLIPTextModel.from_pretrained(str(args.resume / "text_encoder")).to(args.device).train()
         unet = UNet2DConditionModel.from_pretrained(str(args.resume / "unet")).to(args.device).train()
     else:
-        text_encoder = build_text_encoder(tokenizer).to(args.device).train()
-        unet = UNet2DConditionModel(**configs.UNET).to(args.device).train()
+        text_encoder = build_text_encoder(tokenizer, args.text_arch).to(args.device).train()
+        unet = UNet2DConditionModel(**{**configs.UNET, **args.unet_arch}).to(args.device).train()
     noise_sched = DDPMScheduler(**configs.NOISE_SCHEDULE)
     alphas = noise_sched.alphas_cumprod.to(args.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
-    log = _training.Logger(NAME, args.steps, args.log_every)
-    for step in _training.scheduled_steps(opt, args.steps, args.lr):
+    log = _training.Logger(args.name, args.steps, args.log_every)
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen).to(args.device)
         eps_lat = torch.randn(lat_mean[idx].shape, generator=gen).to(args.device)
         x0 = lat_mean[idx] + lat_std[idx] * eps_lat
@@ -125,7 +136,8 @@ def main(argv=None) -> None:
                         return_tensors="pt").input_ids.to(args.device)
         ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
         cond = text_encoder(ids).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+        target = noise if args.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
         _training.optimizer_step(opt, loss, params)
         log.step(step, loss.item())
 
@@ -134,14 +146,14 @@ def main(argv=None) -> None:
         text_encoder=text_encoder.cpu().eval(),
         tokenizer=tokenizer,
         unet=unet.cpu().eval(),
-        scheduler=inference_scheduler(),
+        scheduler=inference_scheduler(args.prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(args.out), safe_serialization=True)
     write_tokenizer_files(args.out / "tokenizer")
-    _training.write_train_log(args.out, NAME, args, log)
+    _training.write_train_log(args.out, args.name, args, log, steps_done=log.total)
     print(f"saved {args.out}", flush=True)
 
 

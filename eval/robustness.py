@@ -1,0 +1,363 @@
+"""Robustness protocol (issue 18): every quality figure over models x calibration prompt sets x guidance scales.
+
+A cell is (model, calibration prompt set, guidance scale). In a cell a method is calibrated on the set's
+prompts at the cell's guidance scale (a user calibrates with the settings they generate with), then
+generates the protocol's evaluation images (eval/README.md: DDIM 25 steps or the model's flow scheduler,
+image i from seed i, held-out captions; the class-conditioned DiTs take training-pair classes) at the same
+guidance scale; PSNR / SSIM against the FP images of the same model, prompts, seeds and guidance, and the
+judge's CLIP score against FP's. Methods without calibration (weight-only int8, torchao) do not depend on
+the prompt set and are run once per (model, guidance).
+
+    OMP_NUM_THREADS=1 python eval/robustness.py --models sd,sd-wide --sets zoo,terse --guidance 3,5,7.5 \
+        --methods int8-wo,torchao-int8dyn,w8a8 --num-images 200
+    python eval/robustness.py --table [--num-images 200]     # median / worst per method over the cached cells
+
+Results are cached per run in eval/robustness/<model>-<weights>-<set>-g<guidance>-<method>-<n>.json (<weights>:
+a hash of the denoiser's weights, so retrained models start afresh); FP images in eval/robustness/*.npz
+(not committed). Runs are single-threaded (``--threads``, default 1) so that figures do not move with
+the thread count; start two processes with disjoint ``--models`` to use two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dmquant
+from dmquant.config import QuantConfig, load_recipe
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+OUT = ROOT / "robustness"
+sys.path.insert(0, str(ROOT))
+import validation_models  # noqa: E402
+
+# short name -> (zoo model or validation model, kind)
+MODELS = {
+    "sd": ("tiny-shapes-sd", "text"), "sd-wide": ("val-sd-wide", "text"), "sd-small": ("val-sd-small", "text"),
+    "sd-deep": ("val-sd-deep", "text"), "flux": ("tiny-shapes-flux", "text"), "flux-small": ("val-flux-small", "text"),
+    "dit": ("tiny-shapes-dit", "class"), "dit-deep": ("val-dit-deep", "class"),
+}
+GUIDANCE = (3.0, 5.0, 7.5)
+
+# Calibration prompt sets. zoo: the protocol's calib/shapes_calib.txt. terse: the same scenes without
+# position and background words ("a large red circle"), shorter. wordy: the same captions inside
+# other words (prefixes and suffixes outside the grammar, which the tokenizer cuts into word pieces),
+# longer (most reach the 32-token limit). For the class-conditioned DiTs a set is the classes of its
+# captions: zoo = all 24 training classes, terse = the 8 classes of two colors only (a class shift).
+PREFIXES = ("", "a photo of ", "an image showing ", "digital art, ", "a simple picture of ", "flat icon: ")
+SUFFIXES = ("", ", high quality", ", minimal flat style, sharp edges", ", trending on artstation, 4k",
+            ", centered composition", ", vector graphic with clean lines")
+
+
+def _calib_captions() -> list[str]:
+    from dmquant.prompts import read_prompts
+
+    return read_prompts(REPO / "calib" / "shapes_calib.txt")
+
+
+def terse(caption: str) -> str:
+    from dmquant.zoo import data
+
+    scene = data.parse_caption(caption)
+    return " and ".join(f"a {o.size} {o.color} {o.shape}" for o in scene.objects)
+
+
+def wordy(caption: str, i: int) -> str:
+    return PREFIXES[i % len(PREFIXES)] + caption + SUFFIXES[(i * 7 + 3) % len(SUFFIXES)]
+
+
+def calibration_prompts(set_name: str, kind: str) -> list[str]:
+    caps = _calib_captions()
+    if kind == "class":
+        single = [c for c in caps if " and " not in c]
+        if set_name == "zoo":
+            return single
+        if set_name == "terse":
+            return [c for c in single if c.split()[2] in ("red", "cyan")]
+        raise SystemExit(f"prompt set {set_name!r} has no class-conditioned version (zoo, terse)")
+    if set_name == "zoo":
+        return caps
+    if set_name == "terse":
+        return [terse(c) for c in caps]
+    if set_name == "wordy":
+        return [wordy(c, i) for i, c in enumerate(caps)]
+    raise SystemExit(f"unknown prompt set {set_name!r}: zoo, terse, wordy")
+
+
+def eval_prompts(kind: str, n: int) -> list[str]:
+    from dmquant.prompts import read_prompts
+
+    if kind == "text":
+        return read_prompts(REPO / "calib" / "shapes_eval.txt", n)
+    single = [c for c in _calib_captions() if " and " not in c]
+    if len(single) < n:
+        single = (single * (n // len(single) + 1))
+    return single[:n]
+
+
+def model_folder(short: str) -> Path:
+    name = MODELS[short][0]
+    return dmquant.zoo.path(name) if name.startswith("tiny-") else validation_models.path(name)
+
+
+def load(short: str):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(model_folder(short)), local_files_only=True, use_safetensors=True)
+
+
+def fingerprint(short: str) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(model_folder(short).glob("*/diffusion_pytorch_model.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def model_inputs(pipe, kind: str, prompts: list[str]) -> list:
+    if kind == "text":
+        return prompts
+    from dmquant.diffusers_io import class_id
+
+    return [class_id(pipe, p) for p in prompts]
+
+
+def generate(pipe, prompts, guidance: float) -> np.ndarray:
+    from dmquant.generation import GenerationConfig
+    from dmquant.generation import generate as gen
+
+    return gen(pipe, prompts, GenerationConfig(progress=False, guidance_scale=guidance), distributed=False)
+
+
+# Methods: a shipped recipe by name, or one of these (QuantConfig dicts; None: not a dmquant recipe).
+WEIGHT_ONLY_INT8 = {"name": "int8-wo", "weights": {"bits": 8, "symmetric": True, "granularity": "channel",
+                                                    "method": "minmax"}, "activations": None, "attention": None}
+CONV_PATTERNS = ("*conv*", "*.proj_in", "*.proj_out")
+LINEAR_PATTERNS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.add_*_proj", "*.to_add_out", "*.ff.net.*",
+                   "*.ff_context.net.*", "*time_emb*", "*.linear*", "*.proj", "*.proj_mlp", "*.proj_out")
+
+
+def _variant(recipe: str, name: str, **changes) -> dict:
+    """A shipped recipe's dict with sections replaced (``None`` removes one)."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "pipelines" / f"{recipe}.yaml").read_text())
+    data.pop("description", None)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return {**data, "name": name}
+
+
+METHODS: dict[str, dict | None] = {
+    "int8-wo": WEIGHT_ONLY_INT8, "torchao-int8dyn": None,
+    "w8a8-minmax": _variant("w8a8", "w8a8-minmax", activations={"method": "minmax"}, attention={"method": "minmax"}),
+    "w8a8-noattn": _variant("w8a8", "w8a8-noattn", attention=None),
+    "w8a8-token": _variant("w8a8", "w8a8-token", activations={"granularity": "token", "symmetric": True}),
+    "w8a8-tokenasym": _variant("w8a8", "w8a8-tokenasym", activations={"granularity": "token", "symmetric": False}),
+    "w8a8-lintok-convwo": _variant("w8a8", "w8a8-lintok-convwo", activations={"granularity": "token", "symmetric": True},
+                                   layers={p: {"weight_only": True} for p in CONV_PATTERNS}),
+    "w8a8-linasym-convwo": _variant("w8a8", "w8a8-linasym-convwo",
+                                    activations={"granularity": "token", "symmetric": False},
+                                    layers={p: {"weight_only": True} for p in CONV_PATTERNS}),
+    "w8a8-linasym-convstatic": _variant("w8a8", "w8a8-linasym-convstatic", layers={
+        p: {"activations": {"granularity": "token", "symmetric": False}} for p in LINEAR_PATTERNS}),
+    "w8a8-lin-asym": _variant("w8a8", "w8a8-lin-asym", attention=None,
+                              activations={"granularity": "token", "symmetric": False},
+                              layers={p: {"weight_only": True} for p in CONV_PATTERNS}),
+    "w8a8-lin-sym": _variant("w8a8", "w8a8-lin-sym", attention=None,
+                             activations={"granularity": "token", "symmetric": True},
+                             layers={p: {"weight_only": True} for p in CONV_PATTERNS}),
+    "w8a8-tokenlin": _variant("w8a8", "w8a8-tokenlin", layers={
+        p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
+}
+UNCALIBRATED = ("int8-wo", "torchao-int8dyn")
+
+
+def method_config(method: str) -> QuantConfig:
+    if method in METHODS:
+        return QuantConfig.from_dict(METHODS[method])
+    if method.endswith((".yaml", ".yml")) or method in _recipes():
+        return load_recipe(method)
+    raise SystemExit(f"unknown method {method!r}: {', '.join([*METHODS, *_recipes()])} or a recipe file")
+
+
+def _recipes() -> list[str]:
+    return sorted(p.stem for p in (REPO / "pipelines").glob("*.yaml"))
+
+
+def apply_torchao(pipe) -> None:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from dmquant.models.adapters import find_denoiser
+
+    _, denoiser, _ = find_denoiser(pipe)
+    quantize_(denoiser, Int8DynamicActivationInt8WeightConfig(),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+
+
+def reference(short: str, guidance: float, n: int, weights: str) -> np.ndarray:
+    path = OUT / f"{short}-{weights}-fp-g{guidance:g}-{n}.npz"
+    if path.is_file():
+        return np.load(path)["images"]
+    images = generate(load(short), model_inputs(load(short), MODELS[short][1], eval_prompts(MODELS[short][1], n)),
+                      guidance)
+    OUT.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=images)
+    return images
+
+
+def result_path(short: str, weights: str, set_name: str, guidance: float, method: str, n: int) -> Path:
+    set_part = "any" if method in UNCALIBRATED else set_name
+    threads = torch.get_num_threads()
+    suffix = "" if threads == 1 else f"-t{threads}"
+    return OUT / f"{short}-{weights}-{set_part}-g{guidance:g}-{Path(method).stem}-{n}{suffix}.json"
+
+
+def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, calib_prompts: int) -> dict:
+    from dmquant.metrics.clip_score import compute_clip_score
+    from dmquant.metrics.fidelity import fidelity_metrics
+    from dmquant.zoo.judge import JUDGE
+
+    kind = MODELS[short][1]
+    weights = fingerprint(short)
+    path = result_path(short, weights, set_name, guidance, method, n)
+    if path.is_file():
+        return json.loads(path.read_text())
+    ref = reference(short, guidance, n, weights)
+    prompts = eval_prompts(kind, n)
+    pipe = load(short)
+    start = time.perf_counter()
+    if method == "torchao-int8dyn":
+        apply_torchao(pipe)
+        calib = None
+    else:
+        config = method_config(method)
+        calib = calibration_prompts(set_name, kind)[: min(calib_prompts, config.calibration.max_prompts)]
+        dmquant.quantize(pipe, config, prompts=None if method in UNCALIBRATED else model_inputs(pipe, kind, calib),
+                         progress=False, guidance_scale=guidance)
+    seconds = time.perf_counter() - start
+    images = generate(pipe, model_inputs(pipe, kind, prompts), guidance)
+    result = {"model": short, "weights": weights, "set": "any" if method in UNCALIBRATED else set_name,
+              "guidance": guidance, "method": method, "num_images": n, "threads": torch.get_num_threads(),
+              "calibration_prompts": None if calib is None else len(calib),
+              "calibration_seconds": round(seconds, 1),
+              "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),
+              "clip_score_fp": compute_clip_score(ref, prompts, JUDGE, "cpu"),
+              **fidelity_metrics(images, ref)}
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def current_rows(n: int | None = None) -> list[dict]:
+    prints: dict[str, str] = {}
+    rows = []
+    for f in sorted(OUT.glob("*.json")):
+        r = json.loads(f.read_text())
+        if r["model"] not in prints:
+            try:
+                prints[r["model"]] = fingerprint(r["model"])
+            except (FileNotFoundError, KeyError):
+                prints[r["model"]] = ""
+        if r["weights"] == prints[r["model"]] and (n is None or r["num_images"] == n) and r.get("threads", 1) == 1:
+            rows.append(r)
+    return rows
+
+
+def expand(rows: list[dict]) -> list[dict]:
+    """Uncalibrated methods' rows copied into every cell (model, set, guidance) that has other rows."""
+    cells = {(r["model"], r["set"], r["guidance"], r["num_images"]) for r in rows if r["set"] != "any"}
+    out = [r for r in rows if r["set"] != "any"]
+    for r in rows:
+        if r["set"] == "any":
+            out += [{**r, "set": c[1]} for c in cells if (c[0], c[2], c[3]) == (r["model"], r["guidance"], r["num_images"])]
+    return out
+
+
+def clip_delta(r: dict) -> float:
+    return 100 * (r["clip_score"] - r["clip_score_fp"]) / r["clip_score_fp"]
+
+
+def table(rows: list[dict]) -> str:
+    rows = expand(rows)
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    lines = ["| method | cells | PSNR median | PSNR worst (cell) | CLIP Δ% median | CLIP Δ% worst |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method, rs in sorted(by_method.items()):
+        ps = [r["psnr_vs_reference"] for r in rs]
+        worst = min(rs, key=lambda r: r["psnr_vs_reference"])
+        cd = [clip_delta(r) for r in rs]
+        lines.append(f"| {method} | {len(rs)} | {statistics.median(ps):.2f} | {min(ps):.2f} "
+                     f"({worst['model']}, {worst['set']}, {worst['guidance']:g}) | {statistics.median(cd):+.2f} "
+                     f"| {min(cd):+.2f} |")
+    return "\n".join(lines)
+
+
+def cell_table(rows: list[dict]) -> str:
+    rows = expand(rows)
+    methods = sorted({r["method"] for r in rows})
+    cells = sorted({(r["model"], r["set"], r["guidance"], r["num_images"]) for r in rows})
+    lines = ["| model | set | CFG | n | " + " | ".join(methods) + " |", "| --- " * (4 + len(methods)) + "|"]
+    for c in cells:
+        vals = {r["method"]: r["psnr_vs_reference"] for r in rows if (r["model"], r["set"], r["guidance"], r["num_images"]) == c}
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]:g} | {c[3]} | "
+                     + " | ".join(f"{vals[m]:.2f}" if m in vals else "" for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="sd")
+    p.add_argument("--sets", default="zoo,terse,wordy")
+    p.add_argument("--guidance", default="3,5,7.5")
+    p.add_argument("--methods", default="int8-wo,torchao-int8dyn,w8a8")
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--calib-prompts", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--cells", action="store_true", help="with --table: every cell's PSNR")
+    a = p.parse_args(argv)
+    if a.table:
+        rows = current_rows(a.num_images)
+        print(table(rows))
+        if a.cells:
+            print()
+            print(cell_table(rows))
+        return
+    torch.set_num_threads(a.threads)
+    _quiet()
+    for short in a.models.split(","):
+        kind = MODELS[short][1]
+        sets = [s for s in a.sets.split(",") if kind == "text" or s in ("zoo", "terse")]
+        for g in (float(x) for x in a.guidance.split(",")):
+            for method in a.methods.split(","):
+                for s in (sets[:1] if method in UNCALIBRATED else sets):
+                    t0 = time.perf_counter()
+                    r = run_cell(short, s, g, method, a.num_images, a.calib_prompts)
+                    print(f"{short} {r['set']} g{g:g} {method}: PSNR {r['psnr_vs_reference']:.2f} dB, "
+                          f"CLIP {clip_delta(r):+.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
