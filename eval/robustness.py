@@ -161,21 +161,21 @@ def _variant(recipe: str, name: str, **changes) -> dict:
 
 METHODS: dict[str, dict | None] = {
     "int8-wo": WEIGHT_ONLY_INT8, "torchao-int8dyn": None,
-    "w8a8-minmax": _variant("w8a8", "w8a8-minmax", activations={"method": "minmax"}, attention={"method": "minmax"}),
-    "w8a8-noattn": _variant("w8a8", "w8a8-noattn", attention=None),
-    "w8a8-token": _variant("w8a8", "w8a8-token", activations={"granularity": "token", "symmetric": True}),
-    "w8a8-tokenasym": _variant("w8a8", "w8a8-tokenasym", activations={"granularity": "token", "symmetric": False}),
-    "w8a8-lintok-convwo": _variant("w8a8", "w8a8-lintok-convwo", activations={"granularity": "token", "symmetric": True},
+    "w8a8-minmax": _variant("w8a8-static", "w8a8-minmax", activations={"method": "minmax"}, attention={"method": "minmax"}),
+    "w8a8-noattn": _variant("w8a8-static", "w8a8-noattn", attention=None),
+    "w8a8-token": _variant("w8a8-static", "w8a8-token", activations={"granularity": "token", "symmetric": True}),
+    "w8a8-tokenasym": _variant("w8a8-static", "w8a8-tokenasym", activations={"granularity": "token", "symmetric": False}),
+    "w8a8-lintok-convwo": _variant("w8a8-static", "w8a8-lintok-convwo", activations={"granularity": "token", "symmetric": True},
                                    layers={p: {"weight_only": True} for p in CONV_PATTERNS}),
-    "w8a8-linasym-convwo": _variant("w8a8", "w8a8-linasym-convwo",
+    "w8a8-linasym-convwo": _variant("w8a8-static", "w8a8-linasym-convwo",
                                     activations={"granularity": "token", "symmetric": False},
                                     layers={p: {"weight_only": True} for p in CONV_PATTERNS}),
-    "w8a8-linasym-convstatic": _variant("w8a8", "w8a8-linasym-convstatic", layers={
+    "w8a8-linasym-convstatic": _variant("w8a8-static", "w8a8-linasym-convstatic", layers={
         p: {"activations": {"granularity": "token", "symmetric": False}} for p in LINEAR_PATTERNS}),
-    "w8a8-lin-asym": _variant("w8a8", "w8a8-lin-asym", attention=None,
+    "w8a8-lin-asym": _variant("w8a8-static", "w8a8-lin-asym", attention=None,
                               activations={"granularity": "token", "symmetric": False},
                               layers={"conv:*": {"weight_only": True}}),
-    "w8a8-lin-sym": _variant("w8a8", "w8a8-lin-sym", attention=None,
+    "w8a8-lin-sym": _variant("w8a8-static", "w8a8-lin-sym", attention=None,
                              activations={"granularity": "token", "symmetric": True},
                              layers={"conv:*": {"weight_only": True}}),
     "w4a8-lin-asym": _variant("w4a8", "w4a8-lin-asym", attention=None,
@@ -185,13 +185,15 @@ METHODS: dict[str, dict | None] = {
     "w4a8-lin-asym-rtn": _variant("w4a8", "w4a8-lin-asym-rtn", attention=None, reconstruction=None, split=None,
                                   activations={"granularity": "token", "symmetric": False},
                                   layers={"conv:*": {"weight_only": True}}),
-    "w8a8-tokenlin": _variant("w8a8", "w8a8-tokenlin", layers={
+    "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
 UNCALIBRATED = ("int8-wo", "torchao-int8dyn")
 
 
 def method_config(method: str) -> QuantConfig:
+    if method == "torchao-int8dyn":
+        return QuantConfig.from_dict(WEIGHT_ONLY_INT8)  # (not used to quantize: a config without calibration)
     if method in METHODS:
         return QuantConfig.from_dict(METHODS[method])
     if method.endswith((".yaml", ".yml")) or method in _recipes():
@@ -224,8 +226,13 @@ def reference(short: str, guidance: float, n: int, weights: str) -> np.ndarray:
     return images
 
 
+def uncalibrated(method: str) -> bool:
+    """Methods whose result does not depend on the calibration prompts (no activation ranges, no fitting)."""
+    return method in UNCALIBRATED or not method_config(method).needs_calibration_data
+
+
 def result_path(short: str, weights: str, set_name: str, guidance: float, method: str, n: int) -> Path:
-    set_part = "any" if method in UNCALIBRATED else set_name
+    set_part = "any" if uncalibrated(method) else set_name
     threads = torch.get_num_threads()
     suffix = "" if threads == 1 else f"-t{threads}"
     return OUT / f"{short}-{weights}-{set_part}-g{guidance:g}-{Path(method).stem}-{n}{suffix}.json"
@@ -250,12 +257,13 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
         calib = None
     else:
         config = method_config(method)
-        calib = calibration_prompts(set_name, kind)[: min(calib_prompts, config.calibration.max_prompts)]
-        dmquant.quantize(pipe, config, prompts=None if method in UNCALIBRATED else model_inputs(pipe, kind, calib),
+        calib = None if uncalibrated(method) else \
+            calibration_prompts(set_name, kind)[: min(calib_prompts, config.calibration.max_prompts)]
+        dmquant.quantize(pipe, config, prompts=None if uncalibrated(method) else model_inputs(pipe, kind, calib),
                          progress=False, guidance_scale=guidance)
     seconds = time.perf_counter() - start
     images = generate(pipe, model_inputs(pipe, kind, prompts), guidance)
-    result = {"model": short, "weights": weights, "set": "any" if method in UNCALIBRATED else set_name,
+    result = {"model": short, "weights": weights, "set": "any" if uncalibrated(method) else set_name,
               "guidance": guidance, "method": method, "num_images": n, "threads": torch.get_num_threads(),
               "calibration_prompts": None if calib is None else len(calib),
               "calibration_seconds": round(seconds, 1),
@@ -359,7 +367,7 @@ def main(argv=None) -> None:
         sets = [s for s in a.sets.split(",") if kind == "text" or s in ("zoo", "terse")]
         for g in (float(x) for x in a.guidance.split(",")):
             for method in a.methods.split(","):
-                for s in (sets[:1] if method in UNCALIBRATED else sets):
+                for s in (sets[:1] if uncalibrated(method) else sets):
                     t0 = time.perf_counter()
                     r = run_cell(short, s, g, method, a.num_images, a.calib_prompts)
                     print(f"{short} {r['set']} g{g:g} {method}: PSNR {r['psnr_vs_reference']:.2f} dB, "

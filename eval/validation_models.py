@@ -75,7 +75,7 @@ VARIANTS: dict[str, tuple[str, str, list[str], str]] = {
 }
 
 # components a sibling shares with its zoo model, linked instead of copied (the same bytes)
-SHARED = {"tiny-shapes-sd": ("vae",), "tiny-shapes-dit": ("vae",),
+SHARED = {"tiny-shapes-sd": ("vae",), "tiny-shapes-dit": (),  # the DiT sibling trains on tiny-shapes-sd's VAE
           "tiny-shapes-flux": ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3")}
 
 
@@ -111,6 +111,19 @@ def _link_shared(folder: Path, zoo_model: str) -> None:
             target.symlink_to(os.path.relpath(source, folder))
 
 
+def _store_half(folder: Path) -> None:
+    """Float32 weights of the trained components (not the linked ones) rewritten in float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*/*.safetensors"):
+        if f.parent.is_symlink():
+            continue
+        state = load_file(str(f))
+        save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in state.items()},
+                  str(f), metadata={"format": "pt"})
+
+
 def build(name: str, threads: int = 1) -> Path:
     module, zoo_model, args, _ = VARIANTS[name]
     out = MODELS_DIR / name
@@ -127,7 +140,8 @@ def build(name: str, threads: int = 1) -> Path:
         cmd += ["--name", name]
     t0 = time.time()
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
-    _link_shared(tmp, zoo_model)
+    _link_shared(tmp, "tiny-shapes-sd" if zoo_model == "tiny-shapes-dit" else zoo_model)
+    _store_half(tmp)
     tmp.rename(out)
     print(f"{name}: built in {time.time() - t0:.0f} s -> {out}", flush=True)
     return out
