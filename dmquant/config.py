@@ -536,7 +536,9 @@ class QuantConfig:
             where = f"layers[{pattern!r}]"
             w, a = override.resolve(self.weights, self.activations, where)
             try:
-                dataclasses.replace(self, weights=w, activations=a, layers={})
+                # a weight-only layer is left unsmoothed (smoothing needs quantized inputs to help)
+                dataclasses.replace(self, weights=w, activations=a, layers={},
+                                    smoothing=self.smoothing if a is not None else None)
             except DMQuantError as exc:
                 raise DMQuantError(f"{where}: {exc}") from None
 

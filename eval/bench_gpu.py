@@ -448,7 +448,7 @@ def print_tables(data: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="sd15,attention,flux,weight_only,sdxl")
-    parser.add_argument("--recipes", default="w8a8,w8a8-fp8,w4a16,w4a4-g64",
+    parser.add_argument("--recipes", default="w8a8,w8a8-static,w8a8-fp8,w4a16,w4a4-g64",
                         help="recipes quantized, frozen and timed eagerly (fidelity against their simulation)")
     parser.add_argument("--compile", default="w8a8,w8a8-fp8",
                         help="of those, the recipes also timed under torch.compile ('' for none, nor the float one)")

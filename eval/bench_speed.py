@@ -6,7 +6,9 @@ configuration runs in this one process, one after another, and is reported as a 
 
 * fp32, bf16: the plain diffusers UNet, eager;
 * dmquant w8a8 / w4a8: calibrated on two synthetic steps (min-max ranges: speed does not depend on
-  them), frozen, so linear and conv layers run int8 x uint8 on oneDNN;
+  them), frozen, so linear and conv layers run int8 x uint8 on oneDNN (``w8a8`` is the static recipe,
+  today's ``w8a8-static``); ``w8a8-token``: today's ``w8a8`` (per-token int8 inputs of linear layers,
+  int8 weight-only convolutions, FP attention), frozen;
 * torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto W8A8 (qint8 weights and
   activations, calibrated, frozen): eager, as their users run them.
 * ``<config>+compile``: the same after regional ``torch.compile`` (inductor on the CPU;
@@ -36,7 +38,10 @@ import dmquant
 from dmquant.bench import compile_regions, denoiser_inputs, time_step, uncompile
 from dmquant.models.full_size import sd15_unet
 
-SPEED_RECIPES = {
+SPEED_RECIPES = {  # "w8a8" here is the static recipe (today's w8a8-static); "w8a8-token" is today's w8a8
+    "w8a8-token": {"name": "w8a8-token-speed", "weights": {"bits": 8}, "attention": None,
+                   "activations": {"bits": 8, "granularity": "token", "symmetric": False},
+                   "layers": {"conv:*": {"weight_only": True}}},
     "w8a8": {"name": "w8a8-speed", "weights": {"bits": 8}, "activations": {"bits": 8},
              "attention": {"bits": 8, "probs_bits": None}},
     "w4a8": {"name": "w4a8-speed", "weights": {"bits": 4}, "activations": {"bits": 8},

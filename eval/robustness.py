@@ -185,6 +185,12 @@ METHODS: dict[str, dict | None] = {
     "w4a8-lin-asym-rtn": _variant("w4a8", "w4a8-lin-asym-rtn", attention=None, reconstruction=None, split=None,
                                   activations={"granularity": "token", "symmetric": False},
                                   layers={"conv:*": {"weight_only": True}}),
+    "w4a4-convwo": _variant("w4a4", "w4a4-convwo", layers={"conv:*": {"weight_only": True}}),
+    "w8a8-wmse": _variant("w8a8", "w8a8-wmse", weights={"method": "mse"}),
+    "w8a8-wmse-temb": _variant("w8a8", "w8a8-wmse-temb", weights={"method": "mse"},
+                               layers={"conv:*": {"weight_only": True}, "linear:*time_emb_proj": {"weight_only": True}}),
+    "w8a8-temb": _variant("w8a8", "w8a8-temb",
+                          layers={"conv:*": {"weight_only": True}, "linear:*time_emb_proj": {"weight_only": True}}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }

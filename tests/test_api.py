@@ -44,12 +44,26 @@ def sqnr_after_quantize(kind, recipe, tmp_path):
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])
 def test_w8a8_sqnr_at_least_30db(kind, tmp_path):
-    pipe, sqnr = sqnr_after_quantize(kind, "w8a8", tmp_path)
+    pipe, sqnr = sqnr_after_quantize(kind, "w8a8-static", tmp_path)
     assert sqnr >= 30.0
     _, denoiser, _ = find_denoiser(pipe)
     layers = [m for m in denoiser.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     assert layers and all(len(m.input_quantizers) == 1 and m.input_quantizers[0].mode == "quant" for m in layers)
     assert pipe.dmquant.report.attention  # the attention matmuls are quantized too
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_default_w8a8_is_per_token_on_linear_inputs_and_weight_only_on_convolutions(kind, tmp_path):
+    pipe, sqnr = sqnr_after_quantize(kind, "w8a8", tmp_path)
+    static_pipe, static_sqnr = sqnr_after_quantize(kind, "w8a8-static", tmp_path)
+    assert sqnr >= static_sqnr + 3.0, (sqnr, static_sqnr)
+    _, denoiser, _ = find_denoiser(pipe)
+    linears = [m for m in denoiser.modules() if isinstance(m, QuantLinear)]
+    convs = [m for m in denoiser.modules() if isinstance(m, QuantConv2d)]
+    assert linears and all(m.input_quantizers[0].granularity == "token" and not m.input_quantizers[0].symmetric
+                           for m in linears)
+    assert (convs or kind == "dit") and all(not m.input_quantizers and m.weight_quantizers[0].bits == 8 for m in convs)
+    assert not pipe.dmquant.report.attention
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])
@@ -59,7 +73,7 @@ def test_w4a16_sqnr_at_least_20db(kind, tmp_path):
 
 
 def test_w4a8_is_worse_than_w8a8_but_usable(tmp_path):
-    _, s8 = sqnr_after_quantize("sd", "w8a8", tmp_path / "a")
+    _, s8 = sqnr_after_quantize("sd", "w8a8-static", tmp_path / "a")
     _, s4 = sqnr_after_quantize("sd", "w4a8-rtn", tmp_path / "b")  # w4a8 adds reconstruction (slower)
     assert 15.0 < s4 < s8
 
@@ -95,16 +109,16 @@ def test_w4a16_needs_no_prompts_and_weights_are_on_the_4bit_grid():
 def test_max_prompts_cuts_the_calibration_prompts_with_a_warning():
     pipe = build_tiny_sd_pipeline()
     with pytest.warns(UserWarning, match="first 2 of 4 prompts"):
-        dmquant.quantize(pipe, "w8a8", prompts=CASES["sd"][1], max_prompts=2, num_inference_steps=2, num_timesteps=1,
+        dmquant.quantize(pipe, "w8a8-static", prompts=CASES["sd"][1], max_prompts=2, num_inference_steps=2, num_timesteps=1,
                          progress=False, **SD_KW)
     assert pipe.dmquant.calibration["prompts"] == 2 and pipe.dmquant.config.calibration.max_prompts == 2
 
 
 def test_bad_inputs():
     with pytest.raises(DMQuantError, match="no calibration prompts"):
-        dmquant.quantize(build_tiny_sd_pipeline(), "w8a8", prompts=[])
+        dmquant.quantize(build_tiny_sd_pipeline(), "w8a8-static", prompts=[])
     with pytest.raises(DMQuantError, match="integer class ids"):
-        dmquant.quantize(build_tiny_dit_pipeline(), "w8a8", prompts=["a cat"])
+        dmquant.quantize(build_tiny_dit_pipeline(), "w8a8-static", prompts=["a cat"])
     with pytest.raises(DMQuantError, match="no 'unet' or 'transformer'"):
         dmquant.quantize(types.SimpleNamespace(vae=torch.nn.Linear(2, 2)), "w4a16")
     with pytest.raises(DMQuantError, match="group_size=48 does not divide the input dimension"):

@@ -34,7 +34,7 @@ def run_cli(*args):
 
 def test_calibrate_writes_run_folder_and_generate_uses_it(sd_folder, prompts, tmp_path):
     out = tmp_path / "run"
-    code = run_cli("calibrate", "--model", sd_folder, "--recipe", "w8a8", "--prompts", prompts, "--out", out,
+    code = run_cli("calibrate", "--model", sd_folder, "--recipe", "w8a8-static", "--prompts", prompts, "--out", out,
                    "--steps", 6, "--num-timesteps", 3, "--height", 16, "--width", 16, "--quiet")
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
@@ -79,7 +79,7 @@ def test_bad_input_exits_2_with_one_clear_line(args, message, sd_folder, prompts
     (tmp_path / "not_a_pipeline").mkdir()
     subst = {"BITS9": tmp_path / "bits9.yaml", "GROUP48": tmp_path / "group48.yaml", "EMPTY": tmp_path / "empty.txt",
              "MISSING": tmp_path / "missing.txt", "NOT_A_PIPELINE": tmp_path / "not_a_pipeline"}
-    argv = {"--model": sd_folder, "--recipe": "w8a8", "--prompts": prompts}
+    argv = {"--model": sd_folder, "--recipe": "w8a8-static", "--prompts": prompts}
     for key, value in zip(args[::2], args[1::2]):
         argv[key] = subst.get(value, value)
     out = tmp_path / "out"
@@ -152,7 +152,7 @@ def test_two_accelerate_processes_calibrate_like_one(tmp_path):
 
     class_ids = tmp_path / "ids.txt"
     class_ids.write_text("1\n2\n3\n4\n")
-    common = ["calibrate", "--model", "tiny-random-dit", "--recipe", "w8a8", "--prompts", str(class_ids),
+    common = ["calibrate", "--model", "tiny-random-dit", "--recipe", "w8a8-static", "--prompts", str(class_ids),
               "--steps", "4", "--batch-size", "1", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -262,7 +262,7 @@ def test_calibration_free_recipe_quantizes_while_loading(float_dit):
 def test_static_activation_recipe_at_load_time_fails_with_one_line(float_dit):
     with pytest.raises(DMQuantError) as err:
         DiTTransformer2DModel.from_pretrained(float_dit, subfolder="transformer",
-                                              quantization_config=dmquant.DMQuantConfig(recipe="w8a8"))
+                                              quantization_config=dmquant.DMQuantConfig(recipe="w8a8-static"))
     message = str(err.value)
     assert "\n" not in message and "needs calibration data" in message and "w4a16" in message
 

@@ -31,7 +31,7 @@ def _inspect(recipe):
 
 @pytest.fixture(scope="module")
 def w8():
-    return _inspect("w8a8")
+    return _inspect("w8a8-static")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_weight_only_recipe_has_exact_activations():
 
 def test_class_conditioned_dit_puts_cond_first():
     pipe = build_tiny_pipeline("tiny-random-dit")
-    data = inspect_quantization(pipe, "w8a8", [1, 2, 3, 4], num_inference_steps=3, num_timesteps=2, progress=False)
+    data = inspect_quantization(pipe, "w8a8-static", [1, 2, 3, 4], num_inference_steps=3, num_timesteps=2, progress=False)
     assert data["branches"] == ["cond", "uncond"] and data["settings"]["cfg"] == "batched"
     assert data["settings"]["guidance_scale"] == 4.0 and data["model"]["guided_sqnr_db"] is not None
     assert "concat" not in next(iter(data["layers"].values()))
@@ -169,10 +169,10 @@ def test_command(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "inspect"
-    args = ["inspect", "--model", "tiny-random-sd", "--recipe", "w8a8", "--prompts", str(prompts), "--out", str(out),
+    args = ["inspect", "--model", "tiny-random-sd", "--recipe", "w8a8-static", "--prompts", str(prompts), "--out", str(out),
             "--steps", "2", "--num-timesteps", "2", "--height", "16", "--width", "16", "--quiet"]
     assert main(args) == 0
-    assert json.loads((out / "inspect.json").read_text())["recipe"] == "w8a8"
+    assert json.loads((out / "inspect.json").read_text())["recipe"] == "w8a8-static"
     assert main(args) == 2  # exists: --overwrite replaces an inspect folder
     assert main(args + ["--overwrite"]) == 0
     bad = tmp_path / "bad"

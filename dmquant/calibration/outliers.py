@@ -177,8 +177,11 @@ def prepare_outlier_branches(denoiser: nn.Module, config: QuantConfig,
             rotate = False
             report["left_out"][name] = ("odd channel count: not rotated" if original.shape[1] % 2 else
                                         "skip concatenation with split quantizers: not rotated")
-        smooth = stats is not None and stats[name].absmax is not None
-        if sm is not None and not smooth:
+        weight_only = not len(layer.input_quantizers)
+        smooth = stats is not None and not weight_only and stats[name].absmax is not None
+        if sm is not None and weight_only:
+            report["left_out"][name] = "weight-only layer (inputs not quantized): not smoothed"
+        elif sm is not None and not smooth:
             report["left_out"][name] = "never ran on the calibration inputs: not smoothed"
         if smooth and sm.alpha is None:
             alpha, factors = _search_alpha(layer, config, stats[name], geometry, rotate, original)

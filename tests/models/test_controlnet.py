@@ -105,12 +105,12 @@ def test_batch_call_arguments_split_one_image_per_prompt():
 def test_controlnet_errors():
     plain = build_tiny_pipeline("tiny-random-sd")
     with pytest.raises(DMQuantError, match="has no ControlNet"):
-        dmquant.quantize(plain, "w8a8", CALIBRATION, controlnet=True, progress=False)
+        dmquant.quantize(plain, "w8a8-static", CALIBRATION, controlnet=True, progress=False)
     pipe = build_tiny_controlnet_pipeline("tiny-random-sd-controlnet")
     with pytest.raises(DMQuantError, match="instead of calibration_data"):
-        dmquant.quantize(pipe, "w8a8", calibration_data=[((), {})], controlnet=True, progress=False)
+        dmquant.quantize(pipe, "w8a8-static", calibration_data=[((), {})], controlnet=True, progress=False)
     with pytest.raises(DMQuantError, match="only a denoiser can use"):
-        dmquant.quantize(pipe, "w8a8", CALIBRATION, controlnet="w4a8-ptqd", progress=False)
+        dmquant.quantize(pipe, "w8a8-static", CALIBRATION, controlnet="w4a8-ptqd", progress=False)
     assert not quant_layers(pipe.unet) and not quant_layers(pipe.controlnet)  # refused before any change
 
 
@@ -139,7 +139,7 @@ def test_learned_time_tables_of_the_controlnet_follow_a_new_schedule():
 
 def test_without_controlnet_argument_only_the_denoiser_is_quantized(tmp_path):
     pipe = build_tiny_controlnet_pipeline("tiny-random-flux-controlnet")
-    dmquant.quantize(pipe, "w8a8", CALIBRATION[:2], control_image=conditioning_images(2, seed=7), num_inference_steps=2,
+    dmquant.quantize(pipe, "w8a8-static", CALIBRATION[:2], control_image=conditioning_images(2, seed=7), num_inference_steps=2,
                      progress=False, calib_dir=tmp_path, **SIZE)
     assert quant_layers(pipe.transformer) and not quant_layers(pipe.controlnet)
     assert not hasattr(pipe.controlnet, "dmquant") and not (tmp_path / "controlnet").exists()

@@ -32,7 +32,7 @@ def test_w8a8_with_quantized_attention(family):
     model, inputs = build(family)
     test_calls = calls(inputs, TEST_SEED, (700, 300))
     reference = _outputs(model, test_calls)
-    dmquant.quantize(model, "w8a8", calibration_data=calls(inputs, CALIBRATION_SEED), progress=False)
+    dmquant.quantize(model, "w8a8-static", calibration_data=calls(inputs, CALIBRATION_SEED), progress=False)
     for ref, out in zip(reference, _outputs(model, test_calls)):
         assert 20.0 <= sqnr_db(ref, out) < 70.0
     attention = quantized_attention(model)
@@ -68,7 +68,7 @@ def test_four_bit_recipes_run(family):
 def test_save_load_reproduces_the_frozen_model(family, tmp_path):
     model, inputs = build(family)
     test_calls = calls(inputs, TEST_SEED, (700, 300))
-    dmquant.quantize(model, "w8a8", calibration_data=calls(inputs, CALIBRATION_SEED), progress=False)
+    dmquant.quantize(model, "w8a8-static", calibration_data=calls(inputs, CALIBRATION_SEED), progress=False)
     dmquant.freeze(model)
     frozen = _outputs(model, test_calls)
     save_quantized_denoiser(model, tmp_path, model.dmquant.config)
@@ -143,7 +143,7 @@ def test_unknown_denoiser_gets_linear_layers_and_one_warning():
     data = [((torch.randn(1, 10, 8), torch.tensor([t])), {}) for t in (1.0, 2.0)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dmquant.quantize(model, "w8a8", calibration_data=data, progress=False)
+        dmquant.quantize(model, "w8a8-static", calibration_data=data, progress=False)
     messages = [str(w.message) for w in caught if "dmquant" in str(w.message)]
     assert len(messages) == 1 and "_Unknown" in messages[0] and "1 attention modules" in messages[0]
     assert "Conv3d" in messages[0]

@@ -36,7 +36,7 @@ def test_w8a8_pipeline_end_to_end(name, tmp_path):
     pipe = build_tiny_pipeline(name)
     assert type(pipe).__name__ == cls
     reference = generate(pipe, TEST, CONFIG, **size)
-    dmquant.quantize(pipe, "w8a8", prompts=CALIBRATION, num_inference_steps=4, progress=False, **size)
+    dmquant.quantize(pipe, "w8a8-static", prompts=CALIBRATION, num_inference_steps=4, progress=False, **size)
     _assert_attention_calibrated(pipe)
     simulated = generate(pipe, TEST, CONFIG, **size)
     assert simulated.shape == reference.shape == (len(TEST), side, side, 3)
@@ -69,7 +69,7 @@ def test_w8a8_wan_video_pipeline(tmp_path):
         return p(prompt=TEST[:2], generator=torch.Generator().manual_seed(0), output_type=output_type, **call).frames
 
     reference = run(pipe, "latent")
-    dmquant.quantize(pipe, "w8a8", prompts=CALIBRATION, progress=False, **call)
+    dmquant.quantize(pipe, "w8a8-static", prompts=CALIBRATION, progress=False, **call)
     _assert_attention_calibrated(pipe)
     assert 20.0 <= sqnr_db(reference, run(pipe, "latent")) < 70.0
     dmquant.freeze(pipe)
@@ -87,7 +87,7 @@ def test_cli_calibrate_and_generate_flux(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CALIBRATION) + "\n")
     run, image = tmp_path / "run", tmp_path / "image.png"
-    assert main(["calibrate", "--model", "tiny-random-flux", "--recipe", "w8a8", "--prompts", str(prompts),
+    assert main(["calibrate", "--model", "tiny-random-flux", "--recipe", "w8a8-static", "--prompts", str(prompts),
                  "--out", str(run), "--steps", "3", "--height", "16", "--width", "16", "--quiet"]) == 0
     assert main(["generate", "--model", str(run), "--prompt", TEST[0], "--out", str(image), "--steps", "3",
                  "--height", "16", "--width", "16"]) == 0

@@ -38,7 +38,7 @@ def test_w8a8_video_pipeline_end_to_end(name, tmp_path):
     pipe = build_tiny_pipeline(name)
     assert type(pipe).__name__ == cls
     latents, frames = run(pipe, "latent"), run(pipe, "np")
-    dmquant.quantize(pipe, "w8a8", prompts=CALIBRATION, progress=False, **call)
+    dmquant.quantize(pipe, "w8a8-static", prompts=CALIBRATION, progress=False, **call)
     _assert_attention_calibrated(pipe)
     # a tiny random model reaches ~50 dB on the latents, ~60 dB on the frames; wrong scales or an
     # unquantized denoiser would miss 20 dB or the upper bound
@@ -80,7 +80,7 @@ def test_cli_on_a_saved_hunyuan_video_folder(tmp_path, capsys):
     (tmp_path / "eval.txt").write_text("\n".join(SHAPES) + "\n")
     size = ["--height", "16", "--width", "16", "--num-frames", str(FRAMES), "--steps", "2"]
     run, video = tmp_path / "run", tmp_path / "video.gif"
-    assert main(["calibrate", "--model", str(folder), "--recipe", "w8a8", "--prompts", str(tmp_path / "calibration.txt"),
+    assert main(["calibrate", "--model", str(folder), "--recipe", "w8a8-static", "--prompts", str(tmp_path / "calibration.txt"),
                  "--out", str(run), "--quiet", *size]) == 0
     assert json.loads((run / "run.json").read_text())["adapter"] == "hunyuan-video"
     assert main(["generate", "--model", str(run), "--prompt", TEST[0], "--out", str(video), *size]) == 0

@@ -190,7 +190,7 @@ def flux(tmp_path_factory):
 
 
 # -- pipelines ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-rtn", "w4a4"])
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8-rtn", "w4a4"])
 def test_lora_on_quantized_tiny_shapes_sd_simulated_and_frozen(sd, recipe):
     family, refs, loras = sd
     pipe = dmquant.quantize(dmquant.zoo.load("tiny-shapes-sd"), recipe, **CALIBRATION)
