@@ -114,7 +114,7 @@ def test_to_moves_every_tensor_and_the_prepared_kernels():
 def test_kernels_prepared_for_another_device_are_passed_over():
     """Codes moved tensor by tensor (accelerate's hooks do not call ``.to()``): the prepared kernels are
     stale, the layer computes with a backend that needs none (the reference), never with stale kernels."""
-    pipe = frozen_sd("w8a8")
+    pipe = frozen_sd("w8a8-static")
     _, unet, _ = find_denoiser(pipe)
     layer = next(layer for _, layer in quant_layers(unet) if "onednn-int8" in layer.kernels)
     x = torch.randn(2, 3, layer.geometry["in_features"]) if layer.kind == "linear" else None
