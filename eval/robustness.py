@@ -159,8 +159,11 @@ def _variant(recipe: str, name: str, **changes) -> dict:
     return {**data, "name": name}
 
 
+# torchao on the linear layers and, on the convolutions (which torchao cannot quantize), the int8 weight-only
+# convolutions of dmquant's w8a8: torchao applied to the same layers as w8a8
+CONV_WEIGHT_ONLY_INT8 = {**WEIGHT_ONLY_INT8, "name": "int8-wo-conv", "include": ["conv:*"]}
 METHODS: dict[str, dict | None] = {
-    "int8-wo": WEIGHT_ONLY_INT8, "torchao-int8dyn": None,
+    "int8-wo": WEIGHT_ONLY_INT8, "torchao-int8dyn": None, "torchao-int8dyn+conv-wo": None,
     "w8a8-minmax": _variant("w8a8-static", "w8a8-minmax", activations={"method": "minmax"}, attention={"method": "minmax"}),
     "w8a8-noattn": _variant("w8a8-static", "w8a8-noattn", attention=None),
     "w8a8-token": _variant("w8a8-static", "w8a8-token", activations={"granularity": "token", "symmetric": True}),
@@ -194,11 +197,11 @@ METHODS: dict[str, dict | None] = {
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
-UNCALIBRATED = ("int8-wo", "torchao-int8dyn")
+UNCALIBRATED = ("int8-wo", "torchao-int8dyn", "torchao-int8dyn+conv-wo")
 
 
 def method_config(method: str) -> QuantConfig:
-    if method == "torchao-int8dyn":
+    if method.startswith("torchao-int8dyn"):
         return QuantConfig.from_dict(WEIGHT_ONLY_INT8)  # (not used to quantize: a config without calibration)
     if method in METHODS:
         return QuantConfig.from_dict(METHODS[method])
@@ -211,14 +214,19 @@ def _recipes() -> list[str]:
     return sorted(p.stem for p in (REPO / "pipelines").glob("*.yaml"))
 
 
-def apply_torchao(pipe) -> None:
+def apply_torchao(pipe, same_layers: bool = False) -> None:
+    """torchao's int8 dynamic quantization on the denoiser's linear layers (``same_layers``: only those that
+    dmquant's w8a8 quantizes)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     from dmquant.models.adapters import find_denoiser
+    from dmquant.nn.wrap import selected
 
-    _, denoiser, _ = find_denoiser(pipe)
+    _, denoiser, adapter = find_denoiser(pipe)
+    w8a8 = load_recipe("w8a8")  # the layers dmquant's w8a8 quantizes (its default excludes: time MLP, ...)
     quantize_(denoiser, Int8DynamicActivationInt8WeightConfig(),
-              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and (
+                  not same_layers or selected(fqn, w8a8, adapter, "linear")))
 
 
 def reference(short: str, guidance: float, n: int, weights: str) -> np.ndarray:
@@ -258,8 +266,10 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     prompts = eval_prompts(kind, n)
     pipe = load(short)
     start = time.perf_counter()
-    if method == "torchao-int8dyn":
-        apply_torchao(pipe)
+    if method.startswith("torchao-int8dyn"):
+        if method.endswith("+conv-wo"):
+            dmquant.quantize(pipe, QuantConfig.from_dict(CONV_WEIGHT_ONLY_INT8), progress=False)
+        apply_torchao(pipe, same_layers=method.endswith("+conv-wo"))
         calib = None
     else:
         config = method_config(method)
@@ -297,12 +307,15 @@ def current_rows(n: int | None = None) -> list[dict]:
 
 
 def expand(rows: list[dict]) -> list[dict]:
-    """Uncalibrated methods' rows copied into every cell (model, set, guidance) that has other rows."""
+    """Rows per cell: a method that does not depend on the prompt set counts in every cell (model, set,
+    guidance) measured with a calibrated method, or as one cell ``any`` where none was."""
     cells = {(r["model"], r["set"], r["guidance"], r["num_images"]) for r in rows if r["set"] != "any"}
     out = [r for r in rows if r["set"] != "any"]
     for r in rows:
-        if r["set"] == "any":
-            out += [{**r, "set": c[1]} for c in cells if (c[0], c[2], c[3]) == (r["model"], r["guidance"], r["num_images"])]
+        if r["set"] != "any":
+            continue
+        sets = [c[1] for c in cells if (c[0], c[2], c[3]) == (r["model"], r["guidance"], r["num_images"])]
+        out += [{**r, "set": s} for s in (sets or ["any"])]
     return out
 
 

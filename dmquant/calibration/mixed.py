@@ -46,7 +46,7 @@ from dmquant.config import LayerOverrideConfig, MixedPrecisionConfig, QuantConfi
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.layers import FLOAT_TYPES, split_channels
-from dmquant.nn.wrap import selected
+from dmquant.nn.wrap import layer_kind, selected
 from dmquant.quantizers.qtensor import weight_storage_bytes
 from dmquant.quantizers.weight import WeightQuantizer
 
@@ -346,7 +346,7 @@ def candidate_layers(denoiser: nn.Module, config: QuantConfig, adapter: Denoiser
     every = candidates(config.mixed_precision, base) if config.mixed_precision is not None else []
     layers = []
     for n, m in denoiser.named_modules():
-        if type(m) in FLOAT_TYPES and selected(n, config, adapter):
+        if type(m) in FLOAT_TYPES and selected(n, config, adapter, layer_kind(m)):
             shape, split = tuple(m.weight.shape), splits.get(n)
             formats = {c.label: c for c in every if fits(c, shape, split, base)}
             layers.append(LayerSensitivity(n, m.weight.numel(), split, formats=formats))

@@ -27,6 +27,7 @@ from dmquant.config import (
     QuantConfig,
     TimeConditioningConfig,
     WeightQuantConfig,
+    layer_pattern_matches,
 )
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
@@ -97,12 +98,13 @@ def layer_quantizers(name: str, config: QuantConfig, table: TimeTable | None, ki
 
 
 # -- wrapping ----------------------------------------------------------------------------------------------
-def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter) -> bool:
-    """Whether the layer ``name`` is quantized under ``config`` (include, then exclude patterns)."""
-    if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter, kind: str | None = None) -> bool:
+    """Whether the layer ``name`` (of ``kind``) is quantized under ``config`` (include, then exclude
+    patterns; a pattern may name a kind, ``conv:*``, as in ``layers``)."""
+    if not any(layer_pattern_matches(p, name, kind) for p in config.include):
         return False
     excludes = config.exclude + (adapter.default_exclude if config.use_default_excludes else ())
-    return not any(fnmatch.fnmatchcase(name, p) for p in excludes)
+    return not any(layer_pattern_matches(p, name, kind) for p in excludes)
 
 
 def _check_groups(name: str, layer: nn.Module, config: QuantConfig) -> None:
@@ -121,7 +123,7 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
     table = TimeTable().install(model, adapter.read_timestep) if config.time is not None else None
     report = WrapReport()
     for name, layer in [(n, m) for n, m in model.named_modules() if type(m) in FLOAT_TYPES]:
-        if not selected(name, config, adapter):
+        if not selected(name, config, adapter, layer_kind(layer)):
             report.excluded.append(name)
             continue
         _check_groups(name, layer, config)

@@ -221,7 +221,9 @@ def test_shipped_time_recipes():
     assert load_recipe("w8a8-time").time.mode == "step" and load_recipe("w8a8-time").calibration.sampler.kind == "all"
     qd = load_recipe("w4a8-qdiffusion")
     assert qd.split is not None and qd.reconstruction.unit == "block"
-    assert load_recipe("w4a8").reconstruction == qd.reconstruction and load_recipe("w4a8-rtn").reconstruction is None
+    w4a8 = load_recipe("w4a8")  # learned rounding on weights only: its activations are per token (no scale)
+    assert w4a8.reconstruction.unit == "block" and not w4a8.reconstruction.learn_act_scales
+    assert w4a8.activations.granularity == "token" and load_recipe("w4a8-rtn").reconstruction is None
 
 
 
