@@ -35,3 +35,20 @@ def test_conv_weight_only_and_linear_per_token_follow_the_layer_kind():
     with torch.no_grad():
         out = unet(x, t, encoder_hidden_states=text).sample
     assert sqnr_db(ref, out) > 35.0, sqnr_db(ref, out)
+
+
+def test_include_and_exclude_patterns_take_a_kind():
+    pipe = build_tiny_sd_pipeline()
+    _, unet, _ = find_denoiser(pipe)
+    weight_only = {"weights": {"bits": 8}, "activations": None, "attention": None}
+    dmquant.quantize(pipe, QuantConfig.from_dict({**weight_only, "include": ["conv:*"]}), progress=False)
+    layers = dict(quant_layers(unet))
+    assert layers and all(isinstance(m, dmquant.nn.layers.QuantConv2d) for m in layers.values())
+    pipe = build_tiny_sd_pipeline()
+    _, unet, _ = find_denoiser(pipe)
+    dmquant.quantize(pipe, QuantConfig.from_dict({**weight_only, "exclude": ["conv:*", "linear:*.to_q"]}),
+                     progress=False)
+    layers = dict(quant_layers(unet))
+    assert layers and all(isinstance(m, dmquant.nn.layers.QuantLinear) and not n.endswith("to_q")
+                          for n, m in layers.items())
+    assert any(n.endswith("to_k") for n in layers)
