@@ -108,11 +108,11 @@ def _linear_part(part: torch.Tensor, qw, q, prepared: dict, bias, out_dtype) -> 
                                  bias, out_dtype)
 
 
-def _run(layer, x: torch.Tensor) -> torch.Tensor:
-    prepared = layer.kernels.get(NAME)
+def _run(layer, x: torch.Tensor, name: str = NAME) -> torch.Tensor:
+    prepared = layer.kernels.get(name)
     if prepared is None:
         if not eligible(layer):
-            raise DMQuantError(f"backend {NAME!r} cannot compute this layer (int8 per-channel weights and static "
+            raise DMQuantError(f"backend {name!r} cannot compute this layer (int8 per-channel weights and static "
                                "8-bit inputs only): use backend='auto'")
         raise DMQuantError("a frozen layer's int8 kernels were not prepared: call prepare_kernels() after loading")
 
@@ -135,3 +135,18 @@ def _run(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 register(Backend(NAME, _supports, _run, _prepare))
+
+# ``cpu-int8-token``: the per-token linear layers of ``w8a8`` / ``w4a8`` on the CPU, on the same torch path
+# (``torch._int_mm`` runs int8 x int8 -> int32 on oneDNN there); oneDNN's own quantized linear (backend
+# ``onednn-int8``) takes one static scale per tensor only. Eager only: under ``torch.compile`` the
+# reference path's fake quantization is what inductor fuses.
+CPU_TOKEN = "cpu-int8-token"
+
+
+def _cpu_token_supports(layer, x) -> bool:
+    if x is None:
+        return eligible(layer) and _dynamic_tokens(layer) and layer.qweights[0].qdata.device.type == "cpu"
+    return x.device.type == "cpu" and CPU_TOKEN in layer.kernels and not torch.compiler.is_compiling()
+
+
+register(Backend(CPU_TOKEN, _cpu_token_supports, lambda layer, x: _run(layer, x, CPU_TOKEN), _prepare))

@@ -142,3 +142,18 @@ def test_kernel_against_float64():
     ref = int8_gemm.int8_linear_reference(x, scale, zero, 0, 255, w, w_scale, bias)
     assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-5)
     assert codes.dtype == torch.int8 and int(codes.min()) >= -128 and int(codes.max()) <= 127
+
+
+def test_cpu_per_token_layers_take_the_integer_path_automatically():
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 64) * torch.logspace(-1, 1, 30)[None, :, None]
+    layer = frozen_layer(nn.Linear(64, 48), x, acfg=ActQuantConfig(bits=8, granularity="token"))
+    assert backend_cuda_int8.CPU_TOKEN in layer.kernels
+    assert backends.choose(layer, x).name == backend_cuda_int8.CPU_TOKEN  # "auto" on a CPU input
+    ref, out = run(layer, x, "reference"), run(layer, x, "auto")
+    assert sqnr_db(ref, out) > 70.0, sqnr_db(ref, out)
+    static = frozen_layer(nn.Linear(64, 48), x)  # static inputs: oneDNN's kernel, not this one
+    assert backend_cuda_int8.CPU_TOKEN not in static.kernels
+    conv = frozen_layer(nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6),
+                        acfg=ActQuantConfig(bits=8, granularity="token"))
+    assert backend_cuda_int8.CPU_TOKEN not in conv.kernels  # per-pixel scales are no integer convolution

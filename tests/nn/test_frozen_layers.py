@@ -54,16 +54,17 @@ def outputs(layer, x, backend):
         return layer(x)
 
 
-def check_frozen(sim, x, integer_path):
+def check_frozen(sim, x, integer_path, auto_name=None):
     """The frozen copy equals the simulation bit for bit on the reference backend; ``auto`` picks oneDNN
-    exactly when the layer has an integer path, and stays within float rounding of the simulation."""
+    exactly when the layer has an integer path (or ``auto_name``), and stays within float rounding of the
+    simulation."""
     expected = outputs(sim, x, "auto")
     frozen = sim.frozen_copy()
     frozen.prepare_kernels()
     assert frozen.frozen and not sim.frozen and sim.weight is not None  # the copy, not the layer, froze
     assert torch.equal(outputs(frozen, x, "reference"), expected)
     frozen.backend = "auto"
-    assert backends.choose(frozen, x).name == ("onednn-int8" if integer_path else "reference")
+    assert backends.choose(frozen, x).name == (auto_name or ("onednn-int8" if integer_path else "reference"))
     assert ("onednn-int8" in frozen.kernels) == integer_path
     out = outputs(frozen, x, "auto")
     assert sqnr_db(expected, out) > 60.0
@@ -85,7 +86,9 @@ def test_frozen_layer_matches_simulation(recipe, kind):
     sim = calibrate(wrapped(layer, wcfg, acfg), x)
     integer_path = (acfg is not None and acfg.static and wcfg.symmetric and wcfg.granularity != "group"
                     and cpu_int8.onednn_available())
-    frozen = check_frozen(sim, x, integer_path)
+    per_token_int8 = (kind == "linear" and acfg is not None and acfg.granularity == "token" and acfg.bits == 8
+                      and wcfg.bits == 8 and wcfg.symmetric and wcfg.granularity == "channel")
+    frozen = check_frozen(sim, x, integer_path, "cpu-int8-token" if per_token_int8 else None)
     storage_bits = wcfg.bits  # int8, two int4 codes per byte, or 2/3/5/6/7-bit codes packed densely
     qw = frozen.qweights[0]
     qparams = qw.scale.numel() + (0 if qw.zero_point is None else qw.zero_point.numel())
