@@ -229,6 +229,17 @@ def apply_torchao(pipe, same_layers: bool = False) -> None:
                   not same_layers or selected(fqn, w8a8, adapter, "linear")))
 
 
+def _has_selected_conv(pipe) -> bool:
+    """Whether w8a8 quantizes any convolution of the denoiser (DiTs and MMDiTs: their patch embedding only,
+    which the defaults leave in full precision)."""
+    from dmquant.models.adapters import find_denoiser
+    from dmquant.nn.wrap import selected
+
+    _, denoiser, adapter = find_denoiser(pipe)
+    config = load_recipe("w8a8")
+    return any(isinstance(m, torch.nn.Conv2d) and selected(n, config, adapter, "conv") for n, m in denoiser.named_modules())
+
+
 def reference(short: str, guidance: float, n: int, weights: str) -> np.ndarray:
     path = OUT / f"{short}-{weights}-fp-g{guidance:g}-{n}.npz"
     if path.is_file():
@@ -267,7 +278,7 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     pipe = load(short)
     start = time.perf_counter()
     if method.startswith("torchao-int8dyn"):
-        if method.endswith("+conv-wo"):
+        if method.endswith("+conv-wo") and _has_selected_conv(pipe):
             dmquant.quantize(pipe, QuantConfig.from_dict(CONV_WEIGHT_ONLY_INT8), progress=False)
         apply_torchao(pipe, same_layers=method.endswith("+conv-wo"))
         calib = None
