@@ -45,11 +45,26 @@ def folder_marker(folder: str | Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("written_by") == "dmquant" else None
 
 
-def _write_marker(folder: Path, kind: str, *, files: list[str] | None = None) -> None:
+def _stamp(path: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file or link as it is now (not followed); None for a folder or nothing."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return None if path.is_dir() and not path.is_symlink() else [st.st_size, st.st_mtime_ns]
+
+
+def _write_marker(folder: Path, kind: str, *, files: list[str] | None = None, stamps: dict | None = None) -> None:
     """The marker: ``private`` (a folder only the dmquant process that made it writes in: everything in it
-    is dmquant's) until ``files`` lists what dmquant wrote into the finished folder."""
+    is dmquant's) until ``files`` lists what dmquant wrote into the finished folder, each file with its
+    size and modification time (``stamps``): a file changed or replaced since then is no longer dmquant's."""
     data = {"written_by": "dmquant", "kind": kind, "dmquant_version": __version__}
-    data.update({"private": True} if files is None else {"files": files})
+    if files is None:
+        data["private"] = True
+    else:
+        if stamps is None:
+            stamps = {e: _stamp(folder / e) for e in files}
+        data.update(files=files, stamps={e: v for e, v in stamps.items() if v is not None})
     (folder / MARKER).write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -67,8 +82,10 @@ def record_written(path: Path) -> None:
         marker = folder_marker(folder)
         if marker is not None:
             if isinstance(marker.get("files"), list):
-                files = sorted(set(marker["files"]) | {path.relative_to(folder).as_posix()})
-                _write_marker(folder, marker["kind"], files=files)
+                entry = path.relative_to(folder).as_posix()
+                stamps = marker.get("stamps") if isinstance(marker.get("stamps"), dict) else {}
+                _write_marker(folder, marker["kind"], files=sorted(set(marker["files"]) | {entry}),
+                              stamps={**stamps, entry: _stamp(path)})  # the others keep their first stamps
             return
 
 
@@ -79,17 +96,19 @@ def make_own_temp_folder(prefix: str) -> str:
     return folder
 
 
-def _delete_entries(folder: Path, entries: list[str]) -> None:
+def _delete_entries(folder: Path, entries: list[str], stamps: dict | None) -> None:
     """Delete the listed entries of ``folder``: files and links themselves, then directories left empty
-    (deepest first). Anything not listed, or a listed directory still holding something, stays."""
+    (deepest first). With ``stamps`` (a finished folder) a file goes only while it is still the one dmquant
+    wrote (same size and modification time); ``None``: a private folder, all of it dmquant's. Anything not
+    listed, changed since, or a listed directory still holding something, stays."""
     root = folder.resolve()
     # a listed entry outside the folder (an absolute name, "..", a link on the way) is never followed
-    paths = [folder / e for e in entries if not Path(e).is_absolute() and ".." not in Path(e).parts
-             and (folder / e).parent.resolve().is_relative_to(root)]
-    for path in paths:
-        if path.is_symlink() or path.is_file():
+    paths = {e: folder / e for e in entries if not Path(e).is_absolute() and ".." not in Path(e).parts
+             and (folder / e).parent.resolve().is_relative_to(root)}
+    for entry, path in paths.items():
+        if (path.is_symlink() or path.is_file()) and (stamps is None or stamps.get(entry) == _stamp(path)):
             path.unlink(missing_ok=True)
-    for path in sorted((p for p in paths if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts),
+    for path in sorted((p for p in paths.values() if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts),
                        reverse=True):
         with contextlib.suppress(OSError):
             path.rmdir()
@@ -104,10 +123,14 @@ def remove_own_folder(folder: Path) -> bool:
     if folder.is_symlink() or not folder.is_dir():
         return False
     marker = folder_marker(folder)
-    if marker is not None and (marker.get("private") or isinstance(marker.get("files"), list)):
-        _delete_entries(folder, _listing(folder) if marker.get("private") else marker["files"])
-    if marker is not None and not _listing(folder):
-        (folder / MARKER).unlink(missing_ok=True)
+    if marker is not None and marker.get("private"):
+        _delete_entries(folder, _listing(folder), None)
+    elif marker is not None and isinstance(marker.get("files"), list):
+        stamps = marker.get("stamps")  # an older dmquant's marker has none: then no file is provably its
+        _delete_entries(folder, marker["files"], stamps if isinstance(stamps, dict) else {})
+    own_marker = folder / MARKER
+    if marker is not None and not _listing(folder) and own_marker.is_file() and not own_marker.is_symlink():
+        own_marker.unlink()
     try:
         folder.rmdir()
         return True

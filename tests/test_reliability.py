@@ -426,7 +426,12 @@ def test_identical_runs_write_identical_bytes(work, tmp_path, capsys):
     first, second = snapshot(work / "q"), snapshot(out)
     assert first.keys() == second.keys()
     differ = {k for k in first if first[k] != second[k]}
-    assert differ <= {"run.json", "summary.md"}  # only the time stamps and durations (which may coincide)
+    # only the time stamps and durations (which may coincide); the marker stamps each file's write time
+    assert differ <= {"run.json", "summary.md", MARKER}
+    marks = [json.loads(first[MARKER]), json.loads(second[MARKER])]
+    assert marks[0]["files"] == marks[1]["files"]  # the same files, of the same sizes (but the timed ones)
+    sizes = [{k: v[0] for k, v in m["stamps"].items() if k not in ("run.json", "summary.md")} for m in marks]
+    assert sizes[0] == sizes[1] and len(sizes[0]) == len(first) - 3
     assert "run.json" in differ and any(k.endswith("dmquant_weights.safetensors") for k in first)
 
 

@@ -79,6 +79,24 @@ def test_calibration_temp_folder_is_marked_and_removed(tmp_path):
     assert not folder.exists()
 
 
+def test_a_listed_file_changed_or_replaced_after_dmquant_wrote_it_stays(tmp_path):
+    import os
+
+    with atomic_folder(tmp_path / "ours", kind="run") as out:
+        for name in ("kept.txt", "edited.txt", "replaced.txt", "touched.txt"):
+            (out / name).write_text("dmquant's")
+    ours = tmp_path / "ours"
+    (ours / "edited.txt").write_text("the user's longer text")  # new size
+    (ours / "replaced.txt").unlink()
+    (ours / "replaced.txt").write_text("user's!!!")  # same size, a new file
+    st = (ours / "touched.txt").stat()
+    os.utime(ours / "touched.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert remove_own_folder(ours) is False
+    left = sorted(p.name for p in ours.iterdir())
+    assert left == [MARKER, "edited.txt", "replaced.txt", "touched.txt"]  # only the untouched file went
+    assert (ours / "edited.txt").read_text() == "the user's longer text"
+
+
 def test_a_marker_listing_outside_the_folder_deletes_nothing_there(tmp_path):
     """Entries of a (damaged or edited) marker that point outside the folder are never followed."""
     from dmquant.runs import _write_marker, remove_own_folder
