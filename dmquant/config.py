@@ -354,13 +354,22 @@ class CalibrationConfig:
 LAYER_KINDS = ("linear", "conv")
 
 
+def split_layer_pattern(pattern: str, where: str) -> tuple[str | None, str]:
+    """``(kind or None, glob)`` of a layer pattern (``glob`` or ``kind:glob``, in ``layers``, ``include`` and
+    ``exclude``); a kind other than :data:`LAYER_KINDS` is a DMQuantError naming ``where``."""
+    if ":" not in pattern:
+        return None, pattern
+    kind, glob = pattern.split(":", 1)
+    if kind not in LAYER_KINDS:
+        raise DMQuantError(f"{where}: a pattern's kind before ':' must be one of {', '.join(LAYER_KINDS)} "
+                           f"(e.g. 'conv:*'), got {kind!r}")
+    return kind, glob
+
+
 def layer_pattern_matches(pattern: str, name: str, kind: str | None) -> bool:
-    """Whether a ``layers`` pattern (``glob`` or ``kind:glob``) selects the layer ``name`` of ``kind``."""
-    if ":" in pattern:
-        want, pattern = pattern.split(":", 1)
-        if want != kind:
-            return False
-    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+    """Whether a layer pattern (``glob`` or ``kind:glob``) selects the layer ``name`` of ``kind``."""
+    want, glob = split_layer_pattern(pattern, repr(pattern))
+    return (want is None or want == kind) and (name == glob or fnmatch.fnmatchcase(name, glob))
 
 
 @dataclass(frozen=True)
@@ -512,6 +521,8 @@ class QuantConfig:
             value = getattr(self, attr)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise DMQuantError(f"{attr} must be a list of glob patterns on module names, got {value!r}")
+            for pattern in value:
+                split_layer_pattern(pattern, f"{attr} pattern {pattern!r}")
             object.__setattr__(self, attr, tuple(value))
         self._check_compatible()
         self._check_layers()
@@ -530,10 +541,8 @@ class QuantConfig:
             if not isinstance(pattern, str) or not isinstance(override, LayerOverrideConfig):
                 raise DMQuantError(f"layers[{pattern!r}] must map a module-name pattern to "
                                    "{weights: {...}, activations: {...}}")
-            if ":" in pattern and pattern.split(":", 1)[0] not in LAYER_KINDS:
-                raise DMQuantError(f"layers[{pattern!r}]: a pattern's kind before ':' must be one of "
-                                   f"{', '.join(LAYER_KINDS)} (e.g. 'conv:*'), got {pattern.split(':', 1)[0]!r}")
             where = f"layers[{pattern!r}]"
+            split_layer_pattern(pattern, where)
             w, a = override.resolve(self.weights, self.activations, where)
             try:
                 # a weight-only layer is left unsmoothed (smoothing needs quantized inputs to help)

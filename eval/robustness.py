@@ -21,6 +21,7 @@ the thread count; start two processes with disjoint ``--models`` to use two core
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -200,6 +201,7 @@ METHODS: dict[str, dict | None] = {
 UNCALIBRATED = ("int8-wo", "torchao-int8dyn", "torchao-int8dyn+conv-wo")
 
 
+@functools.lru_cache(maxsize=None)
 def method_config(method: str) -> QuantConfig:
     if method.startswith("torchao-int8dyn"):
         return QuantConfig.from_dict(WEIGHT_ONLY_INT8)  # (not used to quantize: a config without calibration)
@@ -244,8 +246,8 @@ def reference(short: str, guidance: float, n: int, weights: str) -> np.ndarray:
     path = OUT / f"{short}-{weights}-fp-g{guidance:g}-{n}.npz"
     if path.is_file():
         return np.load(path)["images"]
-    images = generate(load(short), model_inputs(load(short), MODELS[short][1], eval_prompts(MODELS[short][1], n)),
-                      guidance)
+    pipe = load(short)
+    images = generate(pipe, model_inputs(pipe, MODELS[short][1], eval_prompts(MODELS[short][1], n)), guidance)
     OUT.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=images)
     return images
@@ -382,7 +384,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true")
     p.add_argument("--cells", action="store_true", help="with --table: every cell's PSNR")
+    p.add_argument("--write-sets", metavar="DIR", help="write the text prompt sets (calibration and the "
+                   "held-out evaluation prompts) as DIR/<set>.txt, e.g. for `dmquant inspect`, and stop")
     a = p.parse_args(argv)
+    if a.write_sets:
+        out = Path(a.write_sets)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("zoo", "terse", "wordy"):
+            (out / f"{name}.txt").write_text("\n".join(calibration_prompts(name, "text")) + "\n")
+        (out / "eval.txt").write_text("\n".join(eval_prompts("text", 200)) + "\n")
+        return
     if a.table:
         rows = current_rows(a.num_images)
         print(table(rows))

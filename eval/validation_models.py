@@ -75,7 +75,8 @@ VARIANTS: dict[str, tuple[str, str, list[str], str]] = {
 }
 
 # components a sibling shares with its zoo model, linked instead of copied (the same bytes)
-SHARED = {"tiny-shapes-sd": ("vae",), "tiny-shapes-dit": (),  # the DiT sibling trains on tiny-shapes-sd's VAE
+# (the DiT sibling trains on tiny-shapes-sd's VAE, so it links that one: see build)
+SHARED = {"tiny-shapes-sd": ("vae",),
           "tiny-shapes-flux": ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3")}
 
 

@@ -78,6 +78,8 @@ def test_layer_patterns_select_by_kind_and_weight_only_drops_the_input_quantizer
 @pytest.mark.parametrize("data, message", [
     ({"layers": {"a": {"weights": {"bits": 1}}}}, "layers['a'].weights: weights.bits=1"),
     ({"layers": {"norm:*": {"weight_only": True}}}, "kind before ':' must be one of linear, conv"),
+    ({"include": ["conv:*", "attn:*"]}, "include pattern 'attn:*': a pattern's kind before ':' must be one of"),
+    ({"exclude": ["Linear:*"]}, "exclude pattern 'Linear:*'"),
     ({"layers": {"a": {"weight_only": True, "activations": {"bits": 4}}}}, "drop one of the two"),
     ({"layers": {"a": {"weight_only": "yes"}}}, "weight_only"),
     ({"layers": {"a": {"weights": {"bitz": 4}}}}, "unknown keys ['bitz']"),

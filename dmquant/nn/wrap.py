@@ -107,8 +107,8 @@ def selected(name: str, config: QuantConfig, adapter: DenoiserAdapter, kind: str
     return not any(layer_pattern_matches(p, name, kind) for p in excludes)
 
 
-def _check_groups(name: str, layer: nn.Module, config: QuantConfig) -> None:
-    w, a = config.layer_sections(name, layer_kind(layer))
+def _check_groups(name: str, layer: nn.Module, config: QuantConfig, kind: str) -> None:
+    w, a = config.layer_sections(name, kind)
     if w.granularity == "group":
         check_group_size(layer.weight[0].numel(), w.group_size, where=f"layer {name!r}")
     if a is not None and a.granularity == "group":
@@ -123,11 +123,12 @@ def wrap_denoiser(model: nn.Module, config: QuantConfig, adapter: DenoiserAdapte
     table = TimeTable().install(model, adapter.read_timestep) if config.time is not None else None
     report = WrapReport()
     for name, layer in [(n, m) for n, m in model.named_modules() if type(m) in FLOAT_TYPES]:
-        if not selected(name, config, adapter, layer_kind(layer)):
+        kind = layer_kind(layer)
+        if not selected(name, config, adapter, kind):
             report.excluded.append(name)
             continue
-        _check_groups(name, layer, config)
-        make_weight, make_input = layer_quantizers(name, config, table, layer_kind(layer))
+        _check_groups(name, layer, config, kind)
+        make_weight, make_input = layer_quantizers(name, config, table, kind)
         model.set_submodule(name, FLOAT_TYPES[type(layer)].wrap(layer, make_weight, make_input))
         report.quantized.append(name)
     if not report.quantized:

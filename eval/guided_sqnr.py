@@ -1,0 +1,86 @@
+"""Where a per-token W8A8 loses on a zoo model: SQNR of the guided noise prediction ``uncond + g (cond - uncond)``
+with one group of layers quantized at a time (eval/RESULTS.md, "Robustness").
+
+The FP pipeline runs 8 held-out prompts for 25 DDIM steps at guidance ``g``; every third denoiser call is
+recorded and replayed through each quantized copy (one torch thread).
+
+    OMP_NUM_THREADS=1 python eval/guided_sqnr.py [--model sd] [--guidance 7.5] [--only w8a8,torchao]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+import dmquant
+from dmquant.config import QuantConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import robustness as R  # noqa: E402
+
+W = {"bits": 8, "symmetric": True, "granularity": "channel", "method": "minmax"}
+A = {"bits": 8, "granularity": "token", "symmetric": False}
+CONV_WO = {"conv:*": {"weight_only": True}}
+GROUPS = {"ff2": ["*.ff.net.2"], "ff0": ["*.ff.net.0.proj"], "out": ["*.to_out.0"],
+          "attn1qkv": ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v"], "attn2q": ["*attn2.to_q"],
+          "attn2kv": ["*attn2.to_k", "*attn2.to_v"], "temb": ["*time_emb_proj"]}
+CONFIGS = {
+    "w8a8": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO},
+    "w8a8+rot": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO, "rotation": {}},
+    "w8a8+smooth": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO,
+                    "smoothing": {"alpha": 0.5}, "calibration": {"max_prompts": 16, "num_timesteps": 4}},
+    "linear-weights-only": {"weights": W, "activations": None, "attention": None, "include": ["linear:*"]},
+    "conv-weights-only": {"weights": W, "activations": None, "attention": None, "include": ["conv:*"]},
+    "linear-sym": {"weights": W, "activations": {**A, "symmetric": True}, "attention": None, "layers": CONV_WO},
+    **{f"only-{k}": {"weights": W, "activations": A, "attention": None, "include": v} for k, v in GROUPS.items()},
+}
+
+
+def record_calls(pipe, guidance: float) -> list:
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a, k: calls.append((tuple(x.clone() for x in a), dict(k))), with_kwargs=True)
+    pipe(R.eval_prompts("text", 8), num_inference_steps=25, guidance_scale=guidance,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    hook.remove()
+    return calls[::3]
+
+
+@torch.no_grad()
+def guided(unet, calls, guidance: float) -> torch.Tensor:
+    outs = []
+    for args, kwargs in calls:
+        uncond, cond = unet(*args, **{**kwargs, "return_dict": False})[0].chunk(2)
+        outs.append(uncond + guidance * (cond - uncond))
+    return torch.cat(outs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--only", default=",".join([*CONFIGS, "torchao"]))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    pipe = R.load(a.model)
+    calls = record_calls(pipe, a.guidance)
+    ref = guided(pipe.unet, calls, a.guidance)
+    for name in a.only.split(","):
+        model = copy.deepcopy(pipe)
+        if name == "torchao":
+            R.apply_torchao(model)
+        else:
+            config = QuantConfig.from_dict(CONFIGS[name])
+            prompts = R.calibration_prompts("terse", "text")[:16] if config.needs_calibration_data else None
+            dmquant.quantize(model, config, prompts=prompts, progress=False, guidance_scale=a.guidance)
+        out = guided(model.unet, calls, a.guidance)
+        sqnr = 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())
+        print(f"{name:22s} guided SQNR {float(sqnr):.2f} dB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
