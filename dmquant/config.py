@@ -91,8 +91,10 @@ class WeightQuantConfig:
 
 @dataclass(frozen=True)
 class ActQuantConfig:
-    """How layer inputs are quantized: static per tensor (calibrated), or dynamic per token or per
-    group of ``group_size`` channels of each token (computed on the fly, as the W4A4 kernel does).
+    """How layer inputs are quantized: static per tensor (calibrated), or dynamic per token, per
+    group of ``group_size`` channels of each token (computed on the fly, as the W4A4 kernel does) or per
+    sample (``sample``: one range per batch element, computed on the fly; the dynamic choice that integer
+    convolutions can use).
 
     ``format``: ``int`` or ``fp8_e4m3`` (float8 e4m3, ``scale = amax / 448`` of the tensor or token).
     ``symmetric`` left out means asymmetric for ``int`` and symmetric for ``fp8_e4m3`` (its only kind).
@@ -111,7 +113,7 @@ class ActQuantConfig:
         _check_format(self, "activations")
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", self.format == "fp8_e4m3")
-        _check_choice(self.granularity, ("tensor", "token", "group"), "activations.granularity")
+        _check_choice(self.granularity, ("tensor", "token", "group", "sample"), "activations.granularity")
         _check_choice(self.method, RANGE_METHODS, "activations.method")
         _check_percentile(self.percentile)
         if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size <= 0):
@@ -223,6 +225,13 @@ class ReconstructionConfig:
     ``beta_start`` to ``beta_end``). ``learn_act_scales`` learns the static activation scales in the
     same loop (LSQ-style; ``act_learning_rate`` is relative to each scale). ``num_samples`` recorded
     denoiser calls feed it.
+
+    ``guided``: on calls that carry both halves of classifier-free guidance (the pipeline doubled the
+    latents: both halves equal), the loss adds ``g² · |e_cond - e_uncond|²`` to ``|e|²`` (``e``: the unit's
+    output error; normalised to ``|e|²`` on the first step): the guided prediction ``uncond + g (cond -
+    uncond)`` multiplies the error *difference* of the halves by ``g``, which the plain loss does not see.
+    ``g`` is ``guidance_scale``, else the calibration run's (the pipeline's default when not given);
+    calls without the doubled latents keep the plain loss.
     """
 
     unit: str = "block"
@@ -236,9 +245,16 @@ class ReconstructionConfig:
     learn_act_scales: bool = True
     num_samples: int = 32
     batch_size: int = 4
+    guided: bool = False
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice(self.unit, RECONSTRUCTION_UNITS, "reconstruction.unit")
+        if not isinstance(self.guided, bool):
+            raise DMQuantError(f"reconstruction.guided={self.guided!r} must be true or false")
+        if self.guidance_scale is not None and not float(self.guidance_scale) > 0:
+            raise DMQuantError(f"reconstruction.guidance_scale={self.guidance_scale!r} must be positive (e.g. 7.5), or "
+                               "left out to take the calibration run's")
         _check_positive_ints(self, ("iterations", "num_samples", "batch_size"), "reconstruction")
         if not (self.learning_rate > 0 and self.act_learning_rate > 0 and self.reg_weight >= 0):
             raise DMQuantError("reconstruction: learning rates must be positive and reg_weight >= 0")

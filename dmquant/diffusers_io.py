@@ -77,6 +77,17 @@ def uses_true_cfg(pipe) -> bool:
     return "true_cfg_scale" in params and "negative_prompt" in params and not embeds
 
 
+def guidance_scale_of(pipe, call_kwargs: dict) -> float | None:
+    """The CFG scale a pipeline call runs at: ``guidance_scale`` in ``call_kwargs``, else the pipeline's default
+    (``true_cfg_scale``'s for a true-CFG pipeline); None when the pipeline takes neither."""
+    if call_kwargs.get("guidance_scale") is not None:
+        return float(call_kwargs["guidance_scale"])
+    params = inspect.signature(type(pipe).__call__).parameters
+    name = "true_cfg_scale" if uses_true_cfg(pipe) else "guidance_scale"
+    default = params[name].default if name in params else None
+    return float(default) if isinstance(default, (int, float)) else None
+
+
 def guidance_arguments(pipe, call_kwargs: dict, batch_size: int) -> dict:
     """``call_kwargs`` with ``guidance_scale`` as the pipeline understands a CFG scale: unchanged, or for a
     true-CFG pipeline ``true_cfg_scale`` with an empty negative prompt per image (unless one is given)."""

@@ -42,6 +42,13 @@ SPEED_RECIPES = {  # "w8a8" here is the static recipe (today's w8a8-static); "w8
     "w8a8-token": {"name": "w8a8-token-speed", "weights": {"bits": 8}, "attention": None,
                    "activations": {"bits": 8, "granularity": "token", "symmetric": False},
                    "layers": {"conv:*": {"weight_only": True}}},
+    # int8 convolutions on inputs quantized on the fly, one range per sample (oneDNN), linear per token
+    "w8a8-sample": {"name": "w8a8-sample-speed", "weights": {"bits": 8}, "attention": None,
+                    "activations": {"bits": 8, "granularity": "token", "symmetric": False},
+                    "layers": {"conv:*": {"activations": {"granularity": "sample"}}}},
+    # the same with the linear inputs per sample too (oneDNN's GEMM instead of torch._int_mm)
+    "w8a8-sample-all": {"name": "w8a8-sample-all-speed", "weights": {"bits": 8}, "attention": None,
+                        "activations": {"bits": 8, "granularity": "sample", "symmetric": False}},
     "w8a8": {"name": "w8a8-speed", "weights": {"bits": 8}, "activations": {"bits": 8},
              "attention": {"bits": 8, "probs_bits": None}},
     "w4a8": {"name": "w4a8-speed", "weights": {"bits": 4}, "activations": {"bits": 8},

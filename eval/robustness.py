@@ -195,6 +195,27 @@ METHODS: dict[str, dict | None] = {
                                layers={"conv:*": {"weight_only": True}, "linear:*time_emb_proj": {"weight_only": True}}),
     "w8a8-temb": _variant("w8a8", "w8a8-temb",
                           layers={"conv:*": {"weight_only": True}, "linear:*time_emb_proj": {"weight_only": True}}),
+    # int8 convolutions with one range per sample, computed on the fly (oneDNN can run them: issue 15)
+    "w8a8-convsample": _variant("w8a8", "w8a8-convsample",
+                                layers={"conv:*": {"activations": {"granularity": "sample"}}}),
+    "w8a8-convsample-split": _variant("w8a8", "w8a8-convsample-split", split={"weights": False, "activations": True},
+                                      layers={"conv:*": {"activations": {"granularity": "sample"}}}),
+    "w8a8-convsample-sym": _variant("w8a8", "w8a8-convsample-sym",
+                                    layers={"conv:*": {"activations": {"granularity": "sample", "symmetric": True}}}),
+    "w8a8-convsample-rot": _variant("w8a8", "w8a8-convsample-rot", rotation={"seed": 0},
+                                    layers={"conv:*": {"activations": {"granularity": "sample"}}}),
+    "w8a8-convsample-smooth": _variant("w8a8", "w8a8-convsample-smooth", smoothing={"alpha": 0.5},
+                                       layers={"conv:*": {"activations": {"granularity": "sample"}}}),
+    "w4a8-guided": _variant("w4a8", "w4a8-guided", reconstruction={"guided": True}),
+    "w4a8-guided-adaln8": _variant("w4a8", "w4a8-guided-adaln8", reconstruction={"guided": True},
+                                   layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
+    # 4-bit weights on the DiTs (issue 18): what closes the gap to 32 dB, and what it costs in bytes
+    "w4a8-g32": _variant("w4a8", "w4a8-g32", weights={"granularity": "group", "group_size": 32}),
+    "w4a8-g64": _variant("w4a8", "w4a8-g64", weights={"granularity": "group", "group_size": 64}),
+    "w4a8-adaln8": _variant("w4a8", "w4a8-adaln8", layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
+    "w4a8-ff8": _variant("w4a8", "w4a8-ff8", layers={"linear:*.ff.net.*": {"weights": {"bits": 8}}}),
+    "w4a8-lr8": _variant("w4a8", "w4a8-lr8", low_rank={"rank": 8}),
+    "w4a8-lr16": _variant("w4a8", "w4a8-lr16", low_rank={"rank": 16}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }

@@ -124,8 +124,36 @@ class _NoParamGrads:
             p.requires_grad_(True)
 
 
+def cfg_paired(args: tuple, kwargs: dict) -> bool:
+    """Whether a denoiser call carries both halves of classifier-free guidance: its latent input (the first
+    tensor argument) is an even batch whose two halves are equal (the pipeline doubled the latents)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors += [kwargs[k] for k in ("sample", "hidden_states") if isinstance(kwargs.get(k), torch.Tensor)]
+    if not tensors or tensors[0].dim() == 0 or tensors[0].shape[0] % 2:
+        return False
+    x = tensors[0]
+    return bool(torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:]))
+
+
+def reconstruction_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], guidance: float | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(plain, guided)``: the mean squared error of the unit's outputs, and with ``guidance`` (a CFG-paired
+    call) that error plus ``g² ·`` the mean squared difference of the two halves' errors (each output whose
+    batch is even; ``guided = plain`` without ``guidance``)."""
+    plain = guided = sum((q - f).pow(2).mean() for q, f in zip(outputs, targets))
+    if guidance is None:
+        return plain, guided
+    for q, f in zip(outputs, targets):
+        if q.dim() and q.shape[0] % 2 == 0:
+            e = q - f
+            half = e.shape[0] // 2
+            guided = guided + guidance ** 2 * (e[:half] - e[half:]).pow(2).mean()
+    return plain, guided
+
+
 def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qin, r: ReconstructionConfig,
-              table) -> tuple[float, float]:
+              table, guidance: list[float | None]) -> tuple[float, float]:
+    """``guidance[i]``: the CFG scale whose guided error call ``i`` is fitted for (None: the plain error)."""
     quantizers = [q for layer in layers for q in layer.weight_quantizers]
     rounding = [q.start_rounding(w) for layer in layers
                 for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight))]
@@ -134,14 +162,18 @@ def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qi
         groups.append({"params": [s], "lr": r.act_learning_rate * float(s.detach().abs().mean())})
     opt = torch.optim.Adam(groups)
     first = last = 0.0
+    norm = None  # guided loss scaled to the plain one on the first step (keeps its balance with the regulariser)
     for step in range(r.iterations):
         i = random.randrange(len(qin))
         args, kwargs, t, _ = qin[i]
         if table is not None and t is not None:
             table.set_timestep(t)
-        rec = sum((q - f).pow(2).mean() for q, f in zip(_tensors(unit(*args, **kwargs)), fp[i][3]))
+        rec, fitted = reconstruction_error(_tensors(unit(*args, **kwargs)), fp[i][3], guidance[i])
+        if norm is None:
+            norm = float(rec.detach()) / max(float(fitted.detach()), 1e-30)
         beta = annealed_beta(step, r.iterations, r.warmup, r.beta_start, r.beta_end)
-        loss = rec if beta is None else rec + r.reg_weight * sum(q.rounding_loss(beta) for q in quantizers)
+        fitted = fitted * norm if guidance[i] is not None else fitted
+        loss = fitted if beta is None else fitted + r.reg_weight * sum(q.rounding_loss(beta) for q in quantizers)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -154,11 +186,14 @@ def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qi
 
 def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserAdapter,
                 calls: Iterable[tuple[tuple, dict]], learn_act_scales: bool, seed: int = 0,
-                progress: bool = True) -> dict:
-    """Learn the rounding of every unit's weights (and its activation scales); returns a short report."""
+                progress: bool = True, guidance_scale: float | None = None) -> dict:
+    """Learn the rounding of every unit's weights (and its activation scales); returns a short report.
+    ``guidance_scale``: the calibration run's CFG scale (``r.guided`` fits CFG-paired calls for it)."""
     calls = list(calls)
     stride = max(1, len(calls) // r.num_samples)
     sample = calls[::stride][: r.num_samples]
+    g = r.guidance_scale if r.guidance_scale is not None else guidance_scale
+    guidance = [g if r.guided and g is not None and cfg_paired(a, k) else None for a, k in sample]
     random.seed(seed)
     torch.manual_seed(seed)
     table = time_table(denoiser)
@@ -174,13 +209,14 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
         act_qs = [q for q in activation_quantizers(unit) if q.static] if learn_act_scales else []
         with _NoParamGrads(unit), ExitStack() as stack:
             scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
-            before, after = _optimize(unit, layers, scales, fp, qin, r, table)
+            before, after = _optimize(unit, layers, scales, fp, qin, r, table, guidance)
         for layer in layers:
             for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
                 q.harden_rounding(w)
             layer.refresh_weight()
         losses.append((name, before, after))
     return {"unit": r.unit, "units": len(units), "samples": len(sample), "iterations": r.iterations,
+            "guided_samples": sum(x is not None for x in guidance), "guidance_scale": g if r.guided else None,
             "mean_loss_first": _mean([b for _, b, _ in losses]), "mean_loss_last": _mean([a for _, _, a in losses])}
 
 

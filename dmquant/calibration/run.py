@@ -32,7 +32,7 @@ from dmquant.calibration.reconstruct import reconstruct
 from dmquant.calibration.records import CalibrationSet
 from dmquant.calibration.samplers import make_sampler
 from dmquant.config import CalibrationConfig, QuantConfig
-from dmquant.diffusers_io import process_state, scheduler_timesteps
+from dmquant.diffusers_io import guidance_scale_of, process_state, scheduler_timesteps
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.wrap import full_precision, quant_layers, time_table
@@ -58,6 +58,10 @@ class CallSource:
 
     def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
         return iter(self.calls)
+
+    def guidance_scale(self) -> float | None:
+        """Recorded calls carry no CFG scale (a recipe's ``reconstruction.guidance_scale`` gives one)."""
+        return None
 
     def summary(self) -> dict:
         return {"denoiser_calls_given": len(self.calls)}
@@ -114,6 +118,10 @@ class PipelineSource:
         param = next(self.denoiser.parameters())
         return CalibrationSet(self.current).iter_calls(param.device, param.dtype)
 
+    def guidance_scale(self) -> float | None:
+        """The CFG scale of the calibration runs."""
+        return guidance_scale_of(self.pipe, self.call_kwargs)
+
     def summary(self) -> dict:
         return {"prompts": len(self.prompts), "steps": sorted(self.steps), "sampler": self.c.sampler.kind,
                 "num_inference_steps": self.c.num_inference_steps, "processes": process_state().num_processes}
@@ -143,6 +151,9 @@ class CompanionSource:
     def iter_calls(self) -> Iterator[tuple[tuple, dict]]:
         param = next(self.module.parameters())
         return CalibrationSet(self.folder).iter_calls(param.device, param.dtype)
+
+    def guidance_scale(self) -> float | None:
+        return self.parent.guidance_scale()
 
     def summary(self) -> dict:
         return {**self.parent.summary(), "recorded_with": "the denoiser's calibration runs"}
@@ -207,7 +218,8 @@ def reconstruct_phase(run: CalibrationRun) -> None:
     c = run.config
     learn = c.reconstruction.learn_act_scales and c.activations is not None
     run.report["reconstruction"] = reconstruct(run.denoiser, c.reconstruction, run.adapter, run.source.iter_calls(),
-                                               learn, c.calibration.seed, run.progress)
+                                               learn, c.calibration.seed, run.progress,
+                                               guidance_scale=run.source.guidance_scale())
 
 
 def calibrate(run: CalibrationRun) -> dict:

@@ -8,8 +8,10 @@ module registers all of them, the CUDA ones from their own modules:
 * ``fused-int4`` (CUDA): a frozen linear layer with int4 weights in groups of 64 and 4/8-bit dynamic
   symmetric activations, with its smoothing and low-rank branch, as one
   :func:`dmquant.kernels.int4_linear` call (Triton; its torch path elsewhere when forced);
-* ``onednn-int8`` (CPU): a frozen layer with static activations and per-channel symmetric weights as
-  int8 x uint8 -> int32 on oneDNN (:mod:`dmquant.kernels.cpu_int8`), one GEMM/conv per input part;
+* ``onednn-int8`` (CPU): a frozen layer with static activations, or activations quantized on the fly with
+  one range per sample (``granularity: sample``: one call per sample, its scale and zero point given at run
+  time), and per-channel symmetric weights as int8 x uint8 -> int32 on oneDNN
+  (:mod:`dmquant.kernels.cpu_int8`), one GEMM/conv per input part;
 * ``reference``: the quantized input times the dequantized (frozen) or fake-quantized (simulated)
   weight in the layer's float dtype; it supports everything.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from dmquant.errors import DMQuantError
+from dmquant.formats import is_float
 from dmquant.kernels import cpu_int8
 from dmquant.kernels.gemm import int4_linear
 from dmquant.kernels.int4 import GROUP_SIZE
@@ -30,6 +33,7 @@ from dmquant.nn import (
     backend_weight_only,  # noqa: F401  (registers cuda-w4a16)
 )
 from dmquant.nn.backend_registry import Backend, choose, names, prepare, register, run
+from dmquant.quantizers.affine import qparams_from_range
 
 __all__ = ["Backend", "choose", "names", "prepare", "register", "run", "fused_int4_supported"]
 
@@ -50,9 +54,14 @@ def _onednn_supports(layer, x) -> bool:
         return False
     if getattr(layer, "geometry", {}).get("padding_mode", "zeros") != "zeros":
         return False
-    acts = all(q.static and q.fmt.levels <= 256 for q in layer.input_quantizers)
+    acts = all((q.static or _per_sample(q)) and q.fmt.levels <= 256 for q in layer.input_quantizers)
     weights = all(q.per_channel_symmetric and q.qdata.device.type == "cpu" for q in layer.qweights)
     return acts and weights and cpu_int8.onednn_available()
+
+
+def _per_sample(q) -> bool:
+    """An input quantized on the fly with one integer range per sample."""
+    return not q.static and q.granularity == "sample" and not is_float(q.fmt)
 
 
 def _per_part(layer) -> list[tuple]:
@@ -78,6 +87,9 @@ def _onednn_prepare(layer) -> list:
         if layer.kind == "linear":
             packed.append(cpu_int8.prepack_linear(qw.int8()))
             continue
+        if _per_sample(q):  # packed once with a nominal grid: the call gives each sample's own
+            packed.append([cpu_int8.prepack_conv2d(qw.int8(), qw.channel_scales(), 1.0, 128, *layer.conv_args())])
+            continue
         entries = len(q.table) if q.table is not None else 1
         scales = q.scale.reshape(-1) if q.table is not None else q.scale.reshape(1)
         zeros = q.zero_point.reshape(-1) if q.table is not None else q.zero_point.reshape(1)
@@ -97,19 +109,37 @@ def _onednn_run(layer, x: torch.Tensor) -> torch.Tensor:
     def main(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:  # dtype: see apply_branch
         y = None
         for i, ((qw, q), part) in enumerate(zip(_per_part(layer), layer.input_parts(x))):
-            scale, zero, qmin, qmax = _input_grid(q)
-            codes = cpu_int8.quantize_uint8(part, scale, zero, qmin, qmax)
+            kernel = packed[i] if layer.kind == "linear" else packed[i][q.table.index() if q.table is not None else 0]
             bias = layer.bias if i == 0 else None
-            if layer.kind == "linear":
-                out = cpu_int8.int8_linear(codes, scale, zero, packed[i], qw.channel_scales(), bias, out_dtype)
+            if _per_sample(q):
+                out = torch.cat([_onednn_call(layer, qw, kernel, part[b:b + 1], grid, bias, out_dtype)
+                                 for b, grid in enumerate(_sample_grids(q, part))])
             else:
-                entry = packed[i][q.table.index() if q.table is not None else 0]
-                out = cpu_int8.int8_conv2d(codes, scale, zero, entry, qw.channel_scales(), bias, *layer.conv_args(),
-                                           out_dtype=out_dtype)
+                out = _onednn_call(layer, qw, kernel, part, _input_grid(q), bias, out_dtype)
             y = out if y is None else y + out
         return y.to(x.dtype)
 
     return layer.with_branch(main, x)
+
+
+def _sample_grids(q, x: torch.Tensor) -> list[tuple[float, int, int, int]]:
+    """Per sample of ``x``: its range's ``(scale, zero point, qmin, qmax)`` on the uint8 grid, computed in
+    float32 exactly as the quantizer's simulation computes them."""
+    lo, hi = x.detach().float().reshape(x.shape[0], -1).aminmax(dim=1)
+    scales, zeros = qparams_from_range(lo, hi, q.fmt, q.symmetric)
+    shift = 128 if q.fmt.signed else 0
+    return [(float(s), int(z) + shift, q.fmt.qmin + shift, q.fmt.qmax + shift)
+            for s, z in zip(scales.tolist(), zeros.tolist())]
+
+
+def _onednn_call(layer, qw, kernel, x: torch.Tensor, grid: tuple, bias, out_dtype) -> torch.Tensor:
+    """One oneDNN GEMM / conv of the input part ``x`` quantized on ``grid``."""
+    scale, zero, qmin, qmax = grid
+    codes = cpu_int8.quantize_uint8(x, scale, zero, qmin, qmax)
+    if layer.kind == "linear":
+        return cpu_int8.int8_linear(codes, scale, zero, kernel, qw.channel_scales(), bias, out_dtype)
+    return cpu_int8.int8_conv2d(codes, scale, zero, kernel, qw.channel_scales(), bias, *layer.conv_args(),
+                                out_dtype=out_dtype)
 
 
 # -- fused int4 GEMM (Triton on CUDA) --------------------------------------------------------------------

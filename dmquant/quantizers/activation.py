@@ -1,6 +1,6 @@
 """The activation quantizer: static (a range observed on calibration data, per tensor, optionally
-one per timestep through a :class:`~dmquant.quantizers.timetable.TimeTable`) or dynamic (per token or
-per group of channels, computed on the fly). It takes numbers and formats, never config objects.
+one per timestep through a :class:`~dmquant.quantizers.timetable.TimeTable`) or dynamic (per token, per
+group of channels or per sample, computed on the fly). It takes numbers and formats, never config objects.
 
 ``mode`` is ``"off"`` (pass-through), ``"observe"`` (record statistics, pass-through) or ``"quant"``.
 Observers are made when observation starts (``set_mode("observe")``: one per table key for a
@@ -155,7 +155,8 @@ class ActQuantizer(nn.Module):
         rows = dynamic_rows(wide, self.granularity, self.group_size, self.channel_dim)
         lo, hi = rows.detach().amin(dim=1), rows.detach().amax(dim=1)
         scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric)
-        out = from_dynamic_rows(fake_quant(rows, scale[:, None], zero[:, None], self.fmt), wide, self.channel_dim)
+        out = from_dynamic_rows(fake_quant(rows, scale[:, None], zero[:, None], self.fmt), wide, self.granularity,
+                                self.channel_dim)
         return out.to(x.dtype)
 
     # -- calibration -------------------------------------------------------------------------------------

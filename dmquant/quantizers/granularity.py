@@ -3,8 +3,11 @@
 Each granularity is a reshape of the tensor into rows, one row per scale:
 ``tensor`` (one row), ``channel`` (a row per output channel, dim 0 of a weight), ``group``
 (``group_size`` consecutive elements along a weight's input dimension, in its matrix view
-``W.reshape(out, -1)``) and ``token`` (a row per token: every position of the tensor, across the
-channel dimension ``channel_dim``; computed on the fly, i.e. dynamic).
+``W.reshape(out, -1)``), ``token`` (a row per token: every position of the tensor, across the
+channel dimension ``channel_dim``; computed on the fly, i.e. dynamic) and ``sample`` (a row per batch
+element, dim 0 of an activation: the whole sample shares one range, computed on the fly; a convolution's
+output for one sample depends on that sample alone, so its scale factors out of an integer convolution,
+which a per-token scale does not).
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import torch
 
 from dmquant.errors import DMQuantError
 
-GRANULARITIES = ("tensor", "channel", "group", "token")
+GRANULARITIES = ("tensor", "channel", "group", "token", "sample")
 
 
 def to_rows(x: torch.Tensor, granularity: str, group_size: int | None = None, channel_dim: int = -1):
     """Rows of ``x`` that each share one scale."""
     if granularity == "tensor":
         return x.reshape(1, -1)
-    if granularity == "channel":
+    if granularity in ("channel", "sample"):
         return x.reshape(x.shape[0], -1)
     if granularity == "group":
         matrix = x.reshape(x.shape[0], -1)
@@ -51,8 +54,10 @@ def check_group_size(input_dim: int, group_size: int | None, where: str = "the l
 
 
 def dynamic_rows(x: torch.Tensor, granularity: str, group_size: int | None, channel_dim: int) -> torch.Tensor:
-    """Rows of a dynamically quantized activation: one per token, or per group of ``group_size``
-    consecutive channels of each token (``granularity='group'``)."""
+    """Rows of a dynamically quantized activation: one per token, per group of ``group_size``
+    consecutive channels of each token (``granularity='group'``), or per sample (``'sample'``)."""
+    if granularity == "sample":
+        return to_rows(x, "sample")
     rows = to_rows(x, "token", channel_dim=channel_dim)
     if granularity != "group":
         return rows
@@ -60,7 +65,9 @@ def dynamic_rows(x: torch.Tensor, granularity: str, group_size: int | None, chan
     return rows.reshape(-1, group_size)
 
 
-def from_dynamic_rows(rows: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def from_dynamic_rows(rows: torch.Tensor, like: torch.Tensor, granularity: str, channel_dim: int) -> torch.Tensor:
     """Inverse of :func:`dynamic_rows`."""
+    if granularity == "sample":
+        return rows.reshape(like.shape)
     moved_shape = like.movedim(channel_dim, -1).shape
     return rows.reshape(moved_shape).movedim(-1, channel_dim)

@@ -11,6 +11,7 @@ from dmquant.kernels import cpu_int8
 from dmquant.nn import backend_registry, backends
 from dmquant.nn.layers import QuantConv2d, QuantLinear
 from dmquant.nn.wrap import input_quantizers, set_activation_mode, weight_quantizers
+from dmquant.quantizers.affine import sqnr_db
 
 ONEDNN = pytest.mark.skipif(not cpu_int8.onednn_available(), reason="PyTorch's x86 oneDNN engine is missing")
 
@@ -103,6 +104,33 @@ def test_onednn_takes_only_static_inputs_and_per_channel_symmetric_weights(case)
     assert "onednn-int8" not in frozen.kernels
     # per-token inputs of a linear layer take torch._int_mm (cpu-int8-token); the others the reference path
     assert backends.choose(frozen, x).name == ("cpu-int8-token" if case == "dynamic" else "reference")
+
+
+@ONEDNN
+@pytest.mark.parametrize("kind", ["conv", "linear", "conv-symmetric"])
+def test_onednn_runs_inputs_quantized_per_sample_with_each_samples_own_range(kind):
+    """``granularity: sample`` (dynamic, one range per batch element): oneDNN computes it with one call per
+    sample and that sample's scale and zero point, and matches the simulation (the same codes, integer sums)."""
+    torch.manual_seed(0)
+    acfg = ActQuantConfig(bits=8, granularity="sample", symmetric=kind.endswith("symmetric"))
+    if kind == "linear":
+        layer, x = nn.Linear(32, 16), torch.randn(3, 12, 32)
+    else:
+        layer, x = nn.Conv2d(16, 8, 3, padding=1), torch.randn(3, 16, 6, 6)
+    x[1] *= 20.0  # the samples' ranges differ 20x: one range for the batch would zero most of sample 0's codes
+    x[2] = x[2].abs()  # a non-negative sample: asymmetric grids use all their levels on it
+    sim = calibrated(layer, W8, acfg, x)
+    frozen = sim.frozen_copy()
+    frozen.prepare_kernels()
+    assert "onednn-int8" in frozen.kernels and backends.choose(frozen, x).name == "onednn-int8"
+    with torch.no_grad():
+        simulated, integer, reference = sim(x), run(frozen, x, "onednn-int8"), run(frozen, x, "reference")
+        exact = layer(x)
+    assert torch.equal(simulated, reference)
+    for b in range(3):  # each sample within float rounding of the simulation, and quantized (not exact)
+        scale = float(simulated[b].abs().max())
+        assert float((integer[b] - simulated[b]).abs().max()) < 1e-5 * scale
+        assert 30.0 < float(sqnr_db(exact[b], integer[b])) < 70.0
 
 
 def test_registered_backends_go_ahead_of_reference_or_before_a_named_one(registry):
