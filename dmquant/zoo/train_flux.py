@@ -161,6 +161,10 @@ def main(argv=None) -> None:
     p.add_argument("--arch", type=json.loads, default={},
                    help="JSON object of model arguments that replace configs.MMDIT's")
     p.add_argument("--name", default=NAME, help="model name written in train_log.json")
+    p.add_argument("--pooled-text", choices=("on", "off"), default="on",
+                   help="off: the pooled text embedding's projection into the AdaLN conditioning is held at zero "
+                        "weight (its bias still trains), so the model reads the prompt only through joint attention "
+                        "over the token sequence; the saved model is an ordinary SD3Transformer2DModel")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     t0 = time.time()
@@ -182,10 +186,15 @@ def main(argv=None) -> None:
     else:
         model = SD3Transformer2DModel(**{**configs.MMDIT, **args.arch}).to(args.device).train()
     model.set_attn_processor(RepeatedLastTokenAttnProcessor(T5_TOKENS))
+    if args.pooled_text == "off":
+        pooled_weight = model.time_text_embed.text_embedder.linear_1.weight
+        with torch.no_grad():
+            pooled_weight.zero_()
+        pooled_weight.requires_grad_(False)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"transformer: {n_params / 1e6:.3f} M parameters", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     log = _training.Logger(args.name, args.steps, args.log_every)
     for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
@@ -202,7 +211,7 @@ def main(argv=None) -> None:
         pred = model(hidden_states=xt, encoder_hidden_states=with_zero_token(seq), pooled_projections=pooled,
                      timestep=(sigma * 1000).to(args.device)).sample
         loss = F.mse_loss(pred, (noise - x0).to(args.device))
-        _training.optimizer_step(opt, loss, model.parameters())
+        _training.optimizer_step(opt, loss, [q for q in model.parameters() if q.requires_grad])
         if ema is not None:
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
