@@ -547,9 +547,9 @@ class QuantConfig:
         """Every per-layer override gives a valid recipe for its layers (one line naming the pattern)."""
         if not isinstance(self.layers, dict):
             raise DMQuantError(f"layers must be a mapping of module-name patterns to overrides, got {self.layers!r}")
-        if self.layers and self.mixed_precision is not None:
-            raise DMQuantError("mixed_precision chooses each layer's bits itself: drop the 'layers' section (or "
-                               "drop 'mixed_precision' to rerun a saved plan)")
+        if self.mixed_precision is not None and any(o.weights for o in self.layers.values()):
+            raise DMQuantError("mixed_precision chooses each layer's weight format itself: drop the 'weights' of the "
+                               "'layers' overrides (or drop 'mixed_precision' to rerun a saved plan)")
         if self.mixed_precision is not None and self.has_outlier_branch:
             raise DMQuantError("mixed_precision measures sensitivity on the plain weights: it does not combine with "
                                "smoothing, rotation or low_rank yet; drop those sections")

@@ -86,7 +86,7 @@ def test_layer_patterns_select_by_kind_and_weight_only_drops_the_input_quantizer
     ({"layers": {"a": {"precision": 4}}}, "unknown keys ['precision']"),
     ({"layers": [1]}, "must be a mapping of module-name patterns"),
     ({"activations": None, "layers": {"a": {"activations": {"bits": 4}}}}, "quantizes no activations"),
-    ({"layers": {"a": {"weights": {"bits": 4}}}, "mixed_precision": {}}, "drop the 'layers' section"),
+    ({"layers": {"a": {"weights": {"bits": 4}}}, "mixed_precision": {}}, "drop the 'weights' of the 'layers' overrides"),
     ({"mixed_precision": {"target_bits": 4, "max_weight_bytes": 10}}, "not both"),
     ({"mixed_precision": {"candidate_bits": [4, 9]}}, "candidate_bits"),
     ({"mixed_precision": {"weighting": "middle"}}, "mixed_precision.weighting='middle'"),

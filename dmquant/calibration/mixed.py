@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 
 from dmquant.calibration.allocation import allocate, plan_cost, plan_error
 from dmquant.calibration.proxy import record_input_moments, weight_proxy
-from dmquant.config import LayerOverrideConfig, MixedPrecisionConfig, QuantConfig, WeightQuantConfig
+from dmquant.config import (
+    LayerOverrideConfig,
+    MixedPrecisionConfig,
+    QuantConfig,
+    WeightQuantConfig,
+    layer_pattern_matches,
+)
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.layers import FLOAT_TYPES, split_channels
@@ -125,6 +131,7 @@ class LayerSensitivity:
     name: str
     numel: int
     split: int | None
+    kind: str | None = None  # "linear" / "conv" (the recipe's ``layers`` patterns may name a kind)
     options: dict[str, tuple[int, float]] = field(default_factory=dict)  # format label -> (bytes, relative error)
     formats: dict[str, Candidate] = field(default_factory=dict)  # format label -> the format
     call_errors: dict[str, list[float]] = field(default_factory=dict)  # format label -> each call's output MSE
@@ -349,7 +356,7 @@ def candidate_layers(denoiser: nn.Module, config: QuantConfig, adapter: Denoiser
         if type(m) in FLOAT_TYPES and selected(n, config, adapter, layer_kind(m)):
             shape, split = tuple(m.weight.shape), splits.get(n)
             formats = {c.label: c for c in every if fits(c, shape, split, base)}
-            layers.append(LayerSensitivity(n, m.weight.numel(), split, formats=formats))
+            layers.append(LayerSensitivity(n, m.weight.numel(), split, layer_kind(m), formats=formats))
     if not layers:
         raise DMQuantError("the recipe's include/exclude patterns select no layer of the denoiser: widen 'include'")
     return layers
@@ -414,7 +421,8 @@ def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: 
     choice = allocate(options, budget)
     labels = [list(layer.options) for layer in layers]
     plan_formats = {layer.name: labels[i][j] for i, (layer, j) in enumerate(zip(layers, choice))}
-    plan = MixedPlan(plan_config(config, {la.name: la.formats[plan_formats[la.name]] for la in layers}),
+    plan = MixedPlan(plan_config(config, {la.name: la.formats[plan_formats[la.name]] for la in layers},
+                                 {la.name: la.kind for la in layers}),
                      plan_formats, layers, budget, fixed, measured, 0.0, len(chosen_calls), mp.weighting)
     top_bits = max(c.bits for la in layers for c in la.formats.values())
     plan.curve = quality_size_curve(options, top_bits, numel, cheapest)
@@ -443,16 +451,22 @@ def quality_size_curve(options, top_bits: int, numel: int, cheapest: int) -> lis
     return curve
 
 
-def plan_config(config: QuantConfig, formats: dict[str, Candidate | int]) -> QuantConfig:
+def plan_config(config: QuantConfig, formats: dict[str, Candidate | int],
+                kinds: dict[str, str | None] | None = None) -> QuantConfig:
     """The recipe with the plan's formats as per-layer overrides (layers in the recipe's own format need
     none; its ``weights`` take the candidates' scale dtype); a format given as an int is that many bits at the
-    recipe's granularity."""
+    recipe's granularity. The recipe's own ``layers`` patterns stay, after the per-layer entries, and a planned
+    layer keeps what its pattern said besides the weight format (``weight_only``, ``activations``); ``kinds``
+    (layer -> ``linear`` / ``conv``) lets a pattern with a kind (``conv:*``) find it."""
     base = candidate_base(config)
     layers = {}
     for name, f in formats.items():
         override = (f if isinstance(f, Candidate) else Candidate(int(f))).override(base)
         if override is not None:
-            layers[name] = LayerOverrideConfig(weights=override)
+            own = next((o for pattern, o in config.layers.items()
+                        if layer_pattern_matches(pattern, name, (kinds or {}).get(name))), LayerOverrideConfig())
+            layers[name] = dataclasses.replace(own, weights={**(own.weights or {}), **override})
+    layers.update({pattern: o for pattern, o in config.layers.items() if pattern not in layers})
     note = (f"Mixed precision chosen by dmquant (sensitivity + allocation) from the recipe {config.name!r}: "
             f"{len(formats)} layers, {len(layers)} of them not in the recipe's W{config.weights.bits} format. ")
     return dataclasses.replace(config, weights=base, mixed_precision=None, layers=layers,

@@ -86,8 +86,13 @@ def _dynamic_linear(x: torch.Tensor, qw, q, colsum: torch.Tensor, bias, out_dtyp
     """Per-token 8-bit activations: each row's scale and zero point from its own range, in float32 (the
     simulation's :meth:`ActQuantizer._dynamic` arithmetic, so the codes are the simulation's)."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    scale, zero = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), q.fmt, q.symmetric)
+    lo, hi = torch.aminmax(rows, dim=1)
+    scale, zero = qparams_from_range(lo, hi, q.fmt, q.symmetric)
     shift = 0 if q.fmt.signed else 128
+    if not x.is_cuda and not torch.compiler.is_compiling():  # eager CPU: the fused quantize and epilogue
+        y = int8_gemm.per_row_int8_linear_eager(rows, scale, zero - shift, qw.qdata, qw.channel_scales(), colsum,
+                                                bias)
+        return y.to(out_dtype).reshape(*x.shape[:-1], qw.shape[0])
     codes = int8_gemm.quantize_static(rows, scale[:, None], zero[:, None], q.fmt.qmin, q.fmt.qmax, shift)
     acc = int8_gemm.int_mm(codes, qw.qdata.t())
     y = int8_gemm.rescale(acc, (zero - shift)[:, None], colsum, scale[:, None], qw.channel_scales(), bias, out_dtype)

@@ -29,7 +29,7 @@ from dmquant.calibration.mixed import (
     storage_bytes,
 )
 from dmquant.calibration.proxy import record_input_moments, weight_proxy
-from dmquant.config import QuantConfig, WeightQuantConfig
+from dmquant.config import QuantConfig, WeightQuantConfig, load_recipe
 from dmquant.errors import DMQuantError
 from dmquant.generation import GenerationConfig, generate
 from dmquant.models.tiny import build_tiny_sd_pipeline
@@ -342,3 +342,17 @@ def test_anchored_and_sampled_measurements_run_fewer_calls_and_scale_the_other_f
         # the proxy ranks the layer's formats as the measurement does
         assert sorted(formats, key=lambda f: a.options[f][1]) == sorted(formats, key=lambda f: e.options[f][1])
         assert torch.equal(denoiser.get_submodule(e.name).weight.data, w)
+
+
+def test_a_plan_keeps_the_recipes_own_layer_patterns():
+    """The shipped w4a8 keeps convolution inputs unquantized (``conv:*: weight_only``): a planned convolution
+    keeps that with its new weight format, and layers left in the recipe's format still match the pattern."""
+    base = load_recipe("w4a8")
+    recipe = plan_config(base, {"down.conv": Candidate(3), "down.proj": Candidate(8), "up.conv": Candidate(4)},
+                         {"down.conv": "conv", "down.proj": "linear", "up.conv": "conv"})
+    assert list(recipe.layers) == ["down.conv", "down.proj", "conv:*"]
+    assert recipe.layers["down.conv"].weight_only and recipe.layers["down.conv"].weights == {"bits": 3}
+    assert not recipe.layers["down.proj"].weight_only and recipe.layers["down.proj"].weights == {"bits": 8}
+    assert recipe.layer_sections("down.conv", "conv")[1] is None  # weight-only: no input quantizer
+    assert recipe.layer_sections("up.conv", "conv") == (recipe.weights, None)
+    assert recipe.layer_sections("down.proj", "linear")[1] == base.activations

@@ -144,6 +144,22 @@ def test_kernel_against_float64():
     assert codes.dtype == torch.int8 and int(codes.min()) >= -128 and int(codes.max()) <= 127
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_eager_per_row_kernel_against_float64(with_bias):
+    """The CPU path of per-token layers (one fused quantize, in-place epilogue) against the float64 reference of
+    the same per-row grids: equal to float32 rounding (a code may differ by one on an exact tie)."""
+    torch.manual_seed(2)
+    x = torch.randn(300, 64) * torch.rand(300, 1) * 4  # rows of different ranges
+    w = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
+    w_scale, bias = torch.rand(40) * 0.01 + 1e-3, torch.randn(40) if with_bias else None
+    lo, hi = torch.aminmax(x, dim=1)
+    scale = (hi - lo.clamp(max=0)).clamp(min=0) / 255
+    zero = torch.round(-lo.clamp(max=0) / scale)
+    out = int8_gemm.per_row_int8_linear_eager(x, scale, zero - 128, w, w_scale, w.to(torch.int32).sum(dim=1), bias)
+    ref = int8_gemm.int8_linear_reference(x, scale[:, None], zero[:, None], 0, 255, w, w_scale, bias)
+    assert out.dtype == torch.float32 and sqnr_db(ref.float(), out) > 100.0, sqnr_db(ref.float(), out)
+
+
 def test_cpu_per_token_layers_take_the_integer_path_automatically():
     torch.manual_seed(0)
     x = torch.randn(2, 30, 64) * torch.logspace(-1, 1, 30)[None, :, None]
