@@ -286,7 +286,15 @@ def result_path(short: str, weights: str, set_name: str, guidance: float, method
     return OUT / f"{short}-{weights}-{set_part}-g{guidance:g}-{Path(method).stem}-{n}{suffix}.json"
 
 
-def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, calib_prompts: int) -> dict:
+def per_image_psnr(images: np.ndarray, reference: np.ndarray) -> list[float | None]:
+    """Each image's PSNR (pixels in [0, 1]) against its reference; None where they are identical."""
+    diff = images.astype(np.float64) / 255.0 - reference.astype(np.float64) / 255.0
+    mse = (diff ** 2).reshape(len(diff), -1).mean(axis=1)
+    return [None if m == 0 else round(float(10 * np.log10(1.0 / m)), 4) for m in mse]
+
+
+def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, calib_prompts: int,
+             force: bool = False) -> dict:
     from dmquant.metrics.clip_score import compute_clip_score
     from dmquant.metrics.fidelity import fidelity_metrics
     from dmquant.zoo.judge import JUDGE
@@ -294,7 +302,7 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     kind = MODELS[short][1]
     weights = fingerprint(short)
     path = result_path(short, weights, set_name, guidance, method, n)
-    if path.is_file():
+    if path.is_file() and not force:
         return json.loads(path.read_text())
     ref = reference(short, guidance, n, weights)
     prompts = eval_prompts(kind, n)
@@ -319,7 +327,7 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
               "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),
               "clip_score_fp": compute_clip_score(ref, prompts, JUDGE, "cpu"),
-              **fidelity_metrics(images, ref)}
+              **fidelity_metrics(images, ref), "psnr_per_image": per_image_psnr(images, ref)}
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -386,6 +394,29 @@ def cell_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000) -> str:
+    """Per cell where both methods stored per-image PSNRs: the mean of (``base`` - ``other``) over the images
+    both leave finite, with a paired bootstrap 95% interval (seed 0): whether a gap between two rows is larger
+    than the images' spread."""
+    rows = expand(rows)
+    found = {}
+    for r in rows:
+        if r["method"] in (base, other) and r.get("psnr_per_image"):
+            found.setdefault((r["model"], r["set"], r["guidance"], r["num_images"]), {})[r["method"]] = r
+    lines = [f"| model | set | CFG | n | {base} - {other} (mean of per-image PSNR) | 95% interval |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rng = np.random.default_rng(0)
+    for cell, pair in sorted(found.items()):
+        if len(pair) < 2:
+            continue
+        a, b = (np.array([np.nan if v is None else v for v in pair[m]["psnr_per_image"]]) for m in (base, other))
+        d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+        boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {cell[3]} | {d.mean():+.2f} | {lo:+.2f} .. {hi:+.2f} |")
+    return "\n".join(lines)
+
+
 def _quiet() -> None:
     import diffusers
     import transformers
@@ -405,6 +436,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true")
     p.add_argument("--cells", action="store_true", help="with --table: every cell's PSNR")
+    p.add_argument("--paired", metavar="A,B", help="with --table: per cell, the paired per-image PSNR difference "
+                   "A - B with a bootstrap 95%% interval (cells run since per-image PSNRs are stored)")
+    p.add_argument("--force", action="store_true", help="run the cells again even if cached (overwrites them)")
     p.add_argument("--write-sets", metavar="DIR", help="write the text prompt sets (calibration and the "
                    "held-out evaluation prompts) as DIR/<set>.txt, e.g. for `dmquant inspect`, and stop")
     a = p.parse_args(argv)
@@ -421,6 +455,9 @@ def main(argv=None) -> None:
         if a.cells:
             print()
             print(cell_table(rows))
+        if a.paired:
+            print()
+            print(paired_table(rows, *a.paired.split(",")))
         return
     torch.set_num_threads(a.threads)
     _quiet()
@@ -431,7 +468,7 @@ def main(argv=None) -> None:
             for method in a.methods.split(","):
                 for s in (sets[:1] if uncalibrated(method) else sets):
                     t0 = time.perf_counter()
-                    r = run_cell(short, s, g, method, a.num_images, a.calib_prompts)
+                    r = run_cell(short, s, g, method, a.num_images, a.calib_prompts, a.force)
                     print(f"{short} {r['set']} g{g:g} {method}: PSNR {r['psnr_vs_reference']:.2f} dB, "
                           f"CLIP {clip_delta(r):+.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
 
