@@ -54,13 +54,20 @@ def _stamp(path: Path) -> list[int] | None:
     return None if path.is_dir() and not path.is_symlink() else [st.st_size, st.st_mtime_ns]
 
 
+def _folder_id(folder: Path) -> list[int]:
+    """``[device, inode]`` of the folder itself: a private marker holds the id of the folder dmquant made, so a
+    copy of the marker elsewhere (another folder, a copied tree) does not make that folder's files dmquant's."""
+    st = folder.lstat()
+    return [st.st_dev, st.st_ino]
+
+
 def _write_marker(folder: Path, kind: str, *, files: list[str] | None = None, stamps: dict | None = None) -> None:
     """The marker: ``private`` (a folder only the dmquant process that made it writes in: everything in it
     is dmquant's) until ``files`` lists what dmquant wrote into the finished folder, each file with its
     size and modification time (``stamps``): a file changed or replaced since then is no longer dmquant's."""
     data = {"written_by": "dmquant", "kind": kind, "dmquant_version": __version__}
     if files is None:
-        data["private"] = True
+        data.update(private=True, folder_id=_folder_id(folder))
     else:
         if stamps is None:
             stamps = {e: _stamp(folder / e) for e in files}
@@ -116,14 +123,15 @@ def _delete_entries(folder: Path, entries: list[str], stamps: dict | None) -> No
 
 def remove_own_folder(folder: Path) -> bool:
     """Delete what dmquant wrote in ``folder``, then the folder if nothing else is left: the entries its
-    marker lists (a finished folder), or everything in a private one (see :func:`_write_marker`). An
-    unmarked folder is only removed when it is empty (``rmdir``), and a marked one without either (written
-    by an older dmquant) loses nothing. What stays is named on stderr. The one place where dmquant deletes
+    marker lists (a finished folder), or everything in a private one whose marker names this very folder
+    (see :func:`_write_marker`). An unmarked folder is only removed when it is empty (``rmdir``), and a
+    marked one without either (written by an older dmquant, or a private marker copied into another
+    folder) loses nothing. What stays is named on stderr. The one place where dmquant deletes
     a folder; returns whether the folder is gone."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     marker = folder_marker(folder)
-    if marker is not None and marker.get("private"):
+    if marker is not None and marker.get("private") and marker.get("folder_id") == _folder_id(folder):
         _delete_entries(folder, _listing(folder), None)
     elif marker is not None and isinstance(marker.get("files"), list):
         stamps = marker.get("stamps")  # an older dmquant's marker has none: then no file is provably its

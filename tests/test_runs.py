@@ -1,6 +1,7 @@
 """dmquant deletes only what it created (dmquant/runs.py is the one place that deletes folders)."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +52,28 @@ def test_a_finished_folder_loses_only_the_entries_its_marker_lists(tmp_path, cap
     (old_style / MARKER).write_text(json.dumps({"written_by": "dmquant", "kind": "model"}))
     (old_style / "w.bin").write_text("z")
     assert remove_own_folder(old_style) is False and (old_style / "w.bin").exists()
+
+
+def test_a_private_marker_copied_into_another_folder_deletes_nothing_there(tmp_path):
+    """A private (in-progress) marker empties only the folder dmquant made; copied with a tree, or into a user's
+    folder that dmquant is later asked to replace, it makes none of that folder's files dmquant's."""
+    import shutil
+
+    from dmquant.runs import make_own_temp_folder
+
+    made = Path(make_own_temp_folder("dmq-test-"))
+    (made / "shard.bin").write_text("x")
+    user = tmp_path / "user"
+    shutil.copytree(made, user)  # the marker travels with the copy
+    (user / "data.txt").write_text("precious")
+    assert remove_own_folder(user) is False
+    assert sorted(p.name for p in user.iterdir()) == sorted([MARKER, "data.txt", "shard.bin"])
+    assert remove_own_folder(made) is True and not made.exists()  # the folder dmquant made: emptied, removed
+    with atomic_folder(user, overwrite=True, kind="run") as out:  # replacing it moves it aside, deletes nothing
+        (out / "w.bin").write_text("new")
+    assert (user / "w.bin").read_text() == "new"
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".user.old-")]
+    assert len(aside) == 1 and (aside[0] / "data.txt").read_text() == "precious" and (aside[0] / "shard.bin").exists()
 
 
 def test_a_failed_write_leaves_no_temporary_folder_and_the_user_files_beside_it(tmp_path):
