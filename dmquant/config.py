@@ -571,10 +571,15 @@ class QuantConfig:
         """The ``weights`` and ``activations`` sections of the layer ``name`` (of ``kind`` ``linear`` or
         ``conv``): the first pattern of ``layers`` that matches it, else the recipe's own. A pattern is the
         exact name or a glob, optionally after a kind (``conv:*`` every convolution, ``linear:*.ff.*``)."""
-        for pattern, override in self.layers.items():
-            if layer_pattern_matches(pattern, name, kind):
-                return override.resolve(self.weights, self.activations, f"layers[{pattern!r}]")
-        return self.weights, self.activations
+        found = self.layer_override(name, kind)
+        if found is None:
+            return self.weights, self.activations
+        pattern, override = found
+        return override.resolve(self.weights, self.activations, f"layers[{pattern!r}]")
+
+    def layer_override(self, name: str, kind: str | None = None) -> tuple[str, LayerOverrideConfig] | None:
+        """``(pattern, override)`` of the first pattern of ``layers`` that matches the layer, or None."""
+        return next(((p, o) for p, o in self.layers.items() if layer_pattern_matches(p, name, kind)), None)
 
     def _check_compatible(self) -> None:
         """Techniques that cannot be combined fail here, with the reason."""

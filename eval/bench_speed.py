@@ -127,7 +127,9 @@ def bench_gemm(repeats: int = 5) -> list[dict]:
 
 
 def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
-    from dmquant.kernels import cpu_int8
+    from dmquant.formats import format_named
+    from dmquant.kernels import cpu_int8, int8_gemm
+    from dmquant.quantizers.affine import qparams_from_range
 
     x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
     w_scale = w.abs().amax(1) / 127
@@ -146,11 +148,20 @@ def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
     def int_mm():
         return torch._int_mm(x_q8, w_t)
 
-    t = {name: _median(fn, repeats) for name, fn in (("fp32", fp32), ("int8", int8_full), ("int_mm", int_mm))}
+    colsum, grid = w_q.to(torch.int32).sum(dim=1), format_named("int", 8, signed=False)
+
+    def per_token():  # w8a8's linear layers on the CPU: each row's range, quantize, GEMM, epilogue
+        scale, zero = qparams_from_range(*torch.aminmax(x, dim=1), grid, False)
+        return int8_gemm.per_row_int8_linear_eager(x, scale, zero - 128, w_q, w_scale, colsum, None)
+
+    t = {name: _median(fn, repeats) for name, fn in (("fp32", fp32), ("int8", int8_full), ("int_mm", int_mm),
+                                                     ("per_token", per_token))}
     flops = 2 * m * k * n
     return {"shape": [m, k, n], "fp32_gflops": round(flops / t["fp32"] / 1e9, 1),
             "int8_gops": round(flops / t["int8"] / 1e9, 1), "int_mm_gops": round(flops / t["int_mm"] / 1e9, 1),
-            "int8_speedup": round(t["fp32"] / t["int8"], 2), "int_mm_speedup": round(t["fp32"] / t["int_mm"], 2)}
+            "int8_speedup": round(t["fp32"] / t["int8"], 2), "int_mm_speedup": round(t["fp32"] / t["int_mm"], 2),
+            "per_token_ms": round(t["per_token"] * 1e3, 2), "fp32_ms": round(t["fp32"] * 1e3, 2),
+            "per_token_speedup": round(t["fp32"] / t["per_token"], 2)}
 
 
 def _median(fn, repeats):
@@ -179,12 +190,14 @@ def main() -> None:
     for r in unet_rows:
         print(f"| {r['config']} | {r['seconds_per_step']:.3f} | {r['speedup_vs_fp32']}x |")
     if gemm_rows:
-        print("\n| GEMM M×K×N | FP32 GFLOP/s | int8 GOP/s (quantize+GEMM+dequant) | speed-up | _int_mm GOP/s | speed-up |")
-        print("|---|---|---|---|---|---|")
+        print("\n| GEMM M×K×N | FP32 GFLOP/s | int8 GOP/s (quantize+GEMM+dequant) | speed-up | _int_mm GOP/s | speed-up "
+              "| FP32 ms | per-token int8 ms (w8a8's CPU path) | speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in gemm_rows:
             m, k, n = r["shape"]
             print(f"| {m}×{k}×{n} | {r['fp32_gflops']} | {r['int8_gops']} | {r['int8_speedup']}x | "
-                  f"{r['int_mm_gops']} | {r['int_mm_speedup']}x |")
+                  f"{r['int_mm_gops']} | {r['int_mm_speedup']}x | {r['fp32_ms']} | {r['per_token_ms']} | "
+                  f"{r['per_token_speedup']}x |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "unet": unet_rows, "gemm": gemm_rows}, f, indent=2)

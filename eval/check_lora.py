@@ -40,7 +40,7 @@ import dmquant
 from dmquant import zoo
 from dmquant.config import load_recipe
 from dmquant.generation import GenerationConfig, generate
-from dmquant.metrics.fidelity import psnr
+from dmquant.metrics.fidelity import paired_difference, psnr, psnr_per_image
 from dmquant.prompts import read_prompts
 from dmquant.zoo.lora_effect import LORA_NAME, effect_rate
 
@@ -118,25 +118,6 @@ def measure(pipe, label: str, gen: Images, roundtrip_n: int) -> dict[str, np.nda
     }
 
 
-def image_psnrs(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Each image's PSNR in dB (data range 1, as ``psnr`` averages them; inf where identical)."""
-    err = (images.astype(np.float64) - reference.astype(np.float64)) / 255.0
-    mse = (err**2).reshape(len(images), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(1.0 / mse)
-
-
-def paired_delta(with_lora: np.ndarray, without: np.ndarray, resamples: int = 2000) -> dict:
-    """Mean over images of (PSNR with LoRA - PSNR without), and a bootstrap 95% interval of that mean
-    (images resampled in pairs, seed 0); images identical to their reference in either set are left out."""
-    keep = np.isfinite(with_lora) & np.isfinite(without)
-    diff = with_lora[keep] - without[keep]
-    rng = np.random.default_rng(0)
-    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
-    return {"mean": float(diff.mean()), "ci95": [float(q) for q in np.percentile(means, [2.5, 97.5])],
-            "images": int(keep.sum())}
-
-
 def summarize(run: dict, judge, prompts: list[str], fp: dict | None = None, fp_row: dict | None = None) -> dict:
     """One table row: the round trips, the judge's effect rates, and for a recipe (``fp``, ``fp_row``: the
     FP run and its row) the PSNRs against FP and the acceptance checks."""
@@ -149,10 +130,10 @@ def summarize(run: dict, judge, prompts: list[str], fp: dict | None = None, fp_r
     row["psnr_vs_fp"] = psnr(run["plain"], fp["plain"])
     row["psnr_lora_vs_fp_lora"] = psnr(run["lora"], fp["lora"])
     row["psnr_delta"] = row["psnr_lora_vs_fp_lora"] - row["psnr_vs_fp"]
-    plain, lora = image_psnrs(run["plain"], fp["plain"]), image_psnrs(run["lora"], fp["lora"])
+    plain, lora = psnr_per_image(run["plain"], fp["plain"]), psnr_per_image(run["lora"], fp["lora"])
     row["median_image_psnr_vs_fp"] = float(np.median(plain))
     row["median_image_psnr_lora_vs_fp_lora"] = float(np.median(lora))
-    row["image_psnr_delta"] = paired_delta(lora, plain)
+    row["image_psnr_delta"] = paired_difference(lora, plain)
     row["effect_delta_points"] = 100 * (row["effect_lora"]["effect"] - fp_row["effect_lora"]["effect"])
     row["meets_psnr"] = row["psnr_delta"] >= -1.0
     row["meets_effect"] = abs(row["effect_delta_points"]) <= 5.0
@@ -165,9 +146,9 @@ def requantized_row(recipe: str, gen: Images, judge, prompts: list[str], fp: dic
     ``run``: the recipe's own measurement (its no-LoRA images give the paired delta)."""
     pipe, seconds = quantized_pipe(recipe, fused=True)
     images = gen(pipe, f"{recipe}-fused", cached=False)
-    fused = image_psnrs(images, fp["lora"])
+    fused = psnr_per_image(images, fp["lora"])
     return {"psnr_vs_fp_lora": psnr(images, fp["lora"]), "median_image_psnr_vs_fp_lora": float(np.median(fused)),
-            "image_psnr_delta": paired_delta(fused, image_psnrs(run["plain"], fp["plain"])),
+            "image_psnr_delta": paired_difference(fused, psnr_per_image(run["plain"], fp["plain"])),
             "effect": effect_rate(judge, images, prompts), "calibration_seconds": seconds}
 
 

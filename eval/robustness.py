@@ -34,6 +34,7 @@ import torch
 
 import dmquant
 from dmquant.config import QuantConfig, load_recipe
+from dmquant.metrics.fidelity import paired_difference
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -286,17 +287,10 @@ def result_path(short: str, weights: str, set_name: str, guidance: float, method
     return OUT / f"{short}-{weights}-{set_part}-g{guidance:g}-{Path(method).stem}-{n}{suffix}.json"
 
 
-def per_image_psnr(images: np.ndarray, reference: np.ndarray) -> list[float | None]:
-    """Each image's PSNR (pixels in [0, 1]) against its reference; None where they are identical."""
-    diff = images.astype(np.float64) / 255.0 - reference.astype(np.float64) / 255.0
-    mse = (diff ** 2).reshape(len(diff), -1).mean(axis=1)
-    return [None if m == 0 else round(float(10 * np.log10(1.0 / m)), 4) for m in mse]
-
-
 def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, calib_prompts: int,
              force: bool = False) -> dict:
     from dmquant.metrics.clip_score import compute_clip_score
-    from dmquant.metrics.fidelity import fidelity_metrics
+    from dmquant.metrics.fidelity import fidelity_metrics, psnr_per_image
     from dmquant.zoo.judge import JUDGE
 
     kind = MODELS[short][1]
@@ -327,7 +321,8 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
               "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),
               "clip_score_fp": compute_clip_score(ref, prompts, JUDGE, "cpu"),
-              **fidelity_metrics(images, ref), "psnr_per_image": per_image_psnr(images, ref)}
+              **fidelity_metrics(images, ref), "psnr_per_image": [None if not np.isfinite(v) else round(float(v), 4)  # None: identical to FP's
+                                   for v in psnr_per_image(images, ref)]}
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -405,15 +400,13 @@ def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000)
             found.setdefault((r["model"], r["set"], r["guidance"], r["num_images"]), {})[r["method"]] = r
     lines = [f"| model | set | CFG | n | {base} - {other} (mean of per-image PSNR) | 95% interval |",
              "| --- | --- | --- | --- | --- | --- |"]
-    rng = np.random.default_rng(0)
     for cell, pair in sorted(found.items()):
         if len(pair) < 2:
             continue
         a, b = (np.array([np.nan if v is None else v for v in pair[m]["psnr_per_image"]]) for m in (base, other))
-        d = (a - b)[np.isfinite(a) & np.isfinite(b)]
-        boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
-        lo, hi = np.percentile(boot, [2.5, 97.5])
-        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {cell[3]} | {d.mean():+.2f} | {lo:+.2f} .. {hi:+.2f} |")
+        d = paired_difference(a, b, resamples)
+        lo, hi = d["ci95"]
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {cell[3]} | {d['mean']:+.2f} | {lo:+.2f} .. {hi:+.2f} |")
     return "\n".join(lines)
 
 

@@ -42,13 +42,7 @@ from tqdm.auto import tqdm
 
 from dmquant.calibration.allocation import allocate, plan_cost, plan_error
 from dmquant.calibration.proxy import record_input_moments, weight_proxy
-from dmquant.config import (
-    LayerOverrideConfig,
-    MixedPrecisionConfig,
-    QuantConfig,
-    WeightQuantConfig,
-    layer_pattern_matches,
-)
+from dmquant.config import LayerOverrideConfig, MixedPrecisionConfig, QuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
 from dmquant.nn.layers import FLOAT_TYPES, split_channels
@@ -463,8 +457,8 @@ def plan_config(config: QuantConfig, formats: dict[str, Candidate | int],
     for name, f in formats.items():
         override = (f if isinstance(f, Candidate) else Candidate(int(f))).override(base)
         if override is not None:
-            own = next((o for pattern, o in config.layers.items()
-                        if layer_pattern_matches(pattern, name, (kinds or {}).get(name))), LayerOverrideConfig())
+            found = config.layer_override(name, (kinds or {}).get(name))
+            own = found[1] if found is not None else LayerOverrideConfig()
             layers[name] = dataclasses.replace(own, weights={**(own.weights or {}), **override})
     layers.update({pattern: o for pattern, o in config.layers.items() if pattern not in layers})
     note = (f"Mixed precision chosen by dmquant (sensitivity + allocation) from the recipe {config.name!r}: "

@@ -140,12 +140,12 @@ def reconstruction_error(outputs: list[torch.Tensor], targets: list[torch.Tensor
     """``(plain, guided)``: the mean squared error of the unit's outputs, and with ``guidance`` (a CFG-paired
     call) that error plus ``g² ·`` the mean squared difference of the two halves' errors (each output whose
     batch is even; ``guided = plain`` without ``guidance``)."""
-    plain = guided = sum((q - f).pow(2).mean() for q, f in zip(outputs, targets))
+    errors = [q - f for q, f in zip(outputs, targets)]
+    plain = guided = sum(e.pow(2).mean() for e in errors)
     if guidance is None:
         return plain, guided
-    for q, f in zip(outputs, targets):
-        if q.dim() and q.shape[0] % 2 == 0:
-            e = q - f
+    for e in errors:
+        if e.dim() and e.shape[0] % 2 == 0:
             half = e.shape[0] // 2
             guided = guided + guidance ** 2 * (e[:half] - e[half:]).pow(2).mean()
     return plain, guided
@@ -162,17 +162,19 @@ def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qi
         groups.append({"params": [s], "lr": r.act_learning_rate * float(s.detach().abs().mean())})
     opt = torch.optim.Adam(groups)
     first = last = 0.0
-    norm = None  # guided loss scaled to the plain one on the first step (keeps its balance with the regulariser)
+    norm = None  # the guided loss scaled to the plain one on the first guided call (keeps its balance with the
+    # regulariser); calls without guidance keep the plain loss
     for step in range(r.iterations):
         i = random.randrange(len(qin))
         args, kwargs, t, _ = qin[i]
         if table is not None and t is not None:
             table.set_timestep(t)
         rec, fitted = reconstruction_error(_tensors(unit(*args, **kwargs)), fp[i][3], guidance[i])
-        if norm is None:
-            norm = float(rec.detach()) / max(float(fitted.detach()), 1e-30)
+        if guidance[i] is not None:
+            if norm is None:
+                norm = float(rec.detach()) / max(float(fitted.detach()), 1e-30)
+            fitted = fitted * norm
         beta = annealed_beta(step, r.iterations, r.warmup, r.beta_start, r.beta_end)
-        fitted = fitted * norm if guidance[i] is not None else fitted
         loss = fitted if beta is None else fitted + r.reg_weight * sum(q.rounding_loss(beta) for q in quantizers)
         opt.zero_grad()
         loss.backward()

@@ -69,7 +69,7 @@ def per_row_int8_linear_eager(rows: torch.Tensor, scale: torch.Tensor, zero: tor
     """Float32 ``rows`` ``[M, K]`` quantized with one ``scale`` / ``zero`` per row (zero points on the int8 grid)
     times int8 ``w_codes`` ``[N, K]``, as few passes over memory as eager torch allows: the codes in one
     ``quantize_per_channel`` kernel (it multiplies by the inverse scale: a code can differ by one from
-    :func:`quantize_static` on an exact tie, about 1 in 10^6), the epilogue in place (``acc · s_row · s_col``,
+    :func:`quantize_static` on a near-tie), the epilogue in place (``acc · s_row · s_col``,
     the zero points' share as one rank-1 update, the bias). Not traceable by ``torch.compile``."""
     codes = cpu_int8.codes_view(torch.quantize_per_channel(rows, scale.double(), zero.long(), 0, torch.qint8))
     y = int_mm(codes, w_codes.t()).float().mul_(scale[:, None]).mul_(w_scale.float())

@@ -26,13 +26,29 @@ def _pair(images, reference, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     return to_t(a), to_t(b)
 
 
-def psnr(images, reference) -> float:
-    """Mean over images of 10 log10(1 / MSE) with pixels in [0, 1]; +inf when every pair is identical."""
+def psnr_per_image(images, reference) -> np.ndarray:
+    """Each image's 10 log10(1 / MSE) with pixels in [0, 1] (float64; +inf where a pair is identical)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     a, b = _pair(images, reference, "PSNR")
-    per_image = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return float(per_image.mean())
+    return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy()
+
+
+def psnr(images, reference) -> float:
+    """Mean over images of :func:`psnr_per_image`; +inf when every pair is identical."""
+    return float(psnr_per_image(images, reference).mean())
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean over images of ``a - b`` (per-image figures of two image sets from the same prompts and seeds, e.g.
+    :func:`psnr_per_image` of two methods) with a bootstrap 95% interval of that mean (images resampled in pairs);
+    images whose figure is not finite in either set (identical to their reference) are left out."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    diff = a[keep] - b[keep]
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    return {"mean": float(diff.mean()), "ci95": [float(q) for q in np.percentile(means, [2.5, 97.5])],
+            "images": int(keep.sum())}
 
 
 def ssim(images, reference) -> float:

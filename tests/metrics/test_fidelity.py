@@ -47,3 +47,19 @@ def test_lpips_reports_none_without_weights():
     value = lpips(a, a)
     assert (value is None) == (not lpips_available())
     assert set(fidelity_metrics(a, a)) == {"psnr_vs_reference", "ssim_vs_reference", "lpips_vs_reference"}
+
+
+def test_per_image_psnr_and_the_paired_difference_of_two_sets():
+    import numpy as np
+
+    from dmquant.metrics.fidelity import paired_difference, psnr, psnr_per_image
+
+    ref = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    images = ref.copy()
+    images[1] += 255  # every pixel off by the full range: MSE 1, 0 dB
+    images[2, 0, 0, 0] = 255  # one pixel of 48: MSE 1/48
+    per_image = psnr_per_image(images, ref)
+    assert per_image[0] == np.inf and per_image[1] == 0.0 and abs(per_image[2] - 10 * np.log10(48)) < 1e-5
+    assert psnr(images[1:], ref[1:]) == float(per_image[1:].mean())
+    d = paired_difference([3.0, 5.0, np.inf, 4.0], [1.0, 1.0, 2.0, 2.0])  # the identical image left out
+    assert d["images"] == 3 and d["mean"] == 8.0 / 3 and 2.0 <= d["ci95"][0] <= d["ci95"][1] <= 4.0
