@@ -15,6 +15,7 @@ the others scaled by the weight-space proxy), ``all`` (every format measured on 
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,auto-3bit,recipe:w4a8
     OMP_NUM_THREADS=1 PYTHONPATH=. python eval/ablate_mixed.py --models dit,sd --variants auto,recipe:w4a8 --num-images 200 --fid
     python eval/ablate_mixed.py --table
+    python eval/ablate_mixed.py --paired auto,recipe:w4a8 --out eval/ablation_mixed_v2   # paired 95% intervals
 
 Results are cached in eval/ablation_mixed/.
 """
@@ -26,6 +27,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +35,7 @@ from ablate_outliers import table  # noqa: E402
 from ablate_time import current_rows, run_config  # noqa: E402
 
 from dmquant.config import QuantConfig, load_recipe  # noqa: E402
+from dmquant.metrics.fidelity import paired_difference  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "ablation_mixed"
 
@@ -83,6 +86,25 @@ def variant_config(variant: str) -> QuantConfig:
     return replace(config, mixed_precision=mp)
 
 
+def paired_rows(rows: list[dict], a: str, b: str) -> list[str]:
+    """Per model (and image count): variant ``a`` minus variant ``b``, per image (same prompts and seeds), PSNR
+    against FP and the judge's CLIP score, with paired bootstrap 95% intervals (rows measured before per-image
+    figures were kept are left out)."""
+    by = {(r["model"], r["num_images"], r["variant"]): r for r in rows if "clip_per_image" in r}
+    lines = []
+    for (model, n, variant), ra in sorted(by.items()):
+        rb = by.get((model, n, b))
+        if variant != a or rb is None:
+            continue
+        psnr = [np.array([np.nan if v is None else v for v in r["psnr_per_image"]]) for r in (ra, rb)]
+        dp = paired_difference(*psnr)
+        dc = paired_difference(np.array(ra["clip_per_image"]), np.array(rb["clip_per_image"]))
+        lines.append(f"{model} ({n} images) {a} - {b}: PSNR {dp['mean']:+.2f} dB [{dp['ci95'][0]:+.2f}, "
+                     f"{dp['ci95'][1]:+.2f}] ({dp['images']} images), CLIP {dc['mean']:+.3f} [{dc['ci95'][0]:+.3f}, "
+                     f"{dc['ci95'][1]:+.3f}]")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="dit,sd")
@@ -91,9 +113,14 @@ def main() -> None:
     p.add_argument("--calib-prompts", type=int, default=32)
     p.add_argument("--fid", action="store_true")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--paired", metavar="A,B", help="the paired per-image differences of variant A minus variant B "
+                   "(PSNR and CLIP, bootstrap 95%% intervals) in the cached rows")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.paired:
+        print("\n".join(paired_rows(current_rows(args.out), *args.paired.split(","))) or "no pair with per-image figures")
+        return
     if args.table:
         print(table(current_rows(args.out)))
         return

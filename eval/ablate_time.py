@@ -128,8 +128,8 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
     """Quantize the zoo model with ``config``, generate ``n`` images by the protocol, measure; cached
     in <out>/<model>-<weights>-<bits>-<label>-<n>.json (eval/ablation by default). ``fid``: add the FID (judge features)
     against the procedural ground truth of the prompts, and that of the FP images."""
-    from dmquant.metrics.clip_score import compute_clip_score
-    from dmquant.metrics.fidelity import fidelity_metrics
+    from dmquant.metrics.clip_score import clip_scores_per_image, compute_clip_score
+    from dmquant.metrics.fidelity import fidelity_metrics, psnr_per_image
     from dmquant.zoo.judge import JUDGE as ZOO_CLIP
 
     weights = fingerprint(model)
@@ -152,6 +152,10 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
               "clip_score": compute_clip_score(images, prompts, ZOO_CLIP, "cpu"),
               "clip_score_fp": compute_clip_score(ref, prompts, ZOO_CLIP, "cpu"),
               **fidelity_metrics(images, ref), "calibration": _jsonable(pipe.dmquant.calibration),
+              # per image (None: identical to FP's), for paired comparisons of two rows (ablate_mixed --paired)
+              "psnr_per_image": [round(float(v), 4) if np.isfinite(v) else None for v in psnr_per_image(images, ref)],
+              "clip_per_image": [round(v, 4) for v in clip_scores_per_image(images, prompts, ZOO_CLIP, "cpu")],
+              "clip_per_image_fp": [round(v, 4) for v in clip_scores_per_image(ref, prompts, ZOO_CLIP, "cpu")],
               "outliers": {k: v for k, v in pipe.dmquant.outliers.items() if k not in ("alpha", "left_out")}}
     if fid:
         from dmquant.metrics import compute_fid, render_prompts

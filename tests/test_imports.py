@@ -25,7 +25,7 @@ PACKAGE = Path(dmquant.__file__).parent
 ALLOWED_LOCAL_IMPORTS = {"triton", "open_clip", "torchmetrics", "accelerate", "cleanfid",
                          # dmquant's Triton kernels import triton at their top (loaded on first use)
                          "dmquant.kernels._attention_triton", "dmquant.kernels._gemm_triton",
-                         "dmquant.kernels._w4a16_triton",
+                         "dmquant.kernels._w4a16_triton", "dmquant.kernels._tiles_triton",
                          # dmquant's diffusers quantizer is imported while diffusers loads its quantizers, before
                          # diffusers' models can be imported: it reaches the loading code on first use
                          "dmquant.diffusers_native"}

@@ -12,7 +12,7 @@ rows are zero), so reading it as FP32 gives ``1.5·2²³ + qk`` exactly (|qk| �
 -inf: with one K scale per block and one Q scale per row, the dequantization, the max subtraction
 and the tail mask all fold into the single FMA inside exp2, as in a 16-bit flash attention.
 
-``EVEN`` (a constexpr) drops the tail masks when the keys fill whole blocks. ``_k_sum_kernel``
+``EVEN`` (a constexpr) drops the tail masks when the keys fill whole blocks. ``_chunk_stats_kernel``
 computes K's per-channel sums in parallel chunks (deterministic: no atomics), and the K quantization
 reads them, which replaces a torch mean launch. Two FlashAttention-4-style variants (two key blocks
 per softmax update; rescaling the accumulator only when a row's max grows by more than 2⁸) were
@@ -50,20 +50,35 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _k_sum_kernel(K, PART, stride_kb, stride_kh, stride_kn, H, N, N_SPLIT,
-                  D: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-    """Per-channel sums of K over chunks of ``CHUNK`` keys: ``PART [B*H, N_SPLIT, HEAD_DIM]`` (FP32)."""
+def _chunk_stats_kernel(X, PART, stride_xb, stride_xh, stride_xn, H, N, N_SPLIT,
+                        D: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                        MINMAX: tl.constexpr):
+    """Per-channel sums of X (``(B, H, N, D)``) over chunks of ``CHUNK`` tokens, and with ``MINMAX`` their
+    maxima and minima: ``PART [B*H, N_SPLIT, 1 or 3, HEAD_DIM]`` (FP32; deterministic: no atomics)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    s = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    hi = tl.full([ROWS, HEAD_DIM], float("-inf"), tl.float32)
+    lo = tl.full([ROWS, HEAD_DIM], float("inf"), tl.float32)
     for r in tl.static_range(0, CHUNK, ROWS):
         offs_n = pid * CHUNK + r + tl.arange(0, ROWS)
-        acc += tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                       mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    tl.store(PART + (bh * N_SPLIT + pid) * HEAD_DIM + offs_d, tl.sum(acc, 0))
+        valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
+                    mask=valid, other=0.0).to(tl.float32)
+        s += x
+        if MINMAX:
+            hi = tl.maximum(hi, tl.where(valid, x, float("-inf")))
+            lo = tl.minimum(lo, tl.where(valid, x, float("inf")))
+    if MINMAX:
+        base = PART + (bh * N_SPLIT + pid) * 3 * HEAD_DIM
+        tl.store(base + offs_d, tl.sum(s, 0))
+        tl.store(base + HEAD_DIM + offs_d, tl.max(hi, 0))
+        tl.store(base + 2 * HEAD_DIM + offs_d, tl.min(lo, 0))
+    else:
+        tl.store(PART + (bh * N_SPLIT + pid) * HEAD_DIM + offs_d, tl.sum(s, 0))
 
 
 @triton.jit
@@ -78,7 +93,7 @@ def _k_quant_kernel(K, MEAN, KQ, KS, stride_kb, stride_kh, stride_kn, H, N, N_PA
     valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                 mask=valid, other=0.0).to(tl.float32)
-    if FROM_SUMS:  # MEAN holds the chunk sums of _k_sum_kernel
+    if FROM_SUMS:  # MEAN holds the chunk sums of _chunk_stats_kernel
         total = tl.zeros([HEAD_DIM], tl.float32)
         for i in range(N_SPLIT):
             total += tl.load(MEAN + (bh * N_SPLIT + i) * HEAD_DIM + offs_d)
@@ -101,32 +116,6 @@ def _round_e4m3(x):
     a = tl.abs(x)
     sub = (a + 16384.0) - 16384.0  # multiples of 2**-9 below the smallest normal, 2**-6
     return tl.where(a < 0.015625, tl.where(x < 0, -sub, sub), normal)
-
-
-@triton.jit
-def _v_stats_kernel(V, PART, stride_vb, stride_vh, stride_vn, H, N, N_SPLIT,
-                    D: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-    """Per-channel sum, max and min of V over chunks of ``CHUNK`` tokens: ``PART [B*H, N_SPLIT, 3, HEAD_DIM]``."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, HEAD_DIM)
-    s = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    hi = tl.full([ROWS, HEAD_DIM], float("-inf"), tl.float32)
-    lo = tl.full([ROWS, HEAD_DIM], float("inf"), tl.float32)
-    for r in tl.static_range(0, CHUNK, ROWS):
-        offs_n = pid * CHUNK + r + tl.arange(0, ROWS)
-        valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-        x = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=valid, other=0.0).to(tl.float32)
-        s += x
-        hi = tl.maximum(hi, tl.where(valid, x, float("-inf")))
-        lo = tl.minimum(lo, tl.where(valid, x, float("inf")))
-    base = PART + (bh * N_SPLIT + pid) * 3 * HEAD_DIM
-    tl.store(base + offs_d, tl.sum(s, 0))
-    tl.store(base + HEAD_DIM + offs_d, tl.max(hi, 0))
-    tl.store(base + 2 * HEAD_DIM + offs_d, tl.min(lo, 0))
 
 
 @triton.jit
@@ -332,9 +321,9 @@ def quantize_k(k: torch.Tensor, mean: torch.Tensor | None = None,
     if from_sums:
         n_split = triton.cdiv(n, SUM_CHUNK)
         mean = torch.empty(b * h, n_split, hd, dtype=torch.float32, device=k.device)
-        launcher(_k_sum_kernel, k.device)[(n_split, b * h)](
+        launcher(_chunk_stats_kernel, k.device)[(n_split, b * h)](
             k, mean, k.stride(0), k.stride(1), k.stride(2), h, n, n_split, D=d, HEAD_DIM=hd, CHUNK=SUM_CHUNK,
-            ROWS=32, num_warps=4)
+            ROWS=32, MINMAX=False, num_warps=4)
     grid = (n_pad // block, b * h)
     launcher(_k_quant_kernel, k.device)[grid](
         k, mean, kq, ks, k.stride(0), k.stride(1), k.stride(2), h, n, n_pad, n_split,
@@ -349,9 +338,9 @@ def quantize_v_fp8(v: torch.Tensor, n_pad: int) -> tuple[torch.Tensor, torch.Ten
     hd = head_dim_padded(d)
     n_split = triton.cdiv(n, SUM_CHUNK)
     part = torch.empty(b * h, n_split, 3, hd, dtype=torch.float32, device=v.device)
-    launcher(_v_stats_kernel, v.device)[(n_split, b * h)](
+    launcher(_chunk_stats_kernel, v.device)[(n_split, b * h)](
         v, part, v.stride(0), v.stride(1), v.stride(2), h, n, n_split, D=d, HEAD_DIM=hd, CHUNK=SUM_CHUNK,
-        ROWS=32, num_warps=4)
+        ROWS=32, MINMAX=True, num_warps=4)
     vq = torch.empty(b * h, hd, n_pad, dtype=torch.float8_e4m3fn, device=v.device)
     vs = torch.empty(b * h, hd, dtype=torch.float32, device=v.device)
     vm = torch.empty(b * h, hd, dtype=torch.float32, device=v.device)

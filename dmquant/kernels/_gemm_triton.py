@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from dmquant.kernels._dispatch import launcher
+from dmquant.kernels._tiles_triton import grouped_tile, launch_tiled
 
 GROUP = 64
 PROLOGUE_BLOCK_M = 32
@@ -100,18 +101,7 @@ def _w4_gemm_kernel(XQ, XS, WP, WS, LR, L1, BIAS, OUT, M, N, K, R,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, R_PAD: tl.constexpr,
                     GROUP_M: tl.constexpr, GROUPS_PER_ITER: tl.constexpr, PER_GROUP: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr = False):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_band = GROUP_M * num_n
-    first_m = (pid // per_band) * GROUP_M
-    band_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_band) % band_m
-    pid_n = (pid % per_band) // band_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     n_groups = K // GROUP
     x_ptrs = XQ + offs_m[:, None] * K + tl.arange(0, GROUP)[None, :]
     w_ptrs = WP + offs_n[:, None] * (K // 2) + tl.arange(0, GROUP // 2)[None, :]
@@ -239,15 +229,8 @@ def w4_gemm(xq, xs, packed, scales, lr, lora_up, bias, out_dtype, *, block_m=32,
             scales.stride(0), scales.stride(1), lr_t.stride(0), l1.stride(0), out.stride(0))
     consts = dict(GROUP=GROUP, R_PAD=_r_pad(r), GROUP_M=8, PER_GROUP=xs.ndim == 2, HAS_LORA=bool(r),
                   HAS_BIAS=bias is not None)
-    if xq.is_cuda:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        (kernel or _gemm_tuned)[grid](*args, **consts)
-    else:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        launcher(_w4_gemm_kernel, xq.device)[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                   GROUPS_PER_ITER=groups_per_iter, SWAP=swap)
+    launch_tiled(kernel or _gemm_tuned, _w4_gemm_kernel, xq.device, m, n, args, consts,
+                 dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUPS_PER_ITER=groups_per_iter, SWAP=swap))
     return out
 
 

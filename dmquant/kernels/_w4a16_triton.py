@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from dmquant.kernels._dispatch import launcher
+from dmquant.kernels._tiles_triton import grouped_tile, launch_tiled
 
 
 @triton.jit
@@ -32,19 +33,7 @@ def _wo_gemm_kernel(X, W, S, BIAS, OUT, M, N, K, M_BUCKET, stride_xm, stride_wn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, GROUP_M: tl.constexpr,
                     SWAP: tl.constexpr, MAGIC: tl.constexpr):
-    # grouped launch order: GROUP_M row blocks share each weight column block while it is in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_band = GROUP_M * num_n
-    first_m = (pid // per_band) * GROUP_M
-    band_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_band) % band_m
-    pid_n = (pid % per_band) // band_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dtype = X.dtype.element_ty
     if SWAP:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -185,16 +174,9 @@ def wo_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, group: in
     # (Triton's interpreter has no bf16 constants: on CPU tensors bf16 codes take the plain conversion)
     magic = FAST_CONVERT and (x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and x.is_cuda))
     consts = dict(BITS=bits, GROUP=group, HAS_BIAS=bias is not None, GROUP_M=8, MAGIC=magic)
-    if x.is_cuda:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        (kernel or _gemm_tuned)[grid](*args, **consts)
-    else:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        bk = fit_block_k(block_k, k)
-        launcher(_wo_gemm_kernel, x.device)[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk,
-                                                  SUB=sub_k(bk, group), SWAP=swap)
+    bk = fit_block_k(block_k, k)
+    launch_tiled(kernel or _gemm_tuned, _wo_gemm_kernel, x.device, m, n, args, consts,
+                 dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, SUB=sub_k(bk, group), SWAP=swap))
     return out
 
 

@@ -87,3 +87,14 @@ def compute_clip_score(images, prompts: Sequence[str], model: str | ClipModel = 
     tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)
     score = tm_clip_score(tensor, prompts, model_name_or_path=lambda: (_TMModel(clip), _TMProcessor(clip)))
     return float(score)
+
+
+def clip_scores_per_image(images, prompts: Sequence[str], model: str | ClipModel = JUDGE,
+                          device: str = "cpu") -> list[float]:
+    """The CLIP score of each image against its prompt (their mean is :func:`compute_clip_score`): what a
+    paired comparison of two image sets from the same prompts and seeds needs
+    (:func:`dmquant.metrics.fidelity.paired_difference`)."""
+    batch, prompts = as_uint8_batch(images), list(prompts)
+    if len(batch) != len(prompts):
+        raise DMQuantError(f"CLIP score needs one prompt per image: {len(batch)} images, {len(prompts)} prompts")
+    return [compute_clip_score(batch[i:i + 1], [p], model, device) for i, p in enumerate(prompts)]

@@ -20,6 +20,7 @@ from torch import nn
 from dmquant.errors import DMQuantError
 from dmquant.formats import format_named, is_float
 from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_from_range
+from dmquant.quantizers.base import FormatQuantizer
 from dmquant.quantizers.granularity import dynamic_rows, from_dynamic_rows
 from dmquant.quantizers.observer import RangeObserver
 from dmquant.quantizers.ranges import estimate_range
@@ -30,7 +31,7 @@ TABLE_MODES = ("step", "interval", "learned")
 TIME_OBSERVER_CAPACITY = 1 << 13  # per timestep: tables keep many observers
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(FormatQuantizer):
     """``table`` (static only) gives one range per timestep key: ``table_mode`` ``step`` (one per key),
     ``interval`` (``num_intervals`` contiguous groups of keys) or ``learned`` (TDQ: a range MLP of
     ``mlp = (num_frequencies, hidden)`` fitted for ``mlp_iterations``)."""
@@ -40,10 +41,8 @@ class ActQuantizer(nn.Module):
                  percentile: float = 99.99, channel_dim: int = -1, table: TimeTable | None = None,
                  table_mode: str = "step", num_intervals: int = 4, mlp: tuple[int, int] | None = None,
                  mlp_iterations: int = 300, number_format: str = "int"):
-        super().__init__()
-        self.fmt = format_named(number_format, bits, signed=symmetric if signed is None else signed)
-        if is_float(self.fmt) and not symmetric:
-            raise DMQuantError("float8 activations are symmetric (no zero point): set symmetric=True")
+        super().__init__(format_named(number_format, bits, signed=symmetric if signed is None else signed),
+                         symmetric, "activations")
         self.symmetric, self.granularity, self.group_size = symmetric, granularity, group_size
         self.method, self.percentile, self.channel_dim = method, percentile, channel_dim
         self.table = table if self.static else None
@@ -53,16 +52,6 @@ class ActQuantizer(nn.Module):
         self.range_mlp = RangeMLP(*mlp) if self.table is not None and table_mode == "learned" else None
         self.mode = "off"
         self.observers: list[RangeObserver] = []
-        self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("zero_point", torch.empty(0))
-
-    @property
-    def bits(self) -> int:
-        return self.fmt.bits
-
-    @property
-    def number_format(self) -> str:
-        return "fp8_e4m3" if is_float(self.fmt) else "int"
 
     @property
     def static(self) -> bool:

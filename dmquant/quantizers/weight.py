@@ -19,34 +19,22 @@ from dmquant.errors import DMQuantError
 from dmquant.formats import format_named, is_float
 from dmquant.quantizers.adaround import init_rounding, learned_codes, rounding_regularizer
 from dmquant.quantizers.affine import dequantize, fake_quant, qparams_from_range, quantize, scale_dtype_named
+from dmquant.quantizers.base import FormatQuantizer
 from dmquant.quantizers.granularity import from_rows, to_rows
 from dmquant.quantizers.ranges import estimate_range
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(FormatQuantizer):
     def __init__(self, bits: int = 8, symmetric: bool = True, granularity: str = "channel",
                  group_size: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  number_format: str = "int", scale_dtype: str = "float32"):
-        super().__init__()
+        super().__init__(format_named(number_format, bits, signed=True, narrow=symmetric), symmetric, "weights")
         self.scale_dtype = scale_dtype
         self._scale_torch_dtype = scale_dtype_named(scale_dtype)
-        self.fmt = format_named(number_format, bits, signed=True, narrow=symmetric)
-        if is_float(self.fmt) and not symmetric:
-            raise DMQuantError("float8 weights are symmetric (no zero point): set symmetric=True")
         self.symmetric, self.granularity, self.group_size = symmetric, granularity, group_size
         self.method, self.percentile = method, percentile
-        self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("zero_point", torch.empty(0))
         self.register_buffer("fixed_codes", None)  # hardened learned rounding (int8, shaped as the rows)
         self.rounding: nn.Parameter | None = None  # AdaRound's V while a reconstruction learns it
-
-    @property
-    def bits(self) -> int:
-        return self.fmt.bits
-
-    @property
-    def number_format(self) -> str:
-        return "fp8_e4m3" if is_float(self.fmt) else "int"
 
     @property
     def calibrated(self) -> bool:

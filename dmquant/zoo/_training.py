@@ -26,6 +26,18 @@ def base_parser(description: str, steps: int, batch_size: int, lr: float, seed: 
     return p
 
 
+def text_parser(description: str, steps: int, batch_size: int, lr: float, seed: int,
+                num_scenes: int) -> argparse.ArgumentParser:
+    """:func:`base_parser` with the data options of the text-conditioned denoisers (scenes, and how often the
+    whole caption, its color words and its size words are left out)."""
+    p = base_parser(description, steps, batch_size, lr, seed)
+    p.add_argument("--num-scenes", type=int, default=num_scenes)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--color-word-dropout", type=float, default=0.25)
+    p.add_argument("--size-word-dropout", type=float, default=0.25)
+    return p
+
+
 def seed_everything(seed: int, threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

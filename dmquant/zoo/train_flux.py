@@ -145,11 +145,7 @@ def inference_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def main(argv=None) -> None:
-    p = _training.base_parser(__doc__, steps=3000, batch_size=64, lr=1e-3, seed=6)
-    p.add_argument("--num-scenes", type=int, default=30000)
-    p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--color-word-dropout", type=float, default=0.25)
-    p.add_argument("--size-word-dropout", type=float, default=0.25)
+    p = _training.text_parser(__doc__, steps=3000, batch_size=64, lr=1e-3, seed=6, num_scenes=30000)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: no EMA)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "

@@ -82,11 +82,7 @@ def inference_scheduler(prediction_type: str = "epsilon"):
 
 
 def main(argv=None) -> None:
-    p = _training.base_parser(__doc__, steps=2500, batch_size=64, lr=1e-3, seed=3)
-    p.add_argument("--num-scenes", type=int, default=40000)
-    p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--color-word-dropout", type=float, default=0.25)
-    p.add_argument("--size-word-dropout", type=float, default=0.25)
+    p = _training.text_parser(__doc__, steps=2500, batch_size=64, lr=1e-3, seed=3, num_scenes=40000)
     p.add_argument("--vae", type=Path, default=configs.WEIGHTS_DIR / NAME / "vae")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
     p.add_argument("--resume", type=Path, default=None,

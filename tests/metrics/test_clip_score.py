@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dmquant.errors import DMQuantError
-from dmquant.metrics.clip_score import compute_clip_score, load_clip
+from dmquant.metrics.clip_score import clip_scores_per_image, compute_clip_score, load_clip
 from dmquant.zoo import data
 
 
@@ -19,6 +19,17 @@ def test_clip_score_is_torchmetrics_formula(truth):
     cos = (judge.image_features(images) * judge.text_features(caps)).sum(-1)
     expected = float(torch.clamp(100 * cos, min=0).mean())
     assert compute_clip_score(images, caps) == pytest.approx(expected, rel=1e-4)
+
+
+def test_per_image_scores_are_the_formula_per_image_and_average_to_the_score(truth):
+    images, caps = truth
+    judge = load_clip("tiny-shapes-clip")
+    expected = torch.clamp(100 * (judge.image_features(images) * judge.text_features(caps)).sum(-1), min=0)
+    per_image = clip_scores_per_image(images, caps)
+    assert np.allclose(per_image, expected.numpy(), rtol=1e-4)
+    assert np.mean(per_image) == pytest.approx(compute_clip_score(images, caps), rel=1e-4)
+    with pytest.raises(DMQuantError, match="one prompt per image"):
+        clip_scores_per_image(images, caps[:-1])
 
 
 def test_matching_captions_score_higher_than_shuffled(truth):
