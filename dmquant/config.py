@@ -223,7 +223,9 @@ class ReconstructionConfig:
     Minimises the output error of each unit against the full-precision unit on calibration inputs,
     plus a regulariser that drives the rounding variables to 0 or 1 (its exponent annealed from
     ``beta_start`` to ``beta_end``). ``learn_act_scales`` learns the static activation scales in the
-    same loop (LSQ-style; ``act_learning_rate`` is relative to each scale). ``num_samples`` recorded
+    same loop (LSQ-style; ``act_learning_rate`` is relative to each scale); ``learn_weight_scales`` the weight
+    scales too (one per output channel or group; the integer part ``floor(W / s)`` stays that of the starting
+    scale, so the scale and the rounding are learned together; the same relative learning rate). ``num_samples`` recorded
     denoiser calls feed it.
 
     ``guided``: on calls that carry both halves of classifier-free guidance (the pipeline doubled the
@@ -243,6 +245,7 @@ class ReconstructionConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     learn_act_scales: bool = True
+    learn_weight_scales: bool = False
     num_samples: int = 32
     batch_size: int = 4
     guided: bool = False

@@ -3,7 +3,7 @@
 Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights with float32 scales, candidates
 with float16 scales, early weighting), ``w4a8`` (the shipped uniform recipe) and ``<auto|w4a8>-<modifier>-...``. Modifiers of
 any recipe: ``noreco`` (no block reconstruction: round to nearest), ``g64`` (weights in groups of 64 with
-float16 scales), ``seed<N>`` (calibration seed N: other calibration steps and reconstruction draws), ``it<N>`` (N
+float16 scales), ``lws`` (the reconstruction learns the weight scales too), ``seed<N>`` (calibration seed N: other calibration steps and reconstruction draws), ``it<N>`` (N
 reconstruction iterations per block); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
 output channel only, no group candidates), ``scale32`` (candidates store float32 scales, as before float16
 scales existed), ``uniform`` / ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity; ``auto``:
@@ -43,6 +43,7 @@ OUT = Path(__file__).resolve().parent / "ablation_mixed"
 RECIPE_MODIFIERS = {
     "noreco": lambda c: replace(c, reconstruction=None),
     "g64": lambda c: replace(c, weights=replace(c.weights, granularity="group", group_size=64, scale_dtype="float16")),
+    "lws": lambda c: replace(c, reconstruction=replace(c.reconstruction, learn_weight_scales=True)),
 }
 MIXED_MODIFIERS = {
     "channel": lambda mp: replace(mp, group_sizes=()),

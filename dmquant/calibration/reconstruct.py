@@ -4,7 +4,8 @@ Units are the wrapped layers (``unit: layer``) or the adapter's blocks (``unit: 
 execution order. For each unit: record its full-precision inputs and outputs and its inputs in the
 quantized model (earlier units already rounded), on ``num_samples`` recorded denoiser calls (a forward
 stops as soon as the unit has run); then minimise ``|unit_q(x_q) - unit_fp(x_fp)|^2`` plus the rounding
-regulariser over the rounding variables (and, LSQ-style, the unit's activation scales); finally
+regulariser over the rounding variables (and, LSQ-style, the unit's activation scales and, optionally, its
+weight scales); finally
 harden the rounding in each weight quantizer (its codes are fixed; the float weights stay untouched,
 so the full-precision passes of later units read the original model).
 """
@@ -211,6 +212,8 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
         act_qs = [q for q in activation_quantizers(unit) if q.static] if learn_act_scales else []
         with _NoParamGrads(unit), ExitStack() as stack:
             scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
+            if r.learn_weight_scales:
+                scales += [stack.enter_context(q.learnable_scale()) for layer in layers for q in layer.weight_quantizers]
             before, after = _optimize(unit, layers, scales, fp, qin, r, table, guidance)
         for layer in layers:
             for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):

@@ -1,6 +1,7 @@
 """AdaRound: learned rounding of weights (up or down per weight), as functions on tensors.
 
-``W_soft = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)`` with the rectified sigmoid
+``W_soft = s * (clamp(floor(W / s0) + h(V) + z, qmin, qmax) - z)`` (``s0``: the scale at the start; ``s`` may be
+learned with ``V``, the integer part staying put) with the rectified sigmoid
 ``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``; the regulariser ``sum(1 - |2 h(V) - 1|^beta)``
 pushes every ``h`` to 0 or 1, after which ``h`` is hardened (``V >= 0`` rounds up).
 """
@@ -24,11 +25,11 @@ def init_rounding(w_over_s: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
 
 
-def learned_codes(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, fmt,
-                  hard: bool = False) -> torch.Tensor:
-    """Codes of weight rows rounded by ``h(V)`` (``hard``: 0/1 by the sign of ``V``: whole numbers)."""
-    h = (v >= 0).to(rows.dtype) if hard else rectified_sigmoid(v)
-    return torch.clamp(torch.floor(rows / scale) + h + zero, fmt.qmin, fmt.qmax)
+def learned_codes(floor: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, fmt, hard: bool = False) -> torch.Tensor:
+    """Codes ``floor(W / s)`` (of the scale the rounding started from) rounded up by ``h(V)`` (``hard``: 0/1 by
+    the sign of ``V``: whole numbers)."""
+    h = (v >= 0).to(floor.dtype) if hard else rectified_sigmoid(v)
+    return torch.clamp(floor + h + zero, fmt.qmin, fmt.qmax)
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:

@@ -12,13 +12,22 @@ simulation computes (two bytes a scale instead of four).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from dmquant.errors import DMQuantError
 from dmquant.formats import format_named, is_float
 from dmquant.quantizers.adaround import init_rounding, learned_codes, rounding_regularizer
-from dmquant.quantizers.affine import dequantize, fake_quant, qparams_from_range, quantize, scale_dtype_named
+from dmquant.quantizers.affine import (
+    dequantize,
+    fake_quant,
+    qparams_from_range,
+    quantize,
+    round_scale,
+    scale_dtype_named,
+)
 from dmquant.quantizers.base import FormatQuantizer
 from dmquant.quantizers.granularity import from_rows, to_rows
 from dmquant.quantizers.ranges import estimate_range
@@ -35,6 +44,7 @@ class WeightQuantizer(FormatQuantizer):
         self.method, self.percentile = method, percentile
         self.register_buffer("fixed_codes", None)  # hardened learned rounding (int8, shaped as the rows)
         self.rounding: nn.Parameter | None = None  # AdaRound's V while a reconstruction learns it
+        self.rounding_floor: torch.Tensor | None = None  # floor(W / s) of the scale the rounding started from
 
     @property
     def calibrated(self) -> bool:
@@ -51,7 +61,7 @@ class WeightQuantizer(FormatQuantizer):
                                 scale_dtype=dtype)
         scale, zero = qparams_from_range(lo, hi, self.fmt, self.symmetric, dtype)
         self.scale, self.zero_point = scale.to(weight.dtype), zero.to(weight.dtype)
-        self.fixed_codes, self.rounding = None, None
+        self.fixed_codes, self.rounding, self.rounding_floor = None, None, None
 
     def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.calibrated:
@@ -65,7 +75,7 @@ class WeightQuantizer(FormatQuantizer):
             return self.fixed_codes.to(weight.dtype)
         rows = self.rows(weight)
         if self.rounding is not None:
-            return learned_codes(rows, scale, zero, self.rounding, self.fmt, hard=True)
+            return learned_codes(self.rounding_floor, zero, self.rounding, self.fmt, hard=True)
         return quantize(rows, scale, zero, self.fmt)
 
     @torch.no_grad()
@@ -78,7 +88,7 @@ class WeightQuantizer(FormatQuantizer):
         """The fake-quantized weight: differentiable in the learned rounding (or, with gradients, STE)."""
         scale, zero = self._qparams()
         if self.rounding is not None:
-            rows = dequantize(learned_codes(self.rows(weight), scale, zero, self.rounding, self.fmt), scale, zero)
+            rows = dequantize(learned_codes(self.rounding_floor, zero, self.rounding, self.fmt), scale, zero)
         elif weight.requires_grad and torch.is_grad_enabled() and self.fixed_codes is None:
             rows = fake_quant(self.rows(weight), scale, zero, self.fmt)
         else:
@@ -92,8 +102,9 @@ class WeightQuantizer(FormatQuantizer):
             raise DMQuantError("learned rounding (AdaRound) needs an integer grid: float8 weights round to nearest; "
                                "drop 'reconstruction' from the recipe")
         scale, _ = self._qparams()
-        self.fixed_codes = None
-        self.rounding = nn.Parameter(init_rounding(self.rows(weight.detach()) / scale))
+        w_over_s = self.rows(weight.detach()) / scale.detach()
+        self.fixed_codes, self.rounding_floor = None, torch.floor(w_over_s)
+        self.rounding = nn.Parameter(init_rounding(w_over_s))
         return self.rounding
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
@@ -103,7 +114,21 @@ class WeightQuantizer(FormatQuantizer):
     def harden_rounding(self, weight: torch.Tensor) -> None:
         """Fix the learned rounding (``V >= 0`` rounds up) as the quantizer's codes."""
         self.fixed_codes = self.code_rows(weight.detach()).to(torch.int8)
-        self.rounding = None
+        self.rounding, self.rounding_floor = None, None
+
+    @contextmanager
+    def learnable_scale(self):
+        """Within the block ``scale`` is a Parameter, learned with the rounding (the integer part ``floor(W / s0)``
+        stays that of the scale the rounding started from); after it a buffer again, rounded to the scale dtype
+        (so the frozen layer stores what the simulation uses) and kept positive. The zero points stay: the grid
+        ``s · (q - z)`` scales about 0."""
+        scale = nn.Parameter(self._buffers.pop("scale").detach().clone())
+        self.scale = scale
+        try:
+            yield scale
+        finally:
+            learned = self._parameters.pop("scale").detach()
+            self.register_buffer("scale", round_scale(learned.abs().clamp_min(1e-8), self._scale_torch_dtype))
 
     def extra_repr(self) -> str:
         g = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")

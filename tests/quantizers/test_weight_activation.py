@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -157,3 +159,39 @@ def test_observer_sample_is_uniform_over_batches():
     counts = torch.bincount(obs.sample.reshape(-1).long(), minlength=10).float()
     assert obs.sample.numel() == 4000 and counts.min() > 300 and counts.max() < 500
     assert (obs.lo.item(), obs.hi.item()) == (0.0, 9.0)
+
+
+def _fit_rounding(w, x, learn_scale: bool) -> WeightQuantizer:
+    q = WeightQuantizer(3, scale_dtype="float16")
+    q.calibrate(w)
+    v = q.start_rounding(w)
+    floor = q.rounding_floor.clone()
+    with contextlib.ExitStack() as stack:
+        params = [v] + ([stack.enter_context(q.learnable_scale())] if learn_scale else [])
+        if learn_scale:
+            assert isinstance(params[1], torch.nn.Parameter) and "scale" in dict(q.named_parameters())
+        opt = torch.optim.Adam(params, lr=1e-2)
+        for step in range(400):
+            opt.zero_grad()
+            loss = ((q(w) - w) @ x.T).pow(2).mean()
+            if step >= 100:
+                loss = loss + 0.01 * q.rounding_loss(20 - 18 * (step - 100) / 300)
+            loss.backward()
+            opt.step()
+        assert torch.equal(q.rounding_floor, floor)  # the integer part does not follow the scale
+    q.harden_rounding(w)
+    return q
+
+
+def test_learned_weight_scales_keep_the_integer_part_and_lower_the_error():
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 64), torch.randn(256, 64) * torch.linspace(0.2, 3.0, 64)  # uneven input channels
+    q = _fit_rounding(w, x, learn_scale=True)
+    assert "scale" in dict(q.named_buffers()) and q.scale.dtype == torch.float32
+    assert torch.equal(q.scale, q.scale.half().float())  # rounded to the scale dtype the frozen layer stores
+    codes = q.codes(w).float()
+    assert torch.equal(q(w), codes * q.scale[:, None])  # the hardened codes with the learned scales
+    fixed = _fit_rounding(w, x, learn_scale=False)
+    err, err_fixed = ((q(w) - w) @ x.T).pow(2).mean(), ((fixed(w) - w) @ x.T).pow(2).mean()
+    assert not torch.equal(q.scale, fixed.scale)
+    assert err < 0.995 * err_fixed, (float(err), float(err_fixed))
