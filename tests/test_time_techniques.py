@@ -148,6 +148,29 @@ def test_reconstruction_lowers_the_error_on_held_out_inputs(unit, tmp_path):
     assert sqnr["learned"] > sqnr["rtn"] + 0.5
 
 
+def test_learned_weight_scales_lower_the_error_and_freeze_bit_for_bit(tmp_path):
+    sqnr, pipes = {}, {}
+    for learn in (False, True):
+        pipe = build_tiny_sd_pipeline()
+        calls, refs = held_out(pipe, tmp_path / f"h{learn}")
+        recon = {"unit": "block", "iterations": 40, "num_samples": 4, "learn_act_scales": False,
+                 "learn_weight_scales": learn}
+        dmquant.quantize(pipe, {"weights": {"bits": 3, "scale_dtype": "float16"}, "activations": None,
+                                "reconstruction": recon},
+                         prompts=["a red circle", "a blue square"], num_inference_steps=5, num_timesteps=3,
+                         progress=False, **SD_KW)
+        with torch.no_grad():
+            sqnr[learn] = np.mean([sqnr_db(r, pipe.unet(*a, **k)[0]) for (a, k), r in zip(calls, refs)])
+        pipes[learn] = pipe
+    assert sqnr[True] > sqnr[False] + 0.3, sqnr
+    layer = next(m for _, m in quant_layers(pipes[True].unet))
+    q = layer.weight_quantizers[0]
+    assert torch.equal(q.scale, q.scale.half().float())  # learned, then rounded to the stored float16
+    simulated = images(pipes[True], ["a white disk"])
+    pipes[True].save_pretrained(tmp_path / "q")
+    assert np.array_equal(images(dmquant.load_quantized_pipeline(tmp_path / "q"), ["a white disk"]), simulated)
+
+
 def test_learned_tables_precomputed_for_another_schedule(tmp_path):
     import warnings
 
