@@ -4,11 +4,11 @@ Variants: ``auto`` (the shipped recipe: the bytes of uniform W4 weights with flo
 with float16 scales, early weighting), ``w4a8`` (the shipped uniform recipe) and ``<auto|w4a8>-<modifier>-...``. Modifiers of
 any recipe: ``noreco`` (no block reconstruction: round to nearest), ``g64`` (weights in groups of 64 with
 float16 scales), ``lws`` (the reconstruction learns the weight scales too), ``seed<N>`` (calibration seed N: other calibration steps and reconstruction draws), ``it<N>`` (N
-reconstruction iterations per block); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
+reconstruction iterations per block), ``ns<N>`` (N recorded calls feed the reconstruction); of ``auto``: ``<B>bit`` (``target_bits`` B, e.g. ``auto-3bit``), ``channel`` (bit-widths per
 output channel only, no group candidates), ``scale32`` (candidates store float32 scales, as before float16
 scales existed), ``uniform`` / ``relative`` / ``early`` / ``late`` (the weighting of the calls in the sensitivity; ``auto``:
 early),
-``calls<N>`` (sensitivity on N calls), ``asym`` (every 2-, 3- and 4-bit format also with zero points), ``anchored`` (one format per layer measured,
+``calls<N>`` (sensitivity on N calls), ``asym`` (every 2-, 3- and 4-bit format also with zero points), ``asym2`` (the 2-bit ones only), ``anchored`` (one format per layer measured,
 the others scaled by the weight-space proxy), ``all`` (every format measured on every call; ``auto``: sampled).
 ``recipe:<name>`` runs a shipped recipe as it is.
 
@@ -53,6 +53,7 @@ MIXED_MODIFIERS = {
     "early": lambda mp: replace(mp, weighting="early"),
     "late": lambda mp: replace(mp, weighting="late"),
     "asym": lambda mp: replace(mp, asymmetric_bits=(2, 3, 4)),
+    "asym2": lambda mp: replace(mp, asymmetric_bits=(2,)),
     "anchored": lambda mp: replace(mp, measure="anchored"),
     "all": lambda mp: replace(mp, measure="all"),
 }
@@ -71,6 +72,8 @@ def variant_config(variant: str) -> QuantConfig:
             config = RECIPE_MODIFIERS[m](config)
         elif m.startswith("seed"):
             config = replace(config, calibration=replace(config.calibration, seed=int(m[4:])))
+        elif m.startswith("ns") and config.reconstruction is not None:
+            config = replace(config, reconstruction=replace(config.reconstruction, num_samples=int(m[2:])))
         elif m.startswith("it") and config.reconstruction is not None:
             config = replace(config, reconstruction=replace(config.reconstruction, iterations=int(m[2:])))
         elif mp is None:

@@ -217,6 +217,8 @@ METHODS: dict[str, dict | None] = {
     "w4a8-ff8": _variant("w4a8", "w4a8-ff8", layers={"linear:*.ff.net.*": {"weights": {"bits": 8}}}),
     "w4a8-lr8": _variant("w4a8", "w4a8-lr8", low_rank={"rank": 8}),
     "w4a8-lr16": _variant("w4a8", "w4a8-lr16", low_rank={"rank": 16}),
+    # the reconstruction learns the weight scales with the rounding
+    "w4a8-lws": _variant("w4a8", "w4a8-lws", reconstruction={"learn_weight_scales": True}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
