@@ -162,7 +162,7 @@ def test_learned_weight_scales_lower_the_error_and_freeze_bit_for_bit(tmp_path):
         with torch.no_grad():
             sqnr[learn] = np.mean([sqnr_db(r, pipe.unet(*a, **k)[0]) for (a, k), r in zip(calls, refs)])
         pipes[learn] = pipe
-    assert sqnr[True] > sqnr[False] + 0.3, sqnr
+    assert sqnr[True] > sqnr[False] + 0.15, sqnr
     layer = next(m for _, m in quant_layers(pipes[True].unet))
     q = layer.weight_quantizers[0]
     assert torch.equal(q.scale, q.scale.half().float())  # learned, then rounded to the stored float16

@@ -152,15 +152,19 @@ def reconstruction_error(outputs: list[torch.Tensor], targets: list[torch.Tensor
     return plain, guided
 
 
-def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], fp, qin, r: ReconstructionConfig,
-              table, guidance: list[float | None]) -> tuple[float, float]:
-    """``guidance[i]``: the CFG scale whose guided error call ``i`` is fitted for (None: the plain error)."""
+def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], gains: list[nn.Parameter], fp, qin,
+              r: ReconstructionConfig, table, guidance: list[float | None]) -> tuple[float, float]:
+    """``scales``: activation scales; ``gains``: log-ratios of learned weight scales (relative steps of
+    ``act_learning_rate``). ``guidance[i]``: the CFG scale whose guided error call ``i`` is fitted for (None: the
+    plain error)."""
     quantizers = [q for layer in layers for q in layer.weight_quantizers]
     rounding = [q.start_rounding(w) for layer in layers
                 for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight))]
     groups = [{"params": rounding, "lr": r.learning_rate}]
     for s in scales:  # relative steps: each scale moves by about act_learning_rate of itself per iteration
         groups.append({"params": [s], "lr": r.act_learning_rate * float(s.detach().abs().mean())})
+    if gains:
+        groups.append({"params": gains, "lr": r.act_learning_rate})
     opt = torch.optim.Adam(groups)
     first = last = 0.0
     norm = None  # the guided loss scaled to the plain one on the first guided call (keeps its balance with the
@@ -212,9 +216,9 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
         act_qs = [q for q in activation_quantizers(unit) if q.static] if learn_act_scales else []
         with _NoParamGrads(unit), ExitStack() as stack:
             scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
-            if r.learn_weight_scales:
-                scales += [stack.enter_context(q.learnable_scale()) for layer in layers for q in layer.weight_quantizers]
-            before, after = _optimize(unit, layers, scales, fp, qin, r, table, guidance)
+            gains = [stack.enter_context(q.learnable_scale()) for layer in layers
+                     for q in layer.weight_quantizers] if r.learn_weight_scales else []
+            before, after = _optimize(unit, layers, scales, gains, fp, qin, r, table, guidance)
         for layer in layers:
             for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
                 q.harden_rounding(w)

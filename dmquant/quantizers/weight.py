@@ -45,6 +45,7 @@ class WeightQuantizer(FormatQuantizer):
         self.register_buffer("fixed_codes", None)  # hardened learned rounding (int8, shaped as the rows)
         self.rounding: nn.Parameter | None = None  # AdaRound's V while a reconstruction learns it
         self.rounding_floor: torch.Tensor | None = None  # floor(W / s) of the scale the rounding started from
+        self.scale_gain: nn.Parameter | None = None  # log of the learned scales' ratio to ``scale`` (while learned)
 
     @property
     def calibrated(self) -> bool:
@@ -66,7 +67,8 @@ class WeightQuantizer(FormatQuantizer):
     def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.calibrated:
             raise DMQuantError("a weight quantizer was used before calibration: call calibrate(weight) first")
-        return self.scale[:, None], self.zero_point[:, None]
+        scale = self.scale if self.scale_gain is None else self.scale * torch.exp(self.scale_gain)
+        return scale[:, None], self.zero_point[:, None]
 
     def code_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of the weight's rows (whole numbers in the weight's dtype)."""
@@ -118,17 +120,19 @@ class WeightQuantizer(FormatQuantizer):
 
     @contextmanager
     def learnable_scale(self):
-        """Within the block ``scale`` is a Parameter, learned with the rounding (the integer part ``floor(W / s0)``
-        stays that of the scale the rounding started from); after it a buffer again, rounded to the scale dtype
-        (so the frozen layer stores what the simulation uses) and kept positive. The zero points stay: the grid
-        ``s · (q - z)`` scales about 0."""
-        scale = nn.Parameter(self._buffers.pop("scale").detach().clone())
-        self.scale = scale
+        """Within the block each scale is ``s0 · exp(g)`` with ``g`` a Parameter (zeros at the start; yielded):
+        learned with the rounding in relative steps the same for a small scale as for a large one, the integer
+        part ``floor(W / s0)`` staying that of the starting scale. After it ``scale`` holds the learned scales
+        rounded to the scale dtype (the frozen layer stores what the simulation uses). Zero points stay: the
+        grid ``s · (q - z)`` scales about 0."""
+        self.scale_gain = nn.Parameter(torch.zeros_like(self.scale))
         try:
-            yield scale
+            yield self.scale_gain
         finally:
-            learned = self._parameters.pop("scale").detach()
-            self.register_buffer("scale", round_scale(learned.abs().clamp_min(1e-8), self._scale_torch_dtype))
+            with torch.no_grad():
+                learned = self.scale * torch.exp(self.scale_gain)
+            self.scale_gain = None
+            self.scale = round_scale(learned, self._scale_torch_dtype)
 
     def extra_repr(self) -> str:
         g = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")

@@ -168,8 +168,8 @@ def _fit_rounding(w, x, learn_scale: bool) -> WeightQuantizer:
     floor = q.rounding_floor.clone()
     with contextlib.ExitStack() as stack:
         params = [v] + ([stack.enter_context(q.learnable_scale())] if learn_scale else [])
-        if learn_scale:
-            assert isinstance(params[1], torch.nn.Parameter) and "scale" in dict(q.named_parameters())
+        if learn_scale:  # the log-ratio of the learned scales to the starting ones: zeros at the start
+            assert "scale_gain" in dict(q.named_parameters()) and not params[1].any()
         opt = torch.optim.Adam(params, lr=1e-2)
         for step in range(400):
             opt.zero_grad()
