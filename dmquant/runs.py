@@ -103,17 +103,26 @@ def make_own_temp_folder(prefix: str) -> str:
     return folder
 
 
-def _delete_entries(folder: Path, entries: list[str], stamps: dict | None) -> None:
-    """Delete the listed entries of ``folder``: files and links themselves, then directories left empty
-    (deepest first). With ``stamps`` (a finished folder) a file goes only while it is still the one dmquant
-    wrote (same size and modification time); ``None``: a private folder, all of it dmquant's. Anything not
-    listed, changed since, or a listed directory still holding something, stays."""
+def _written_by_dmquant(path: Path, stamp: list[int] | None, since_ns: int | None) -> bool:
+    """Whether the file or link ``path`` is still one dmquant wrote: the same size and modification time as its
+    ``stamp`` (a finished folder's list), or, in a private folder, modified since its marker was written
+    (``since_ns``: a file brought in with an older time, e.g. copied with its times kept, is not)."""
+    now = _stamp(path)
+    if now is None:
+        return False
+    return now == stamp if since_ns is None else now[1] >= since_ns
+
+
+def _delete_entries(folder: Path, entries: list[str], stamps: dict | None, since_ns: int | None = None) -> None:
+    """Delete the listed entries of ``folder`` that dmquant wrote (:func:`_written_by_dmquant`: ``stamps`` of a
+    finished folder, or ``since_ns`` for a private one): files and links themselves, then directories left empty
+    (deepest first). Anything not listed, not dmquant's, or a listed directory still holding something, stays."""
     root = folder.resolve()
     # a listed entry outside the folder (an absolute name, "..", a link on the way) is never followed
     paths = {e: folder / e for e in entries if not Path(e).is_absolute() and ".." not in Path(e).parts
              and (folder / e).parent.resolve().is_relative_to(root)}
     for entry, path in paths.items():
-        if (path.is_symlink() or path.is_file()) and (stamps is None or stamps.get(entry) == _stamp(path)):
+        if (path.is_symlink() or path.is_file()) and _written_by_dmquant(path, (stamps or {}).get(entry), since_ns):
             path.unlink(missing_ok=True)
     for path in sorted((p for p in paths.values() if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts),
                        reverse=True):
@@ -123,20 +132,20 @@ def _delete_entries(folder: Path, entries: list[str], stamps: dict | None) -> No
 
 def remove_own_folder(folder: Path) -> bool:
     """Delete what dmquant wrote in ``folder``, then the folder if nothing else is left: the entries its
-    marker lists (a finished folder), or everything in a private one whose marker names this very folder
-    (see :func:`_write_marker`). An unmarked folder is only removed when it is empty (``rmdir``), and a
+    marker lists (a finished folder), or everything written since the marker in a private one whose marker names
+    this very folder (see :func:`_write_marker`). An unmarked folder is only removed when it is empty (``rmdir``), and a
     marked one without either (written by an older dmquant, or a private marker copied into another
     folder) loses nothing. What stays is named on stderr. The one place where dmquant deletes
     a folder; returns whether the folder is gone."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     marker = folder_marker(folder)
+    own_marker = folder / MARKER
     if marker is not None and marker.get("private") and marker.get("folder_id") == _folder_id(folder):
-        _delete_entries(folder, _listing(folder), None)
+        _delete_entries(folder, _listing(folder), None, since_ns=own_marker.lstat().st_mtime_ns)
     elif marker is not None and isinstance(marker.get("files"), list):
         stamps = marker.get("stamps")  # an older dmquant's marker has none: then no file is provably its
         _delete_entries(folder, marker["files"], stamps if isinstance(stamps, dict) else {})
-    own_marker = folder / MARKER
     if marker is not None and not _listing(folder) and own_marker.is_file() and not own_marker.is_symlink():
         own_marker.unlink()
     try:

@@ -136,3 +136,23 @@ def test_a_marker_listing_outside_the_folder_deletes_nothing_there(tmp_path):
     remove_own_folder(folder)
     assert outside.read_text() == "keep" and (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"
     assert not (folder / "mine.txt").exists()
+
+
+def test_a_private_folder_keeps_a_file_that_predates_its_marker(tmp_path):
+    """In a folder dmquant made, only what was written after its marker goes: a file brought in with its older
+    times kept (``cp -p``, a move) stays, and so does the folder."""
+    from dmquant.runs import make_own_temp_folder
+
+    made = Path(make_own_temp_folder("dmq-test-"))
+    (made / "shard.bin").write_text("x")  # written by dmquant, after the marker
+    (made / "sub").mkdir()
+    (made / "sub" / "part.bin").write_text("y")
+    kept = made / "sub" / "moved-in.txt"
+    kept.write_text("precious")
+    marker_ns = (made / MARKER).lstat().st_mtime_ns
+    os.utime(kept, ns=(marker_ns - 10**9, marker_ns - 10**9))  # times from before the marker
+    assert remove_own_folder(made) is False
+    assert sorted(p.relative_to(made).as_posix() for p in made.rglob("*")) == [MARKER, "sub", "sub/moved-in.txt"]
+    assert kept.read_text() == "precious"
+    kept.unlink()
+    assert remove_own_folder(made) is True and not made.exists()

@@ -73,16 +73,21 @@ def load_clip(spec: str | ClipModel = JUDGE, device: str = "cpu") -> ClipModel:
     return _CACHE[key]
 
 
-def compute_clip_score(images, prompts: Sequence[str], model: str | ClipModel = JUDGE, device: str = "cpu") -> float:
-    """Mean CLIP score (0..100) of images against their prompts, computed by torchmetrics."""
-    from torchmetrics.functional.multimodal import clip_score as tm_clip_score
-
-    batch = as_uint8_batch(images)
-    prompts = list(prompts)
+def _images_and_prompts(images, prompts: Sequence[str]):
+    """(uint8 batch, prompt list), or DMQuantError unless there is one prompt per image and at least one."""
+    batch, prompts = as_uint8_batch(images), list(prompts)
     if len(batch) != len(prompts):
         raise DMQuantError(f"CLIP score needs one prompt per image: {len(batch)} images, {len(prompts)} prompts")
     if len(batch) == 0:
         raise DMQuantError("CLIP score of an empty image set")
+    return batch, prompts
+
+
+def compute_clip_score(images, prompts: Sequence[str], model: str | ClipModel = JUDGE, device: str = "cpu") -> float:
+    """Mean CLIP score (0..100) of images against their prompts, computed by torchmetrics."""
+    from torchmetrics.functional.multimodal import clip_score as tm_clip_score
+
+    batch, prompts = _images_and_prompts(images, prompts)
     clip = load_clip(model, device)
     tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)
     score = tm_clip_score(tensor, prompts, model_name_or_path=lambda: (_TMModel(clip), _TMProcessor(clip)))
@@ -91,10 +96,12 @@ def compute_clip_score(images, prompts: Sequence[str], model: str | ClipModel = 
 
 def clip_scores_per_image(images, prompts: Sequence[str], model: str | ClipModel = JUDGE,
                           device: str = "cpu") -> list[float]:
-    """The CLIP score of each image against its prompt (their mean is :func:`compute_clip_score`): what a
-    paired comparison of two image sets from the same prompts and seeds needs
-    (:func:`dmquant.metrics.fidelity.paired_difference`)."""
-    batch, prompts = as_uint8_batch(images), list(prompts)
-    if len(batch) != len(prompts):
-        raise DMQuantError(f"CLIP score needs one prompt per image: {len(batch)} images, {len(prompts)} prompts")
-    return [compute_clip_score(batch[i:i + 1], [p], model, device) for i, p in enumerate(prompts)]
+    """The CLIP score of each image against its prompt, ``max(100 * cos, 0)``, in one batched pass: what a paired
+    comparison of two image sets from the same prompts and seeds needs
+    (:func:`dmquant.metrics.fidelity.paired_difference`). Their mean is :func:`compute_clip_score` only while no
+    cosine is negative: torchmetrics takes ``max(., 0)`` of the mean, not of each image."""
+    batch, prompts = _images_and_prompts(images, prompts)
+    clip = load_clip(model, device)
+    with torch.no_grad():
+        cos = (clip.image_features(batch) * clip.text_features(prompts)).sum(-1)
+    return torch.clamp(100 * cos, min=0).tolist()
