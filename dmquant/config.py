@@ -225,7 +225,10 @@ class ReconstructionConfig:
     ``beta_start`` to ``beta_end``). ``learn_act_scales`` learns the static activation scales in the
     same loop (LSQ-style; ``act_learning_rate`` is relative to each scale); ``learn_weight_scales`` the weight
     scales too (one per output channel or group; the integer part ``floor(W / s)`` stays that of the starting
-    scale, so the scale and the rounding are learned together; the same relative learning rate). ``num_samples`` recorded
+    scale, so the scale and the rounding are learned together; the same relative learning rate) of the weights of at
+    most ``weight_scale_max_bits`` bits: on finer grids the rounding error sits below the 8-bit activations' noise,
+    the scale's gradient is that noise, and Adam's normalised steps let the scale wander (on tiny-shapes-sd's mixed
+    plan, 8-bit scales drifted up to 9x and cost 13 dB: eval/RESULTS.md). ``num_samples`` recorded
     denoiser calls feed it.
 
     ``guided``: on calls that carry both halves of classifier-free guidance (the pipeline doubled the
@@ -246,6 +249,7 @@ class ReconstructionConfig:
     warmup: float = 0.2
     learn_act_scales: bool = True
     learn_weight_scales: bool = False
+    weight_scale_max_bits: int = 4
     num_samples: int = 32
     batch_size: int = 4
     guided: bool = False
@@ -258,7 +262,8 @@ class ReconstructionConfig:
         if self.guidance_scale is not None and not float(self.guidance_scale) > 0:
             raise DMQuantError(f"reconstruction.guidance_scale={self.guidance_scale!r} must be positive (e.g. 7.5), or "
                                "left out to take the calibration run's")
-        _check_positive_ints(self, ("iterations", "num_samples", "batch_size"), "reconstruction")
+        _check_positive_ints(self, ("iterations", "num_samples", "batch_size", "weight_scale_max_bits"),
+                             "reconstruction")
         if not (self.learning_rate > 0 and self.act_learning_rate > 0 and self.reg_weight >= 0):
             raise DMQuantError("reconstruction: learning rates must be positive and reg_weight >= 0")
         if not (self.beta_start >= self.beta_end > 0 and 0 <= self.warmup < 1):

@@ -16,6 +16,7 @@ from dmquant.models.adapters import UNET, find_denoiser
 from dmquant.models.tiny import build_tiny_dit_pipeline, build_tiny_sd_pipeline
 from dmquant.nn.wrap import quant_layers
 from dmquant.quantizers.affine import sqnr_db
+from dmquant.quantizers.weight import WeightQuantizer
 from dmquant.serialization import FORMAT_VERSION
 
 SD_KW = {"height": 16, "width": 16}
@@ -169,6 +170,25 @@ def test_learned_weight_scales_lower_the_error_and_freeze_bit_for_bit(tmp_path):
     simulated = images(pipes[True], ["a white disk"])
     pipes[True].save_pretrained(tmp_path / "q")
     assert np.array_equal(images(dmquant.load_quantized_pipeline(tmp_path / "q"), ["a white disk"]), simulated)
+
+
+def test_learned_weight_scales_leave_fine_grids_alone():
+    """Only weights of at most ``weight_scale_max_bits`` bits learn their scales: the 8-bit layers keep the scales
+    their calibration gave (exactly), the 3-bit ones move."""
+    pipe = build_tiny_sd_pipeline()
+    recon = {"unit": "block", "iterations": 30, "num_samples": 4, "learn_act_scales": False,
+             "learn_weight_scales": True}
+    recipe = {"weights": {"bits": 3}, "activations": None, "reconstruction": recon,
+              "layers": {"*attn1*": {"weights": {"bits": 8}}}}
+    dmquant.quantize(pipe, recipe, prompts=["a red circle", "a blue square"], num_inference_steps=5,
+                     num_timesteps=3, progress=False, **SD_KW)
+    moved = {3: 0, 8: 0}
+    for _, layer in quant_layers(pipe.unet):
+        for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight.detach())):
+            start = WeightQuantizer(q.bits, q.symmetric, q.granularity, q.group_size, q.method)
+            start.calibrate(w)
+            moved[q.bits] += int(not torch.equal(start.scale, q.scale))
+    assert moved[8] == 0 and moved[3] > 5, moved
 
 
 def test_learned_tables_precomputed_for_another_schedule(tmp_path):

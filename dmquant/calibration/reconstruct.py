@@ -191,6 +191,14 @@ def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], gains:
     return first, last
 
 
+def _scale_learners(layers: list[QuantLayer], r: ReconstructionConfig) -> list:
+    """The weight quantizers whose scales the unit learns: none without ``learn_weight_scales``, else those of at
+    most ``weight_scale_max_bits`` bits (finer grids keep their starting scales)."""
+    if not r.learn_weight_scales:
+        return []
+    return [q for layer in layers for q in layer.weight_quantizers if q.bits <= r.weight_scale_max_bits]
+
+
 def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserAdapter,
                 calls: Iterable[tuple[tuple, dict]], learn_act_scales: bool, seed: int = 0,
                 progress: bool = True, guidance_scale: float | None = None) -> dict:
@@ -216,8 +224,7 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
         act_qs = [q for q in activation_quantizers(unit) if q.static] if learn_act_scales else []
         with _NoParamGrads(unit), ExitStack() as stack:
             scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
-            gains = [stack.enter_context(q.learnable_scale()) for layer in layers
-                     for q in layer.weight_quantizers] if r.learn_weight_scales else []
+            gains = [stack.enter_context(q.learnable_scale()) for q in _scale_learners(layers, r)]
             before, after = _optimize(unit, layers, scales, gains, fp, qin, r, table, guidance)
         for layer in layers:
             for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
