@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
+import json
 import math
 import types
 import typing
@@ -647,6 +649,12 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _lists(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        """A short hash of what the recipe computes (its ``name`` and ``description`` left out): two recipes with
+        the same digest quantize alike, so a cached result can say which recipe made it."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("name", "description")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:

@@ -137,8 +137,13 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
     if fingerprint(model) != weights:
         raise RuntimeError(f"the {model} zoo weights changed while loading: run again")
     path = out / f"{model}-{weights}-{config.tag}-{label}-{n}.json"
+    digest = config.digest()
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("config_digest", digest) != digest:  # rows from before the digest existed are taken
+            raise SystemExit(f"{path.name} was measured with another recipe under the label {label!r} (a recipe "
+                             "it modifies changed since): use a new --out folder")
+        return cached
     ref = reference_images(model, n, weights, out)
     calib, prompts = prompts_for(model, n)
     start = time.perf_counter()
@@ -147,7 +152,7 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
                      progress=False, **kwargs)
     seconds = time.perf_counter() - start
     images = generate(pipe, prompts)
-    result = {"model": model, "weights": weights, "bits": config.tag, "variant": variant,
+    result = {"model": model, "weights": weights, "bits": config.tag, "variant": variant, "config_digest": digest,
               "num_images": n, "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, ZOO_CLIP, "cpu"),
               "clip_score_fp": compute_clip_score(ref, prompts, ZOO_CLIP, "cpu"),

@@ -298,8 +298,13 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     kind = MODELS[short][1]
     weights = fingerprint(short)
     path = result_path(short, weights, set_name, guidance, method, n)
+    digest = None if method.startswith("torchao-int8dyn") else method_config(method).digest()
     if path.is_file() and not force:
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("config_digest", digest) != digest:  # rows from before the digest existed are taken
+            raise SystemExit(f"{path.name} was measured with another recipe for {method!r} (the recipe changed "
+                             "since): rerun the cell with --force")
+        return cached
     ref = reference(short, guidance, n, weights)
     prompts = eval_prompts(kind, n)
     pipe = load(short)
@@ -318,7 +323,8 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     seconds = time.perf_counter() - start
     images = generate(pipe, model_inputs(pipe, kind, prompts), guidance)
     result = {"model": short, "weights": weights, "set": "any" if uncalibrated(method) else set_name,
-              "guidance": guidance, "method": method, "num_images": n, "threads": torch.get_num_threads(),
+              "guidance": guidance, "method": method, "config_digest": digest, "num_images": n,
+              "threads": torch.get_num_threads(),
               "calibration_prompts": None if calib is None else len(calib),
               "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),

@@ -23,6 +23,17 @@ def test_recipe_round_trips_through_yaml(tmp_path, name):
     assert load_recipe(tmp_path / "s.yaml") == searched
 
 
+def test_digest_names_what_the_recipe_computes(tmp_path):
+    import dataclasses
+
+    config = load_recipe("auto")
+    save_recipe(config, tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml").digest() == config.digest()  # the same recipe read back
+    assert dataclasses.replace(config, name="x", description="y").digest() == config.digest()
+    changed = dataclasses.replace(config, reconstruction=dataclasses.replace(config.reconstruction, iterations=1601))
+    assert changed.digest() != config.digest() and len(config.digest()) == 12
+
+
 def test_unknown_recipe_names_the_known_ones():
     with pytest.raises(DMQuantError, match="unknown recipe 'w3a3'.*w4a16, .*w4a8, .*w8a8"):
         load_recipe("w3a3")
