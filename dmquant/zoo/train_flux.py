@@ -161,6 +161,9 @@ def main(argv=None) -> None:
                    help="off: the pooled text embedding's projection into the AdaLN conditioning is held at zero "
                         "weight (its bias still trains), so the model reads the prompt only through joint attention "
                         "over the token sequence; the saved model is an ordinary SD3Transformer2DModel")
+    p.add_argument("--sigma", choices=("logit-normal", "uniform"), default="logit-normal",
+                   help="the noise levels trained on: SD3's logit-normal(0, 1) (most of them near 0.5) or uniform "
+                        "on (0, 1) (as many nearly clean ones, where the shapes' edges are decided, as noisy ones)")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     t0 = time.time()
@@ -197,7 +200,8 @@ def main(argv=None) -> None:
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(args.batch_size, generator=gen))  # logit-normal(0, 1)
+        sigma = torch.sigmoid(torch.randn(args.batch_size, generator=gen)) if args.sigma == "logit-normal" \
+            else torch.rand(args.batch_size, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = ((1 - s) * x0 + s * noise).to(args.device)
         drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
