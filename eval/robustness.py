@@ -147,6 +147,15 @@ LINEAR_PATTERNS = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.add_*_proj", "
                    "*.ff_context.net.*", "*time_emb*", "*.linear*", "*.proj", "*.proj_mlp", "*.proj_out")
 
 
+def _w4a8_fixed_scales(name: str, **changes) -> dict:
+    """A variant of ``w4a8`` as it was before it learned its weight scales (the rows measured then keep their
+    meaning): ``reconstruction.learn_weight_scales`` held false."""
+    recon = changes.pop("reconstruction", {})
+    if recon is not None:
+        recon = {"learn_weight_scales": False, **recon}
+    return _variant("w4a8", name, reconstruction=recon, **changes)
+
+
 def _variant(recipe: str, name: str, **changes) -> dict:
     """A shipped recipe's dict with sections replaced (``None`` removes one)."""
     import yaml
@@ -183,11 +192,11 @@ METHODS: dict[str, dict | None] = {
     "w8a8-lin-sym": _variant("w8a8-static", "w8a8-lin-sym", attention=None,
                              activations={"granularity": "token", "symmetric": True},
                              layers={"conv:*": {"weight_only": True}}),
-    "w4a8-lin-asym": _variant("w4a8", "w4a8-lin-asym", attention=None,
+    "w4a8-lin-asym": _w4a8_fixed_scales("w4a8-lin-asym", attention=None,
                               activations={"granularity": "token", "symmetric": False},
                               reconstruction={"learn_act_scales": False}, split={"weights": True, "activations": False},
                               layers={"conv:*": {"weight_only": True}}),
-    "w4a8-lin-asym-rtn": _variant("w4a8", "w4a8-lin-asym-rtn", attention=None, reconstruction=None, split=None,
+    "w4a8-lin-asym-rtn": _w4a8_fixed_scales("w4a8-lin-asym-rtn", attention=None, reconstruction=None, split=None,
                                   activations={"granularity": "token", "symmetric": False},
                                   layers={"conv:*": {"weight_only": True}}),
     "w4a4-convwo": _variant("w4a4", "w4a4-convwo", layers={"conv:*": {"weight_only": True}}),
@@ -207,18 +216,19 @@ METHODS: dict[str, dict | None] = {
                                     layers={"conv:*": {"activations": {"granularity": "sample"}}}),
     "w8a8-convsample-smooth": _variant("w8a8", "w8a8-convsample-smooth", smoothing={"alpha": 0.5},
                                        layers={"conv:*": {"activations": {"granularity": "sample"}}}),
-    "w4a8-guided": _variant("w4a8", "w4a8-guided", reconstruction={"guided": True}),
-    "w4a8-guided-adaln8": _variant("w4a8", "w4a8-guided-adaln8", reconstruction={"guided": True},
+    "w4a8-guided": _w4a8_fixed_scales("w4a8-guided", reconstruction={"guided": True}),
+    "w4a8-guided-adaln8": _w4a8_fixed_scales("w4a8-guided-adaln8", reconstruction={"guided": True},
                                    layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
     # 4-bit weights on the DiTs (issue 18): what closes the gap to 32 dB, and what it costs in bytes
-    "w4a8-g32": _variant("w4a8", "w4a8-g32", weights={"granularity": "group", "group_size": 32}),
-    "w4a8-g64": _variant("w4a8", "w4a8-g64", weights={"granularity": "group", "group_size": 64}),
-    "w4a8-adaln8": _variant("w4a8", "w4a8-adaln8", layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
-    "w4a8-ff8": _variant("w4a8", "w4a8-ff8", layers={"linear:*.ff.net.*": {"weights": {"bits": 8}}}),
-    "w4a8-lr8": _variant("w4a8", "w4a8-lr8", low_rank={"rank": 8}),
-    "w4a8-lr16": _variant("w4a8", "w4a8-lr16", low_rank={"rank": 16}),
+    "w4a8-g32": _w4a8_fixed_scales("w4a8-g32", weights={"granularity": "group", "group_size": 32}),
+    "w4a8-g64": _w4a8_fixed_scales("w4a8-g64", weights={"granularity": "group", "group_size": 64}),
+    "w4a8-adaln8": _w4a8_fixed_scales("w4a8-adaln8", layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
+    "w4a8-ff8": _w4a8_fixed_scales("w4a8-ff8", layers={"linear:*.ff.net.*": {"weights": {"bits": 8}}}),
+    "w4a8-lr8": _w4a8_fixed_scales("w4a8-lr8", low_rank={"rank": 8}),
+    "w4a8-lr16": _w4a8_fixed_scales("w4a8-lr16", low_rank={"rank": 16}),
     # the reconstruction learns the weight scales with the rounding
     "w4a8-lws": _variant("w4a8", "w4a8-lws", reconstruction={"learn_weight_scales": True}),
+    "w4a8-fixedscales": _w4a8_fixed_scales("w4a8-fixedscales"),  # w4a8 before it learned its weight scales
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
