@@ -229,6 +229,9 @@ METHODS: dict[str, dict | None] = {
     # the reconstruction learns the weight scales with the rounding
     "w4a8-lws": _variant("w4a8", "w4a8-lws", reconstruction={"learn_weight_scales": True}),
     "w4a8-fixedscales": _w4a8_fixed_scales("w4a8-fixedscales"),  # w4a8 before it learned its weight scales
+    # w4a4 with w4a8's block reconstruction (learned rounding and weight scales of the residual weights)
+    "w4a4-brecq": _variant("w4a4", "w4a4-brecq", reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
+                                                                 "learn_act_scales": False, "learn_weight_scales": True}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
