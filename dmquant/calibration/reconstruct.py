@@ -214,7 +214,7 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
     table = time_table(denoiser)
     set_activation_mode(denoiser, "quant")
     units = _units(denoiser, r, adapter, sample[0])
-    losses = []
+    losses, fallbacks = [], []
     for name, unit in tqdm(units, desc="calibration: reconstruction", disable=not progress):
         with torch.no_grad():
             with full_precision(denoiser):
@@ -222,18 +222,48 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
             qin = capture(denoiser, unit, sample, with_output=False)
         layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
         act_qs = [q for q in activation_quantizers(unit) if q.static] if learn_act_scales else []
+        learners = _scale_learners(layers, r)
+        start = [(q, q.scale.detach().clone()) for q in [*act_qs, *learners]]
+        nearest = unit_error(unit, fp, qin, table)  # round to nearest, the starting scales
         with _NoParamGrads(unit), ExitStack() as stack:
             scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
-            gains = [stack.enter_context(q.learnable_scale()) for q in _scale_learners(layers, r)]
+            gains = [stack.enter_context(q.learnable_scale()) for q in learners]
             before, after = _optimize(unit, layers, scales, gains, fp, qin, r, table, guidance)
         for layer in layers:
             for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
                 q.harden_rounding(w)
             layer.refresh_weight()
+        learned = unit_error(unit, fp, qin, table)
+        if not learned <= nearest:  # the fit diverged (or got worse than where it started): undo it
+            _restore(layers, start)
+            fallbacks.append(name)
         losses.append((name, before, after))
     return {"unit": r.unit, "units": len(units), "samples": len(sample), "iterations": r.iterations,
             "guided_samples": sum(x is not None for x in guidance), "guidance_scale": g if r.guided else None,
-            "mean_loss_first": _mean([b for _, b, _ in losses]), "mean_loss_last": _mean([a for _, _, a in losses])}
+            "mean_loss_first": _mean([b for _, b, _ in losses]), "mean_loss_last": _mean([a for _, _, a in losses]),
+            "fallbacks": fallbacks}
+
+
+@torch.no_grad()
+def unit_error(unit: nn.Module, fp, qin, table) -> float:
+    """The unit's mean squared output error over the recorded calls, as it quantizes now (hard codes)."""
+    total = 0.0
+    for (args, kwargs, t, _), target in zip(qin, fp):
+        if table is not None and t is not None:
+            table.set_timestep(t)
+        total += float(reconstruction_error(_tensors(unit(*args, **kwargs)), target[3], None)[0])
+    return total / max(1, len(qin))
+
+
+@torch.no_grad()
+def _restore(layers: list[QuantLayer], start: list[tuple]) -> None:
+    """Back to the unit's starting point: its quantizers' starting scales, weights rounded to nearest."""
+    for q, scale in start:
+        q.scale = scale
+    for layer in layers:
+        for q in layer.weight_quantizers:
+            q.fixed_codes = None
+        layer.refresh_weight()
 
 
 def _mean(values: list[float]) -> float:
