@@ -171,10 +171,7 @@ def _optimize(unit, layers: list[QuantLayer], scales: list[nn.Parameter], gains:
     # regulariser); calls without guidance keep the plain loss
     for step in range(r.iterations):
         i = random.randrange(len(qin))
-        args, kwargs, t, _ = qin[i]
-        if table is not None and t is not None:
-            table.set_timestep(t)
-        rec, fitted = reconstruction_error(_tensors(unit(*args, **kwargs)), fp[i][3], guidance[i])
+        rec, fitted = _call_error(unit, qin[i], fp[i][3], table, guidance[i])
         if guidance[i] is not None:
             if norm is None:
                 norm = float(rec.detach()) / max(float(fitted.detach()), 1e-30)
@@ -247,12 +244,15 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
 @torch.no_grad()
 def unit_error(unit: nn.Module, fp, qin, table) -> float:
     """The unit's mean squared output error over the recorded calls, as it quantizes now (hard codes)."""
-    total = 0.0
-    for (args, kwargs, t, _), target in zip(qin, fp):
-        if table is not None and t is not None:
-            table.set_timestep(t)
-        total += float(reconstruction_error(_tensors(unit(*args, **kwargs)), target[3], None)[0])
-    return total / max(1, len(qin))
+    return sum(float(_call_error(unit, call, target[3], table, None)[0]) for call, target in zip(qin, fp)) / max(1, len(qin))
+
+
+def _call_error(unit: nn.Module, call: tuple, targets: list[torch.Tensor], table, guidance: float | None):
+    """``reconstruction_error`` of the unit on one recorded call (its timestep set in the time table)."""
+    args, kwargs, t, _ = call
+    if table is not None and t is not None:
+        table.set_timestep(t)
+    return reconstruction_error(_tensors(unit(*args, **kwargs)), targets, guidance)
 
 
 @torch.no_grad()
