@@ -76,21 +76,6 @@ def test_a_private_marker_copied_into_another_folder_deletes_nothing_there(tmp_p
     assert len(aside) == 1 and (aside[0] / "data.txt").read_text() == "precious" and (aside[0] / "shard.bin").exists()
 
 
-def test_a_copied_marker_alone_in_a_folder_is_not_deleted(tmp_path):
-    """A marker that is not the folder's own (a private one copied in) is the user's copy: it stays, and so does
-    the folder."""
-    import shutil
-
-    from dmquant.runs import make_own_temp_folder
-
-    made = Path(make_own_temp_folder("dmq-test-"))
-    user = tmp_path / "user"
-    shutil.copytree(made, user)  # only the marker in it
-    assert remove_own_folder(user) is False
-    assert [p.name for p in user.iterdir()] == [MARKER]
-    assert remove_own_folder(made) is True
-
-
 def test_a_failed_write_leaves_no_temporary_folder_and_the_user_files_beside_it(tmp_path):
     (tmp_path / "keep.txt").write_text("k")
     try:
