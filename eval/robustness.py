@@ -11,6 +11,7 @@ the prompt set and are run once per (model, guidance).
     OMP_NUM_THREADS=1 python eval/robustness.py --models sd,sd-wide --sets zoo,terse --guidance 3,5,7.5 \
         --methods int8-wo,torchao-int8dyn,w8a8 --num-images 200
     python eval/robustness.py --table [--num-images 200]     # median / worst per method over the cached cells
+    python eval/robustness.py --table --clip w8a8,int8-wo     # per cell: CLIP vs FP, paired 95% intervals
 
 Results are cached per run in eval/robustness/<model>-<weights>-<set>-g<guidance>-<method>-<n>.json (<weights>:
 a hash of the denoiser's weights, so retrained models start afresh); FP images in eval/robustness/*.npz
@@ -304,7 +305,7 @@ def result_path(short: str, weights: str, set_name: str, guidance: float, method
 
 def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, calib_prompts: int,
              force: bool = False) -> dict:
-    from dmquant.metrics.clip_score import compute_clip_score
+    from dmquant.metrics.clip_score import clip_scores_per_image, compute_clip_score
     from dmquant.metrics.fidelity import fidelity_metrics, psnr_per_image
     from dmquant.zoo.judge import JUDGE
 
@@ -342,6 +343,8 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
               "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),
               "clip_score_fp": compute_clip_score(ref, prompts, JUDGE, "cpu"),
+              "clip_per_image": [round(v, 3) for v in clip_scores_per_image(images, prompts, JUDGE, "cpu")],
+              "clip_per_image_fp": [round(v, 3) for v in clip_scores_per_image(ref, prompts, JUDGE, "cpu")],
               **fidelity_metrics(images, ref), "psnr_per_image": [None if not np.isfinite(v) else round(float(v), 4)  # None: identical to FP's
                                    for v in psnr_per_image(images, ref)]}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -431,6 +434,26 @@ def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000)
     return "\n".join(lines)
 
 
+def clip_table(rows: list[dict], methods: list[str], resamples: int = 2000) -> str:
+    """Per cell and method where per-image CLIP scores are stored: the method's CLIP score relative to FP's
+    (mean of the per-image scores, in % of FP's mean) with a paired bootstrap 95% interval (images resampled in
+    pairs, seed 0): whether a CLIP line like "within 0.5% of FP" is met, missed, or beyond what 200 images can
+    tell (the interval straddles the line). The models that barely draw their prompts (a low FP CLIP) have wide
+    intervals."""
+    lines = ["| model | set | CFG | n | method | FP CLIP | CLIP Δ% | 95% interval |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(expand(rows), key=lambda r: (r["model"], r["set"], r["guidance"], r["method"])):
+        if r["method"] not in methods or not r.get("clip_per_image"):
+            continue
+        q, f = np.array(r["clip_per_image"]), np.array(r["clip_per_image_fp"])
+        d = paired_difference(q, f, resamples)
+        base = float(f.mean())
+        lo, hi = (100 * x / base for x in d["ci95"])
+        lines.append(f"| {r['model']} | {r['set']} | {r['guidance']:g} | {r['num_images']} | {r['method']} | "
+                     f"{base:.2f} | {100 * d['mean'] / base:+.2f} | {lo:+.2f} .. {hi:+.2f} |")
+    return "\n".join(lines)
+
+
 def _quiet() -> None:
     import diffusers
     import transformers
@@ -452,6 +475,8 @@ def main(argv=None) -> None:
     p.add_argument("--cells", action="store_true", help="with --table: every cell's PSNR")
     p.add_argument("--paired", metavar="A,B", help="with --table: per cell, the paired per-image PSNR difference "
                    "A - B with a bootstrap 95%% interval (cells run since per-image PSNRs are stored)")
+    p.add_argument("--clip", metavar="METHODS", help="with --table: per cell, each method's CLIP score relative to "
+                   "FP's with a paired bootstrap 95%% interval (cells run since per-image CLIP scores are stored)")
     p.add_argument("--force", action="store_true", help="run the cells again even if cached (overwrites them)")
     p.add_argument("--write-sets", metavar="DIR", help="write the text prompt sets (calibration and the "
                    "held-out evaluation prompts) as DIR/<set>.txt, e.g. for `dmquant inspect`, and stop")
@@ -472,6 +497,9 @@ def main(argv=None) -> None:
         if a.paired:
             print()
             print(paired_table(rows, *a.paired.split(",")))
+        if a.clip:
+            print()
+            print(clip_table(rows, a.clip.split(",")))
         return
     torch.set_num_threads(a.threads)
     _quiet()

@@ -64,14 +64,25 @@ NAME = "tiny-shapes-flux"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zero tokens when text_encoder_3 is None
 
 
-def text_encoder_with_projection(folder: Path) -> CLIPTextModelWithProjection:
+def text_encoder_with_projection(folder: Path, identity_layer: bool = False) -> CLIPTextModelWithProjection:
     """tiny-shapes-sd's CLIPTextModel as a CLIPTextModelWithProjection (identity projection): the class
-    StableDiffusion3Pipeline takes; its ``text_embeds`` are the CLIP pooled output."""
+    StableDiffusion3Pipeline takes; its ``text_embeds`` are the CLIP pooled output. ``identity_layer``: one more
+    encoder layer whose output projections are zero (it returns its input exactly), so that SD3's prompt
+    sequence, ``hidden_states[-2]``, is the encoder's last layer (before its final norm) instead of its first;
+    the pooled output does not change."""
     src = CLIPTextModel.from_pretrained(str(folder))
-    model = CLIPTextModelWithProjection(src.config)
-    model.text_model.load_state_dict(src.state_dict())  # transformers 5: CLIPTextModel is the bare text model
+    config = copy.deepcopy(src.config)
+    config.num_hidden_layers += int(identity_layer)
+    model = CLIPTextModelWithProjection(config)
+    missing = model.text_model.load_state_dict(src.state_dict(), strict=not identity_layer).missing_keys
+    assert all(k.startswith(f"encoder.layers.{config.num_hidden_layers - 1}.") for k in missing), missing
     with torch.no_grad():
         model.text_projection.weight.copy_(torch.eye(model.config.projection_dim, model.config.hidden_size))
+        if identity_layer:
+            last = model.text_model.encoder.layers[-1]
+            for linear in (last.self_attn.out_proj, last.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
     return model.eval().requires_grad_(False)
 
 
@@ -161,6 +172,10 @@ def main(argv=None) -> None:
                    help="off: the pooled text embedding's projection into the AdaLN conditioning is held at zero "
                         "weight (its bias still trains), so the model reads the prompt only through joint attention "
                         "over the token sequence; the saved model is an ordinary SD3Transformer2DModel")
+    p.add_argument("--prompt-states", choices=("first", "last"), default="first",
+                   help="the encoder layer whose states are the prompt sequence: SD3's hidden_states[-2], here after "
+                        "the first of the encoder's two layers, or (last) after its last layer, as tiny-shapes-sd "
+                        "reads them (the saved text encoder gets a third layer that returns its input)")
     p.add_argument("--sigma", choices=("logit-normal", "uniform"), default="logit-normal",
                    help="the noise levels trained on: SD3's logit-normal(0, 1) (most of them near 0.5) or uniform "
                         "on (0, 1) (as many nearly clean ones, where the shapes' edges are decided, as noisy ones)")
@@ -169,7 +184,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(str(args.sd / "vae")).to(args.device).eval()
     tokenizer = build_tokenizer()
-    text_encoder = text_encoder_with_projection(args.sd / "text_encoder").to(args.device)
+    text_encoder = text_encoder_with_projection(args.sd / "text_encoder", args.prompt_states == "last").to(args.device)
     images, captions = data.make_dataset(args.num_scenes, seed=args.seed, split="train")
     lat_mean, lat_std = encode_latents(vae, _training.to_tensor_images(images).to(args.device))
     scale = float(vae.config.scaling_factor)

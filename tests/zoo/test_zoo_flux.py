@@ -25,3 +25,25 @@ def test_flux_loads_and_generates_deterministically():
     b = generate(pipe, [PROMPT] * 2, cfg, distributed=False)
     assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a[0], a[1])
+
+
+def test_identity_layer_makes_sd3s_prompt_states_the_encoders_last_layer():
+    from transformers import CLIPTextModel
+
+    from dmquant.zoo import configs
+    from dmquant.zoo.tokenizer import build_tokenizer
+    from dmquant.zoo.train_flux import text_encoder_with_projection
+
+    folder = configs.WEIGHTS_DIR / "tiny-shapes-sd" / "text_encoder"
+    source = CLIPTextModel.from_pretrained(str(folder))
+    plain, deeper = text_encoder_with_projection(folder), text_encoder_with_projection(folder, identity_layer=True)
+    tokenizer = build_tokenizer()
+    ids = tokenizer([PROMPT, ""], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        src, a, b = (m(ids, output_hidden_states=True) for m in (source, plain, deeper))
+    assert len(b.hidden_states) == len(src.hidden_states) + 1
+    assert torch.equal(a.hidden_states[-2], src.hidden_states[-2])  # SD3's states: after the first layer
+    assert torch.equal(b.hidden_states[-2], src.hidden_states[-1])  # with the identity layer: after the last
+    assert not torch.equal(a.hidden_states[-2], b.hidden_states[-2])
+    assert torch.equal(a.text_embeds, b.text_embeds)  # the pooled embedding does not change
