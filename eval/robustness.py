@@ -230,6 +230,14 @@ METHODS: dict[str, dict | None] = {
     # the reconstruction learns the weight scales with the rounding
     "w4a8-lws": _variant("w4a8", "w4a8-lws", reconstruction={"learn_weight_scales": True}),
     "w4a8-fixedscales": _w4a8_fixed_scales("w4a8-fixedscales"),  # w4a8 before it learned its weight scales
+    # the shipped w4a8 (learned weight scales) with: noise correction in the sampler, auto's longer reconstruction,
+    # 8-bit AdaLN modulation, or a rank-16 low-rank branch with groups of 32 (the DiT cells, issue 18)
+    "w4a8-lws-ptqd": _variant("w4a8", "w4a8-lws-ptqd", correction={"method": "ptqd"}),
+    "w4a8-lws-bias": _variant("w4a8", "w4a8-lws-bias", correction={"method": "bias"}),
+    "w4a8-lws-it1600": _variant("w4a8", "w4a8-lws-it1600", reconstruction={"iterations": 1600, "num_samples": 64}),
+    "w4a8-lws-adaln8": _variant("w4a8", "w4a8-lws-adaln8", layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
+    "w4a8-lws-lr16g32": _variant("w4a8", "w4a8-lws-lr16g32", low_rank={"rank": 16},
+                                 weights={"granularity": "group", "group_size": 32}),
     # w4a4 with w4a8's block reconstruction (learned rounding and weight scales of the residual weights)
     "w4a4-brecq": _variant("w4a4", "w4a4-brecq", reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
                                                                  "learn_act_scales": False, "learn_weight_scales": True}),

@@ -191,13 +191,15 @@ def test_learned_weight_scales_leave_fine_grids_alone():
     assert moved[8] == 0 and moved[3] > 5, moved
 
 
-def test_a_diverging_reconstruction_falls_back_to_nearest(tmp_path):
-    """Weight scales learned at an absurd rate diverge; each unit whose hardened error ends above round-to-nearest's
-    is put back (starting scales, nearest rounding), so the model is as good as without reconstruction."""
+def test_a_diverging_reconstruction_is_refitted_then_falls_back_to_nearest(tmp_path):
+    """Weight scales learned at an absurd rate diverge: each unit whose hardened error ends above round-to-nearest's
+    is fitted again with its rounding alone (``refits``), which lands at or below nearest rounding. With an absurd
+    rounding rate too, the refit diverges as well and the unit is put back to nearest rounding (``fallbacks``), so the
+    model is as good as without reconstruction."""
     sqnr, reports = {}, {}
-    for name, recon in (("rtn", None), ("wild", {"unit": "block", "iterations": 30, "num_samples": 4,
-                                                 "learn_act_scales": False, "learn_weight_scales": True,
-                                                 "act_learning_rate": 3.0})):
+    wild = {"unit": "block", "iterations": 30, "num_samples": 4, "learn_act_scales": False,
+            "learn_weight_scales": True, "act_learning_rate": 3.0}
+    for name, recon in (("rtn", None), ("wild", wild), ("wilder", {**wild, "learning_rate": 1e4, "reg_weight": 0.0})):
         pipe = build_tiny_sd_pipeline()
         calls, refs = held_out(pipe, tmp_path / name)
         dmquant.quantize(pipe, {"weights": {"bits": 3}, "activations": None, "reconstruction": recon},
@@ -206,8 +208,10 @@ def test_a_diverging_reconstruction_falls_back_to_nearest(tmp_path):
         with torch.no_grad():
             sqnr[name] = np.mean([sqnr_db(r, pipe.unet(*a, **k)[0]) for (a, k), r in zip(calls, refs)])
         reports[name] = pipe.dmquant.calibration.get("reconstruction")
-    assert len(reports["wild"]["fallbacks"]) >= 1, reports["wild"]
-    assert sqnr["wild"] >= sqnr["rtn"] - 0.5, sqnr
+    assert len(reports["wild"]["refits"]) >= 1 and not reports["wild"]["fallbacks"], reports["wild"]
+    assert sqnr["wild"] >= sqnr["rtn"] + 0.5, sqnr  # the refitted rounding beats round-to-nearest
+    assert reports["wilder"]["fallbacks"] and set(reports["wilder"]["fallbacks"]) <= set(reports["wilder"]["refits"])
+    assert sqnr["wilder"] >= sqnr["rtn"] - 0.5, sqnr
 
 
 def test_learned_tables_precomputed_for_another_schedule(tmp_path):

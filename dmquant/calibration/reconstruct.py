@@ -7,7 +7,10 @@ stops as soon as the unit has run); then minimise ``|unit_q(x_q) - unit_fp(x_fp)
 regulariser over the rounding variables (and, LSQ-style, the unit's activation scales and, optionally, its
 weight scales); finally
 harden the rounding in each weight quantizer (its codes are fixed; the float weights stay untouched,
-so the full-precision passes of later units read the original model).
+so the full-precision passes of later units read the original model). A unit whose hardened error ends
+above round-to-nearest's (a diverged fit: learned scales can drift) is fitted again from its starting scales with
+the rounding alone (listed in the report's ``refits``), and put back to nearest rounding if that too ends worse
+(``fallbacks``).
 """
 
 from __future__ import annotations
@@ -211,7 +214,7 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
     table = time_table(denoiser)
     set_activation_mode(denoiser, "quant")
     units = _units(denoiser, r, adapter, sample[0])
-    losses, fallbacks = [], []
+    losses, refits, fallbacks = [], [], []
     for name, unit in tqdm(units, desc="calibration: reconstruction", disable=not progress):
         with torch.no_grad():
             with full_precision(denoiser):
@@ -222,23 +225,34 @@ def reconstruct(denoiser: nn.Module, r: ReconstructionConfig, adapter: DenoiserA
         learners = _scale_learners(layers, r)
         start = [(q, q.scale.detach().clone()) for q in [*act_qs, *learners]]
         nearest = unit_error(unit, fp, qin, table)  # round to nearest, the starting scales
-        with _NoParamGrads(unit), ExitStack() as stack:
-            scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
-            gains = [stack.enter_context(q.learnable_scale()) for q in learners]
-            before, after = _optimize(unit, layers, scales, gains, fp, qin, r, table, guidance)
-        for layer in layers:
-            for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
-                q.harden_rounding(w)
-            layer.refresh_weight()
-        learned = unit_error(unit, fp, qin, table)
-        if not learned <= nearest:  # the fit diverged (or got worse than where it started): undo it
+        fit = _fit_unit(unit, layers, act_qs, learners, fp, qin, r, table, guidance)
+        if not fit[2] <= nearest and start:  # the fit diverged: undo it, then learn the rounding alone
+            _restore(layers, start)
+            fit = _fit_unit(unit, layers, [], [], fp, qin, r, table, guidance)
+            refits.append(name)
+        if not fit[2] <= nearest:  # still worse than where it started: round to nearest
             _restore(layers, start)
             fallbacks.append(name)
-        losses.append((name, before, after))
+        losses.append((name, fit[0], fit[1]))
     return {"unit": r.unit, "units": len(units), "samples": len(sample), "iterations": r.iterations,
             "guided_samples": sum(x is not None for x in guidance), "guidance_scale": g if r.guided else None,
             "mean_loss_first": _mean([b for _, b, _ in losses]), "mean_loss_last": _mean([a for _, _, a in losses]),
-            "fallbacks": fallbacks}
+            "refits": refits, "fallbacks": fallbacks}
+
+
+def _fit_unit(unit: nn.Module, layers: list[QuantLayer], act_qs: list, learners: list, fp, qin,
+              r: ReconstructionConfig, table, guidance: list[float | None]) -> tuple[float, float, float]:
+    """Learn the unit's rounding (and the scales of ``act_qs`` and ``learners``), harden it; ``(first loss, last
+    loss, the hardened error on the recorded calls)``."""
+    with _NoParamGrads(unit), ExitStack() as stack:
+        scales = [stack.enter_context(q.learnable_scale()) for q in act_qs]
+        gains = [stack.enter_context(q.learnable_scale()) for q in learners]
+        before, after = _optimize(unit, layers, scales, gains, fp, qin, r, table, guidance)
+    for layer in layers:
+        for q, w in zip(layer.weight_quantizers, layer.weight_parts(layer.weight)):
+            q.harden_rounding(w)
+        layer.refresh_weight()
+    return before, after, unit_error(unit, fp, qin, table)
 
 
 @torch.no_grad()
