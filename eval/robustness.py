@@ -236,6 +236,9 @@ METHODS: dict[str, dict | None] = {
     "w4a8-lws-bias": _variant("w4a8", "w4a8-lws-bias", correction={"method": "bias"}),
     "w4a8-lws-it1600": _variant("w4a8", "w4a8-lws-it1600", reconstruction={"iterations": 1600, "num_samples": 64}),
     "w4a8-lws-adaln8": _variant("w4a8", "w4a8-lws-adaln8", layers={"linear:*norm*.linear": {"weights": {"bits": 8}}}),
+    # automatic mixed precision at w4a8's bytes with 1600 or 3200 reconstruction iterations per block (issue 17)
+    "auto-it1600": _variant("auto", "auto-it1600", reconstruction={"iterations": 1600}),
+    "auto-it3200": _variant("auto", "auto-it3200", reconstruction={"iterations": 3200}),
     "w4a8-lws-lr16g32": _variant("w4a8", "w4a8-lws-lr16g32", low_rank={"rank": 16},
                                  weights={"granularity": "group", "group_size": 32}),
     # w4a4 with w4a8's block reconstruction (learned rounding and weight scales of the residual weights)
