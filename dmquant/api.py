@@ -98,7 +98,8 @@ def quantize(
             source.collect(denoiser, 0, progress)  # before anything is wrapped: every module in full precision
         plan = None
         if config.mixed_precision is not None:  # measure and allocate on the FP denoiser, then wrap the plan
-            plan = plan_mixed_precision(denoiser, adapter, config, source.iter_calls(), progress)
+            plan = plan_mixed_precision(denoiser, adapter, config, source.iter_calls(), progress,
+                                        source.guidance_scale())
             config = plan.config
         info = _quantize_module(denoiser, adapter, config, source, attr, progress)
         if plan is not None:

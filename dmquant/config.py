@@ -458,7 +458,10 @@ class MixedPrecisionConfig:
     candidate formats are also tried with a zero point per scale (where the recipe's weights are symmetric).
     ``measure``: ``all`` (every candidate format measured on the calls), ``sampled`` (one format per layer
     measured on all of them, the others on ``sampled_calls`` of them and scaled by their ratio to it there)
-    or ``anchored`` (one format per layer measured, the others scaled from it by a weight-space proxy)."""
+    or ``anchored`` (one format per layer measured, the others scaled from it by a weight-space proxy).
+    ``guided``: on calls that carry both halves of classifier-free guidance, the error counted is the guided
+    prediction's (plus ``g²`` times the mean squared difference of the two halves' errors, at the run's guidance
+    scale ``g``), as the sampler amplifies it, instead of the raw output's."""
 
     target_bits: float | None = None
     max_weight_bytes: int | None = None
@@ -471,6 +474,7 @@ class MixedPrecisionConfig:
     asymmetric_bits: tuple[int, ...] = ()
     measure: str = "all"
     sampled_calls: int = 4
+    guided: bool = False
 
     def __post_init__(self) -> None:
         _check_choice(self.measure, ("all", "sampled", "anchored"), "mixed_precision.measure")

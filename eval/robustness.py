@@ -239,6 +239,7 @@ METHODS: dict[str, dict | None] = {
     # automatic mixed precision at w4a8's bytes with 1600 or 3200 reconstruction iterations per block (issue 17)
     "auto-it1600": _variant("auto", "auto-it1600", reconstruction={"iterations": 1600}),
     "auto-it3200": _variant("auto", "auto-it3200", reconstruction={"iterations": 3200}),
+    "auto-guided": _variant("auto", "auto-guided", reconstruction={"iterations": 1600}, mixed_precision={"guided": True}),
     "w4a8-lws-lr16g32": _variant("w4a8", "w4a8-lws-lr16g32", low_rank={"rank": 16},
                                  weights={"granularity": "group", "group_size": 32}),
     # w4a4 with w4a8's block reconstruction (learned rounding and weight scales of the residual weights)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from dmquant.calibration.allocation import allocate, plan_cost, plan_error
 from dmquant.calibration.proxy import record_input_moments, weight_proxy
+from dmquant.calibration.reconstruct import cfg_paired, reconstruction_error
 from dmquant.config import LayerOverrideConfig, MixedPrecisionConfig, QuantConfig, WeightQuantConfig
 from dmquant.errors import DMQuantError
 from dmquant.models.adapters import DenoiserAdapter
@@ -276,7 +277,7 @@ def anchor_label(entry: LayerSensitivity, base: WeightQuantConfig) -> str:
 @torch.no_grad()
 def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], config: QuantConfig,
                         calls: list[tuple[tuple, dict]], progress: bool = True,
-                        timesteps: list[float] | None = None) -> list[float]:
+                        timesteps: list[float] | None = None, guidance_scale: float | None = None) -> list[float]:
     """Fill each layer's ``options``: format label -> (stored bytes, output error when only this layer is
     quantized in that format, each call's mean squared error weighted by :func:`call_weights`) and
     ``call_errors`` (format label -> each call's mean squared error); returns the calls' output powers.
@@ -285,8 +286,11 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
     format per layer (:func:`anchor_label`) and ``sampled_calls`` of them (spread over the calls) for the
     others, whose errors are the anchor's times their ratio to it on those calls; ``anchored`` runs the calls
     for the anchor only, the others' errors being the anchor's times their ratio of the weight-space proxy
-    (:func:`dmquant.calibration.proxy.weight_proxy`)."""
+    (:func:`dmquant.calibration.proxy.weight_proxy`). With ``mixed_precision.guided`` and a ``guidance_scale``,
+    a CFG-paired call's error is :func:`dmquant.calibration.reconstruct.reconstruction_error`'s guided one."""
     mp = config.mixed_precision
+    guidance = [guidance_scale if mp.guided and guidance_scale is not None and cfg_paired(a, k) else None
+                for a, k in calls]
     with record_input_moments(denoiser, [la.name for la in layers] if mp.measure == "anchored" else []) as moments:
         reference = [_output(denoiser(*a, **k)).float() for a, k in calls]
     powers = [float(r.pow(2).mean()) for r in reference]
@@ -304,8 +308,8 @@ def measure_sensitivity(denoiser: nn.Module, layers: list[LayerSensitivity], con
                 approx[label] = fake_quantized_weight(original, entry.formats[label].weights(base), entry.split)
                 module.weight.data = approx[label]
                 which = range(len(calls)) if label == anchor or mp.measure == "all" else subset
-                errs = [float((_output(denoiser(*calls[i][0], **calls[i][1])).float() - reference[i]).pow(2).mean())
-                        for i in which]
+                errs = [float(reconstruction_error([_output(denoiser(*calls[i][0], **calls[i][1])).float()],
+                                                   [reference[i]], guidance[i])[1]) for i in which]
                 (entry.call_errors if len(errs) == len(calls) else partial)[label] = errs
         finally:
             module.weight.data = original
@@ -388,9 +392,11 @@ def _budget_error(mp: MixedPrecisionConfig, budget: int, cheapest: int, numel: i
 
 
 def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: QuantConfig,
-                         calls: Iterable[tuple[tuple, dict]], progress: bool = True) -> MixedPlan:
+                         calls: Iterable[tuple[tuple, dict]], progress: bool = True,
+                         guidance_scale: float | None = None) -> MixedPlan:
     """Measure each layer's sensitivity on ``calls`` (full-precision ``denoiser``, unwrapped), allocate the
-    bits within the recipe's budget, and return the plan (its ``config`` is the rerunnable recipe)."""
+    bits within the recipe's budget, and return the plan (its ``config`` is the rerunnable recipe).
+    ``guidance_scale``: the calibration run's CFG scale (``mixed_precision.guided`` weighs errors for it)."""
     mp = config.mixed_precision
     if mp is None:
         raise DMQuantError("the recipe has no mixed_precision section: use --recipe auto (or add the section)")
@@ -408,7 +414,7 @@ def plan_mixed_precision(denoiser: nn.Module, adapter: DenoiserAdapter, config: 
     if not chosen_calls:
         raise DMQuantError("mixed precision needs calibration calls: pass prompts (or calibration_data)")
     timesteps = call_timesteps(adapter, chosen_calls) if mp.weighting in TIMED_WEIGHTINGS else None
-    measure_sensitivity(denoiser, layers, config, chosen_calls, progress, timesteps)
+    measure_sensitivity(denoiser, layers, config, chosen_calls, progress, timesteps, guidance_scale)
     measured = time.perf_counter() - start
     start = time.perf_counter()
     options = _options(layers)

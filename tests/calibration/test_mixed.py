@@ -291,6 +291,40 @@ def test_sensitivity_is_the_weighted_sum_of_each_calls_output_error(weighting):
     assert torch.equal(denoiser[0].weight.data, w)  # the layer's weight is put back
 
 
+class _TwoInputs(torch.nn.Module):
+    """A denoiser whose output is ``a(sample) + b(condition)``: with CFG-paired calls (equal halves of ``sample``,
+    different conditions) ``a``'s error is the same in both halves, ``b``'s differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+    def forward(self, sample, condition):
+        return self.a(sample) + self.b(condition)
+
+
+def test_guided_sensitivity_adds_the_amplified_difference_of_the_cfg_halves():
+    torch.manual_seed(0)
+    denoiser = _TwoInputs()
+    x = torch.randn(3, 16)
+    calls = [((torch.cat([x, x]), torch.randn(6, 16)), {})]  # CFG-paired: the latents' halves are equal
+    errors = {}
+    for guided in (False, True):
+        config = QuantConfig.from_dict({**RECIPE, "mixed_precision": {"candidate_bits": [2], "guided": guided}})
+        layers = [LayerSensitivity(n, 128, None, formats={"2": Candidate(2)}) for n in ("a", "b")]
+        measure_sensitivity(denoiser, layers, config, calls, progress=False, guidance_scale=7.5)
+        errors[guided] = {la.name: la.call_errors["2"][0] for la in layers}
+    assert errors[True]["a"] == pytest.approx(errors[False]["a"], rel=1e-6)  # equal halves: nothing to amplify
+    q = fake_quantized_weight(denoiser.b.weight.data, dataclasses.replace(QuantConfig.from_dict(RECIPE).weights,
+                                                                           bits=2), None)
+    with torch.no_grad():
+        e = F.linear(calls[0][0][1], q, denoiser.b.bias) - denoiser.b(calls[0][0][1])
+    assert errors[False]["b"] == pytest.approx(float(e.pow(2).mean()), rel=1e-5)
+    assert errors[True]["b"] == pytest.approx(float(e.pow(2).mean() + 7.5 ** 2 * (e[:3] - e[3:]).pow(2).mean()),
+                                              rel=1e-5)
+    assert errors[True]["b"] > 10 * errors[False]["b"]
+
+
 # -- anchored measurement: one format per layer measured, the others scaled by the weight-space proxy --------
 def test_weight_proxy_is_the_output_mean_square_of_uncorrelated_inputs():
     torch.manual_seed(0)
