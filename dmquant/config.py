@@ -523,6 +523,11 @@ def _sampler_config(value: Any) -> TimestepSamplerConfig:
     raise DMQuantError(f"calibration.sampler must be a name ({', '.join(SAMPLERS)}) or a mapping, got {value!r}")
 
 
+# Settings added to a section after recipe digests were first stored (eval/ caches): at their default they are left
+# out of :meth:`QuantConfig.digest`, so a recipe that does not use them keeps its digest.
+DIGEST_LATER_FIELDS: dict[tuple[str, str], Any] = {("mixed_precision", "guided"): False}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """A whole recipe: what to quantize, how, and how to calibrate."""
@@ -658,6 +663,9 @@ class QuantConfig:
         """A short hash of what the recipe computes (its ``name`` and ``description`` left out): two recipes with
         the same digest quantize alike, so a cached result can say which recipe made it."""
         data = {k: v for k, v in self.to_dict().items() if k not in ("name", "description")}
+        for (section, key), default in DIGEST_LATER_FIELDS.items():  # settings added after digests were stored
+            if isinstance(data.get(section), dict) and data[section].get(key, default) == default:
+                data[section].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @classmethod
