@@ -232,6 +232,10 @@ METHODS: dict[str, dict | None] = {
     "w4a8-fixedscales": _w4a8_fixed_scales("w4a8-fixedscales"),  # w4a8 before it learned its weight scales
     # the shipped w4a8 (learned weight scales) with: noise correction in the sampler, auto's longer reconstruction,
     # 8-bit AdaLN modulation, or a rank-16 low-rank branch with groups of 32 (the DiT cells, issue 18)
+    # w8a8 with the cross-attention K/V projections (they read the text encoder's states) weight-only
+    "w8a8-kvwo": _variant("w8a8", "w8a8-kvwo", layers={"conv:*": {"weight_only": True},
+                                                       "linear:*attn2.to_k": {"weight_only": True},
+                                                       "linear:*attn2.to_v": {"weight_only": True}}),
     "w4a8-lws-ptqd": _variant("w4a8", "w4a8-lws-ptqd", correction={"method": "ptqd"}),
     "w4a8-lws-bias": _variant("w4a8", "w4a8-lws-bias", correction={"method": "bias"}),
     "w4a8-lws-it1600": _variant("w4a8", "w4a8-lws-it1600", reconstruction={"iterations": 1600, "num_samples": 64}),
