@@ -249,6 +249,10 @@ METHODS: dict[str, dict | None] = {
     # w4a4 with w4a8's block reconstruction (learned rounding and weight scales of the residual weights)
     "w4a4-brecq": _variant("w4a4", "w4a4-brecq", reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
                                                                  "learn_act_scales": False, "learn_weight_scales": True}),
+    "w4a4-lr64": _variant("w4a4", "w4a4-lr64", low_rank={"rank": 64}),
+    "w4a4-a8conv": _variant("w4a4", "w4a4-a8conv", layers={"conv:*": {"activations": {"bits": 8}}}),
+    "w4a4-a8conv-lr64": _variant("w4a4", "w4a4-a8conv-lr64", low_rank={"rank": 64},
+                                 layers={"conv:*": {"activations": {"bits": 8}}}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
