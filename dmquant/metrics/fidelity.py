@@ -1,13 +1,14 @@
 """Fidelity of images to a reference generated with identical seeds: PSNR, SSIM (torchmetrics), LPIPS.
 
-Images are compared in [0, 1] (data range 1). PSNR is computed per image and averaged (an identical
-pair gives +inf); SSIM uses torchmetrics' Gaussian 11x11 window (smaller for images under 11 px) and
+Images are compared in [0, 1] (data range 1). PSNR is computed per image and averaged (+inf when every
+pair is identical; an identical pair among differing ones counts at the PSNR of a one-level error in one value); SSIM uses torchmetrics' Gaussian 11x11 window (smaller for images under 11 px) and
 is averaged over images. LPIPS needs torchvision backbone weights, which cannot be downloaded offline:
 it is reported when they are in the torch hub cache, else None.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -35,8 +36,20 @@ def psnr_per_image(images, reference) -> np.ndarray:
 
 
 def psnr(images, reference) -> float:
-    """Mean over images of :func:`psnr_per_image`; +inf when every pair is identical."""
-    return float(psnr_per_image(images, reference).mean())
+    """Mean over images of :func:`psnr_per_image`; +inf when every pair is identical. Among pairs that differ, an
+    identical one counts at :func:`identical_psnr` (the smallest error its 8-bit values can carry), so that one
+    identical image does not make the mean infinite."""
+    per_image = psnr_per_image(images, reference)
+    if np.isinf(per_image).all():
+        return math.inf
+    values = as_uint8_batch(images)[0].size
+    return float(np.where(np.isfinite(per_image), per_image, identical_psnr(values)).mean())
+
+
+def identical_psnr(values: int) -> float:
+    """The PSNR of an 8-bit image of ``values`` values that differs from its reference by one level in one value:
+    ``10 log10(255² · values)`` (83.0 dB for 32 x 32 x 3), the highest a differing pair can reach."""
+    return 10 * math.log10(255.0 ** 2 * values)
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:

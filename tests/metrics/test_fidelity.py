@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from dmquant.errors import DMQuantError
-from dmquant.metrics.fidelity import fidelity_metrics, lpips, lpips_available, psnr, ssim
+from dmquant.metrics.fidelity import (
+    fidelity_metrics,
+    identical_psnr,
+    lpips,
+    lpips_available,
+    psnr,
+    psnr_per_image,
+    ssim,
+)
 
 
 def _images(seed=0, n=4, size=32):
@@ -15,6 +23,17 @@ def test_psnr_of_identical_images_is_inf_and_ssim_is_one():
     a = _images()
     assert psnr(a, a.copy()) == math.inf
     assert ssim(a, a.copy()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_identical_image_among_differing_ones_counts_at_a_one_level_error():
+    a = _images()
+    b = a.copy()
+    b[1:] ^= 1  # every value of images 1..3 one level off (MSE (1/255)^2): 48.13 dB each; image 0 identical
+    one_level = 10 * math.log10(255.0 ** 2)
+    assert psnr_per_image(a, b)[0] == math.inf
+    assert identical_psnr(32 * 32 * 3) == pytest.approx(one_level + 10 * math.log10(3072))  # 83.0 dB
+    assert psnr(a, b) == pytest.approx((identical_psnr(3072) + 3 * one_level) / 4)
+    assert psnr(a, a.copy()) == math.inf  # every pair identical: still inf
 
 
 def test_psnr_of_known_noise_matches_closed_form():

@@ -74,8 +74,8 @@ def test_quantized_video_evaluate_against_fp(tmp_path):
     dmquant.quantize(q, "w8a8", prompts=["a yellow star", "big purple circle"], num_inference_steps=2,
                      num_frames=FRAMES, progress=False, **SIZE)
     m = evaluate(q, PROMPTS[:2], 2, tmp_path / "eval", reference=fp, config=CONFIG, distributed=False, **SIZE)
-    # the random Wan VAE flattens the latents' differences: most frames come out identical in uint8, so the
-    # mean per-frame PSNR is usually "inf"; SSIM < 1 shows that quantization changed some frames
+    # the random Wan VAE flattens the latents' differences: most frames come out identical in uint8 (each counts at
+    # the one-level PSNR, about 83 dB at this size); SSIM < 1 shows that quantization changed some frames
     assert float(m["psnr_vs_reference"]) > 20.0 and 0.99 < m["ssim_vs_reference"] < 1.0
 
 
