@@ -141,12 +141,15 @@ def remove_own_folder(folder: Path) -> bool:
         return False
     marker = folder_marker(folder)
     own_marker = folder / MARKER
+    # a private marker that names another folder was copied here: neither it nor anything beside it is dmquant's
+    copied = marker is not None and marker.get("private") and marker.get("folder_id") not in (None, _folder_id(folder))
     if marker is not None and marker.get("private") and marker.get("folder_id") == _folder_id(folder):
         _delete_entries(folder, _listing(folder), None, since_ns=own_marker.lstat().st_mtime_ns)
     elif marker is not None and isinstance(marker.get("files"), list):
         stamps = marker.get("stamps")  # an older dmquant's marker has none: then no file is provably its
         _delete_entries(folder, marker["files"], stamps if isinstance(stamps, dict) else {})
-    if marker is not None and not _listing(folder) and own_marker.is_file() and not own_marker.is_symlink():
+    if marker is not None and not copied and not _listing(folder) and own_marker.is_file() \
+            and not own_marker.is_symlink():
         own_marker.unlink()
     try:
         folder.rmdir()

@@ -65,6 +65,7 @@ def test_a_private_marker_copied_into_another_folder_deletes_nothing_there(tmp_p
     (made / "shard.bin").write_text("x")
     user = tmp_path / "user"
     shutil.copytree(made, user)  # the marker travels with the copy
+    copied_marker = (user / MARKER).read_bytes()
     (user / "data.txt").write_text("precious")
     assert remove_own_folder(user) is False
     assert sorted(p.name for p in user.iterdir()) == sorted([MARKER, "data.txt", "shard.bin"])
@@ -74,6 +75,10 @@ def test_a_private_marker_copied_into_another_folder_deletes_nothing_there(tmp_p
     assert (user / "w.bin").read_text() == "new"
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".user.old-")]
     assert len(aside) == 1 and (aside[0] / "data.txt").read_text() == "precious" and (aside[0] / "shard.bin").exists()
+    lone = tmp_path / "lone"  # the copied marker alone in a user's folder: the marker is not dmquant's either
+    lone.mkdir()
+    (lone / MARKER).write_bytes(copied_marker)
+    assert remove_own_folder(lone) is False and (lone / MARKER).is_file()
 
 
 def test_a_failed_write_leaves_no_temporary_folder_and_the_user_files_beside_it(tmp_path):
