@@ -29,9 +29,12 @@ def _pair(images, reference, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def psnr_per_image(images, reference) -> np.ndarray:
     """Each image's 10 log10(1 / MSE) with pixels in [0, 1] (float64; +inf where a pair is identical)."""
+    return _psnr_per_pair(*_pair(images, reference, "PSNR"))
+
+
+def _psnr_per_pair(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    a, b = _pair(images, reference, "PSNR")
     return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy()
 
 
@@ -39,11 +42,11 @@ def psnr(images, reference) -> float:
     """Mean over images of :func:`psnr_per_image`; +inf when every pair is identical. Among pairs that differ, an
     identical one counts at :func:`identical_psnr` (the smallest error its 8-bit values can carry), so that one
     identical image does not make the mean infinite."""
-    per_image = psnr_per_image(images, reference)
+    a, b = _pair(images, reference, "PSNR")
+    per_image = _psnr_per_pair(a, b)
     if np.isinf(per_image).all():
         return math.inf
-    values = as_uint8_batch(images)[0].size
-    return float(np.where(np.isfinite(per_image), per_image, identical_psnr(values)).mean())
+    return float(np.where(np.isfinite(per_image), per_image, identical_psnr(a[0].numel())).mean())
 
 
 def identical_psnr(values: int) -> float:
