@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate_outliers import table  # noqa: E402
 from ablate_time import current_rows, run_config  # noqa: E402
 
 from dmquant.config import QuantConfig, load_recipe  # noqa: E402
+from dmquant.metrics.fid import paired_fid_difference  # noqa: E402
 from dmquant.metrics.fidelity import paired_difference  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "ablation_mixed"
@@ -90,10 +92,11 @@ def variant_config(variant: str) -> QuantConfig:
     return replace(config, mixed_precision=mp)
 
 
-def paired_rows(rows: list[dict], a: str, b: str) -> list[str]:
+def paired_rows(rows: list[dict], a: str, b: str, out: Path = OUT) -> list[str]:
     """Per model (and image count): variant ``a`` minus variant ``b``, per image (same prompts and seeds), PSNR
     against FP and the judge's CLIP score, with paired bootstrap 95% intervals (rows measured before per-image
-    figures were kept are left out)."""
+    figures were kept are left out); with the FID against the prompts' ground truth where both rows kept their
+    per-image FID features (``--fid`` rows since they are stored)."""
     by = {(r["model"], r["num_images"], r["variant"]): r for r in rows if "clip_per_image" in r}
     lines = []
     for (model, n, variant), ra in sorted(by.items()):
@@ -105,8 +108,23 @@ def paired_rows(rows: list[dict], a: str, b: str) -> list[str]:
         dc = paired_difference(np.array(ra["clip_per_image"]), np.array(rb["clip_per_image"]))
         lines.append(f"{model} ({n} images) {a} - {b}: PSNR {dp['mean']:+.2f} dB [{dp['ci95'][0]:+.2f}, "
                      f"{dp['ci95'][1]:+.2f}] ({dp['images']} images), CLIP {dc['mean']:+.3f} [{dc['ci95'][0]:+.3f}, "
-                     f"{dc['ci95'][1]:+.3f}]")
+                     f"{dc['ci95'][1]:+.3f}]" + fid_difference(ra, rb, out))
     return lines
+
+
+def fid_difference(ra: dict, rb: dict, out: Path) -> str:
+    """", FID a - b [95% interval]" (and each against FP's) from the rows' stored features, or "" without them."""
+    if "fid_features_file" not in ra or "fid_features_file" not in rb:
+        return ""
+    fa, fb = (load_file(str(out / r["fid_features_file"])) for r in (ra, rb))
+    if not (np.array_equal(fa["real"], fb["real"]) and np.array_equal(fa["fp"], fb["fp"])):
+        raise SystemExit("the two rows were measured against different ground truth or FP images")
+    parts = []
+    for name, x, y in (("", fa["images"], fb["images"]), (" a - FP", fa["images"], fa["fp"]),
+                       (" b - FP", fb["images"], fb["fp"])):
+        d = paired_fid_difference(x, y, fa["real"])
+        parts.append(f"FID{name} {d['difference']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
+    return ", " + ", ".join(parts)
 
 
 def main() -> None:
@@ -123,7 +141,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.paired:
-        print("\n".join(paired_rows(current_rows(args.out), *args.paired.split(","))) or "no pair with per-image figures")
+        print("\n".join(paired_rows(current_rows(args.out), *args.paired.split(","), out=args.out)) or "no pair with per-image figures")
         return
     if args.table:
         print(table(current_rows(args.out)))

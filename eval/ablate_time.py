@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
 import dmquant
 from dmquant.config import QuantConfig, load_recipe
@@ -162,15 +163,26 @@ def run_config(model: str, config: QuantConfig, variant: str, label: str, n: int
               "clip_per_image": [round(v, 4) for v in clip_scores_per_image(images, prompts, ZOO_CLIP, "cpu")],
               "clip_per_image_fp": [round(v, 4) for v in clip_scores_per_image(ref, prompts, ZOO_CLIP, "cpu")],
               "outliers": {k: v for k, v in pipe.dmquant.outliers.items() if k not in ("alpha", "left_out")}}
-    if fid:
-        from dmquant.metrics import compute_fid, render_prompts
-
-        real = render_prompts(prompts)
-        result["fid"] = compute_fid(images, real, ZOO_CLIP)
-        result["fid_fp"] = compute_fid(ref, real, ZOO_CLIP)
     out.mkdir(parents=True, exist_ok=True)
+    if fid:
+        from dmquant.metrics import render_prompts
+        from dmquant.metrics.fid import fid_features, frechet_distance
+
+        # the judge's features of the images, FP's and the prompts' ground truth: FID from them is compute_fid's,
+        # and they are kept (features_path) for paired intervals between rows (ablate_mixed --paired)
+        feats = {k: fid_features(v, ZOO_CLIP) for k, v in
+                 (("images", images), ("fp", ref), ("real", render_prompts(prompts)))}
+        result["fid"] = frechet_distance(feats["images"], feats["real"])
+        result["fid_fp"] = frechet_distance(feats["fp"], feats["real"])
+        save_file({k: v.astype(np.float32) for k, v in feats.items()}, str(features_path(path)))
+        result["fid_features_file"] = features_path(path).name
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def features_path(row: Path) -> Path:
+    """Where a row measured with ``fid`` keeps its per-image FID features (images, FP's, the ground truth's)."""
+    return row.with_suffix(".fid.safetensors")
 
 
 def current_rows(out: Path) -> list[dict]:

@@ -66,24 +66,49 @@ def _keep_size(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def fid_features(images, features: Any = "inception", batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+    """The N x D features FID compares (uint8 N x H x W x 3 arrays, tensors or PIL lists): the images go through
+    clean-fid's own path (PNG files, its resize, its extractor), so :func:`frechet_distance` of two feature sets is
+    :func:`compute_fid` of the images, and per-image features allow paired comparisons (:func:`paired_fid_difference`)."""
+    from cleanfid import fid as cfid
+    from cleanfid.features import build_feature_extractor
+
+    batch = as_uint8_batch(images)
+    extractor, resize, _ = _extractor(features, device)
+    with tempfile.TemporaryDirectory(prefix="dmquant-fid-") as tmp:
+        save_pngs(batch, Path(tmp) / "a")
+        try:
+            model = extractor if extractor is not None else build_feature_extractor(
+                "clean", torch.device(device), use_dataparallel=False)
+            return np.asarray(cfid.get_folder_features(
+                str(Path(tmp) / "a"), model, num_workers=0, batch_size=batch_size, device=torch.device(device),
+                mode="clean", custom_fn_resize=resize, verbose=False), dtype=np.float64)
+        except OSError as e:  # clean-fid's download of the Inception weights
+            raise DMQuantError(f"clean-fid could not load its feature extractor ({e}); see dmquant.metrics.fid") from e
+
+
 def compute_fid(images_a, images_b, features: Any = "inception", batch_size: int = 64, device: str = "cpu") -> float:
     """FID between two image sets (uint8 N x H x W x 3 arrays, tensors or PIL lists), via clean-fid."""
-    from cleanfid import fid as cfid
-
     a, b = as_uint8_batch(images_a), as_uint8_batch(images_b)
     for name, s in (("first", a), ("second", b)):
         if len(s) < 2:
             raise DMQuantError(f"FID needs at least 2 images per set; the {name} set has {len(s)}")
-    extractor, resize, _ = _extractor(features, device)
-    with tempfile.TemporaryDirectory(prefix="dmquant-fid-") as tmp:
-        save_pngs(a, Path(tmp) / "a")
-        save_pngs(b, Path(tmp) / "b")
-        try:
-            score = cfid.compute_fid(
-                str(Path(tmp) / "a"), str(Path(tmp) / "b"), mode="clean", num_workers=0, batch_size=batch_size,
-                device=torch.device(device), custom_feat_extractor=extractor, custom_fn_resize=resize,
-                verbose=False, use_dataparallel=False,
-            )
-        except OSError as e:  # clean-fid's download of the Inception weights
-            raise DMQuantError(f"clean-fid could not load its feature extractor ({e}); see dmquant.metrics.fid") from e
+    score = frechet_distance(fid_features(a, features, batch_size, device), fid_features(b, features, batch_size, device))
     return float(max(score, 0.0)) if np.isfinite(score) else float(score)
+
+
+def paired_fid_difference(feats_a: np.ndarray, feats_b: np.ndarray, feats_ref: np.ndarray, resamples: int = 1000,
+                          seed: int = 0) -> dict:
+    """FID(a, ref) - FID(b, ref) for two image sets made from the same prompts and seeds (row i of ``feats_a`` and
+    ``feats_b``: the same prompt and seed; row i of ``feats_ref``: that prompt's reference image), with a bootstrap
+    95% interval: the image indices are resampled once per draw and used for all three sets, so what the prompts
+    share cancels and only the methods' difference varies. The FIDs of a resample are biased upwards (repeated
+    images shrink the covariances), alike for both sets, so the interval is one of the difference, not of
+    either FID."""
+    a, b, ref = (np.asarray(f, dtype=np.float64) for f in (feats_a, feats_b, feats_ref))
+    if not len(a) == len(b) == len(ref) or len(a) < 2:
+        raise DMQuantError(f"paired FID needs three feature sets of one length >= 2 (got {len(a)}, {len(b)}, {len(ref)})")
+    draws = np.random.default_rng(seed).integers(0, len(a), (resamples, len(a)))
+    diffs = np.array([frechet_distance(a[i], ref[i]) - frechet_distance(b[i], ref[i]) for i in draws])
+    return {"difference": frechet_distance(a, ref) - frechet_distance(b, ref),
+            "ci95": [float(q) for q in np.percentile(diffs, [2.5, 97.5])], "images": len(a)}

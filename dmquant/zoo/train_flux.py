@@ -146,6 +146,16 @@ def zero_t5(width: int, seed: int = 0):
     return model.eval().requires_grad_(False), tokenizer
 
 
+def zero_modulation(model: SD3Transformer2DModel) -> None:
+    """DiT's adaLN-Zero: the AdaLN linears of every block (image and text stream), the final norm's and the output
+    projection get zero weights and biases (their gates are zero, so every block starts as the identity)."""
+    layers = [m.linear for name, m in model.named_modules() if name.endswith(("norm1", "norm1_context", "norm_out"))]
+    with torch.no_grad():
+        for layer in [*layers, model.proj_out]:
+            layer.weight.zero_()
+            layer.bias.zero_()
+
+
 def with_zero_token(seq: torch.Tensor) -> torch.Tensor:
     """The CLIP sequence followed by one zero token (the T5 tokens' stand-in)."""
     return torch.cat([seq, seq.new_zeros(seq.shape[0], 1, seq.shape[2])], dim=1)
@@ -179,6 +189,14 @@ def main(argv=None) -> None:
     p.add_argument("--sigma", choices=("logit-normal", "uniform"), default="logit-normal",
                    help="the noise levels trained on: SD3's logit-normal(0, 1) (most of them near 0.5) or uniform "
                         "on (0, 1) (as many nearly clean ones, where the shapes' edges are decided, as noisy ones)")
+    p.add_argument("--init", choices=("default", "adaln-zero"), default="default",
+                   help="adaln-zero: every block's AdaLN modulation (shift, scale and gate), the final norm's "
+                        "modulation and the output projection start at zero, so each block starts as the identity "
+                        "(DiT's adaLN-Zero; diffusers' classes keep PyTorch's default init)")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (inductor; about 15%% faster per step on 2 CPU threads): the "
+                        "graph is compiled on one batch before the timed steps, so the budget's speed estimate "
+                        "leaves the compilation out")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     t0 = time.time()
@@ -199,6 +217,8 @@ def main(argv=None) -> None:
         model = SD3Transformer2DModel.from_pretrained(str(args.resume / "transformer")).to(args.device).train()
     else:
         model = SD3Transformer2DModel(**{**configs.MMDIT, **args.arch}).to(args.device).train()
+        if args.init == "adaln-zero":
+            zero_modulation(model)
     model.set_attn_processor(RepeatedLastTokenAttnProcessor(T5_TOKENS))
     if args.pooled_text == "off":
         pooled_weight = model.time_text_embed.text_embedder.linear_1.weight
@@ -210,8 +230,8 @@ def main(argv=None) -> None:
     print(f"transformer: {n_params / 1e6:.3f} M parameters", flush=True)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    log = _training.Logger(args.name, args.steps, args.log_every)
-    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
+
+    def batch_loss(forward) -> torch.Tensor:
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -223,9 +243,19 @@ def main(argv=None) -> None:
         texts = ["" if d else drop_attributes(captions[i], aug_rng, args.color_word_dropout, args.size_word_dropout)
                  for i, d in zip(idx.tolist(), drop.tolist())]
         seq, pooled = encode_text(text_encoder, tokenizer, texts, args.device)
-        pred = model(hidden_states=xt, encoder_hidden_states=with_zero_token(seq), pooled_projections=pooled,
-                     timestep=(sigma * 1000).to(args.device)).sample
-        loss = F.mse_loss(pred, (noise - x0).to(args.device))
+        pred = forward(hidden_states=xt, encoder_hidden_states=with_zero_token(seq), pooled_projections=pooled,
+                       timestep=(sigma * 1000).to(args.device)).sample
+        return F.mse_loss(pred, (noise - x0).to(args.device))
+
+    forward = model
+    if args.compile:
+        forward = torch.compile(model)
+        batch_loss(forward).backward()  # compiles forward and backward; the gradients are dropped
+        opt.zero_grad(set_to_none=True)
+        print(f"compiled ({time.time() - t0:.0f}s)", flush=True)
+    log = _training.Logger(args.name, args.steps, args.log_every)
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
+        loss = batch_loss(forward)
         _training.optimizer_step(opt, loss, [q for q in model.parameters() if q.requires_grad])
         if ema is not None:
             decay = min(args.ema, (1 + step) / (10 + step))

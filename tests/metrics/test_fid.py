@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+import torch
 
 import dmquant.metrics.fid as fid_mod
 from dmquant.errors import DMQuantError
-from dmquant.metrics.fid import compute_fid, frechet_distance
+from dmquant.metrics.fid import compute_fid, fid_features, frechet_distance, paired_fid_difference
+from dmquant.metrics.images import save_pngs
 from dmquant.zoo import data
 
 
@@ -47,3 +49,40 @@ def test_inception_offline_without_weights_is_a_clear_error(monkeypatch, tmp_pat
     real, _ = data.make_dataset(4, seed=35)
     with pytest.raises(DMQuantError, match="Inception"):
         compute_fid(real, real, "inception")
+
+
+def test_fid_from_per_image_features_is_clean_fids_folder_fid(tmp_path):
+    from cleanfid import fid as cfid
+
+    a, _ = data.make_dataset(24, seed=36)
+    b, _ = data.make_dataset(24, seed=37)
+
+    def mean_and_spread(batch):  # float N x 3 x H x W in [0, 255] -> N x 6
+        return torch.cat([batch.mean(dim=(2, 3)), batch.std(dim=(2, 3))], 1)
+
+    save_pngs(a, tmp_path / "a")
+    save_pngs(b, tmp_path / "b")
+    theirs = cfid.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), mode="clean", num_workers=0,
+                              device=torch.device("cpu"), custom_feat_extractor=mean_and_spread,
+                              custom_fn_resize=fid_mod._keep_size, verbose=False, use_dataparallel=False)
+    feats = fid_features(a, mean_and_spread)
+    assert feats.shape == (24, 6)
+    assert frechet_distance(feats, fid_features(b, mean_and_spread)) == pytest.approx(theirs, rel=1e-6)
+    assert compute_fid(a, b, mean_and_spread) == pytest.approx(theirs, rel=1e-6)
+
+
+def test_paired_fid_difference_ranks_the_closer_set_and_is_antisymmetric():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 4))
+    near = ref + 0.1 * rng.normal(size=ref.shape) + 0.05  # a small shift of the mean
+    far = ref + 0.1 * rng.normal(size=ref.shape) + 0.5
+    d = paired_fid_difference(near, far, ref, resamples=300)
+    assert d["difference"] == pytest.approx(frechet_distance(near, ref) - frechet_distance(far, ref))
+    assert d["difference"] < -0.9 and d["ci95"][1] < -0.8  # FD of a shift of 0.5 in 4 dims: 1.0; of 0.05: 0.01
+    back = paired_fid_difference(far, near, ref, resamples=300)
+    assert back["difference"] == pytest.approx(-d["difference"])
+    assert back["ci95"] == pytest.approx([-d["ci95"][1], -d["ci95"][0]])
+    same = paired_fid_difference(near, near.copy(), ref, resamples=50)
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(DMQuantError, match="one length"):
+        paired_fid_difference(near[:10], far, ref)

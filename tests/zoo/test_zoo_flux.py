@@ -47,3 +47,23 @@ def test_identity_layer_makes_sd3s_prompt_states_the_encoders_last_layer():
     assert torch.equal(b.hidden_states[-2], src.hidden_states[-1])  # with the identity layer: after the last
     assert not torch.equal(a.hidden_states[-2], b.hidden_states[-2])
     assert torch.equal(a.text_embeds, b.text_embeds)  # the pooled embedding does not change
+
+
+def test_adaln_zero_makes_every_block_the_identity_at_start():
+    from diffusers import SD3Transformer2DModel
+
+    from dmquant.zoo import configs
+    from dmquant.zoo.train_flux import zero_modulation
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**configs.MMDIT).eval()
+    zero_modulation(model)
+    x, ctx = torch.randn(2, 64, configs.MMDIT["caption_projection_dim"]), torch.randn(2, 5, 64)
+    temb = torch.randn(2, configs.MMDIT["caption_projection_dim"])
+    with torch.no_grad():
+        for block in model.transformer_blocks[:-1]:  # the last block keeps only its image stream
+            ctx_out, x_out = block(hidden_states=x, encoder_hidden_states=ctx, temb=temb)
+            assert torch.equal(x_out, x) and torch.equal(ctx_out, ctx)  # gates are zero: the residual alone
+        out = model(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 7, 128),
+                    pooled_projections=torch.randn(2, 128), timestep=torch.tensor([10.0, 900.0])).sample
+    assert out.shape == (2, 4, 8, 8) and not out.any()  # the output projection starts at zero
