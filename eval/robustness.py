@@ -400,12 +400,33 @@ def expand(rows: list[dict]) -> list[dict]:
     return out
 
 
+def merge_aliases(rows: list[dict]) -> list[dict]:
+    """Methods measured with one and the same recipe (every row of each that has a ``config_digest`` has the same, e.g.
+    ``w4a8`` and ``w4a8-lws`` since w4a8 learns its weight scales) become one method named ``a = b``, one row per
+    cell (the first name's where both ran it)."""
+    digests: dict[str, set] = {}
+    for r in rows:  # rows from before digests were stored count as the current recipe's, as the cache takes them
+        digests.setdefault(r["method"], set()).update({r["config_digest"]} if r.get("config_digest") else set())
+    same: dict[str, list[str]] = {}
+    for method, ds in sorted(digests.items()):
+        if len(ds) == 1:
+            same.setdefault(next(iter(ds)), []).append(method)
+    name = {m: " = ".join(ms) for ms in same.values() if len(ms) > 1 for m in ms}
+    out, seen = [], set()
+    for r in sorted(rows, key=lambda r: r["method"]):
+        key = (name.get(r["method"], r["method"]), r["model"], r["set"], r["guidance"], r["num_images"])
+        if key not in seen:
+            seen.add(key)
+            out.append({**r, "method": key[0]})
+    return out
+
+
 def clip_delta(r: dict) -> float:
     return 100 * (r["clip_score"] - r["clip_score_fp"]) / r["clip_score_fp"]
 
 
 def table(rows: list[dict]) -> str:
-    rows = expand(rows)
+    rows = expand(merge_aliases(rows))
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
@@ -422,7 +443,7 @@ def table(rows: list[dict]) -> str:
 
 
 def cell_table(rows: list[dict]) -> str:
-    rows = expand(rows)
+    rows = expand(merge_aliases(rows))
     methods = sorted({r["method"] for r in rows})
     cells = sorted({(r["model"], r["set"], r["guidance"], r["num_images"]) for r in rows})
     lines = ["| model | set | CFG | n | " + " | ".join(methods) + " |", "| --- " * (4 + len(methods)) + "|"]
