@@ -1,14 +1,14 @@
 """Train tiny-shapes-flux: a text-conditioned MMDiT (SD3Transformer2DModel) with flow matching, on the
 VAE and the text encoder of tiny-shapes-sd (both frozen: only the transformer is trained).
 
-    python -m dmquant.zoo.train_flux --threads 1 --num-scenes 20000 --time-budget 1320 --out <first>
-    python -m dmquant.zoo.train_flux --threads 1 --num-scenes 20000 --time-budget 660 --lr 3e-4 --seed 7 \
-        --resume <first>
-        # the shipped model: 3,785 + 1,915 steps fitted into the budgets (the counts are in train_log_first.json
-        # and train_log.json: ``--steps N`` without a budget repeats one); eval/README.md has the times
+    python -m dmquant.zoo.train_flux --threads 2 --compile --steps 20000 --num-scenes 20000 --time-budget 1500
+        # the shipped model: one stage, 8,196 steps fitted into the 1,500 s budget (the count is in
+        # train_log.json: ``--steps 8196`` without a budget repeats it); 1,740 s in all on the 2 cores
+        # (eval/README.md has the times and the trials)
 
-On 2 cores shared with other jobs, one torch thread runs 8x faster than two (0.5 s against 4.2 s a step
-measured side by side): threads that wait on each other stall when the cores are busy.
+Two threads need both cores to themselves: on cores shared with another job one torch thread ran 8x faster
+than two (0.5 s against 4.2 s a step, measured side by side), threads that wait on each other stall. On idle
+cores two threads take 0.20 s a step and one 0.31 s (``--compile`` 0.17 s with two).
 
 The modern family (FLUX, SD3): joint attention over text and image tokens, AdaLN modulation from the
 timestep and the pooled text embedding, rectified flow (``x_t = (1 - s) x_0 + s eps``, the transformer
