@@ -8,7 +8,7 @@ VAE and the text encoder of tiny-shapes-sd (both frozen: only the transformer is
 
 Two threads need both cores to themselves: on cores shared with another job one torch thread ran 8x faster
 than two (0.5 s against 4.2 s a step, measured side by side), threads that wait on each other stall. On idle
-cores two threads take 0.20 s a step and one 0.31 s (``--compile`` 0.17 s with two).
+cores the shipped run took 0.18 s a step on two threads, compiled (the budget line it prints; train_log.json).
 
 The modern family (FLUX, SD3): joint attention over text and image tokens, AdaLN modulation from the
 timestep and the pooled text embedding, rectified flow (``x_t = (1 - s) x_0 + s eps``, the transformer
