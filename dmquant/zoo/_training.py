@@ -63,15 +63,29 @@ def scheduled_steps(opt: torch.optim.Optimizer, total: int, peak: float, warmup:
 
 
 def budgeted_steps(opt: torch.optim.Optimizer, total: int, peak: float, log: Logger, time_budget: float | None,
-                   warmup: int = 100, measure: int = 30):
-    """Like :func:`scheduled_steps`; with a ``time_budget`` (seconds), after ``measure`` steps the step count
-    (and with it the schedule, and ``log.total``) is cut to what fits in the budget at the speed so far."""
-    step = 0
+                   warmup: int = 100, settle: int = 10, measure: int = 100, checks: int = 10):
+    """Like :func:`scheduled_steps`; with a ``time_budget`` (seconds of ``log``'s clock), at step ``measure`` the
+    step count (and with it the schedule, and ``log.total``) is cut to what fits in the budget at the speed of
+    steps ``settle`` to ``measure`` (the first steps are slower: caches and allocator warming up). With
+    ``measure <= warmup`` that cut changes no learning rate already used: the warm-up does not depend on the total.
+    A host that slows down later would overrun the budget: ``checks`` times more (evenly spaced) the count is cut
+    again, never raised, to what fits at the speed since the previous check."""
+    step, mark = 0, None
+    interval = None
     while step < total:
-        if time_budget is not None and step == measure:
-            total = min(total, max(measure + 1, int(time_budget * measure / log.seconds)))
-            log.total = total
-            print(f"{log.seconds / measure:.2f} s/step: {total} steps fit the {time_budget:.0f}s budget", flush=True)
+        if time_budget is not None and step == settle:
+            mark = (step, log.seconds)
+        if time_budget is not None and mark is not None and step > settle and (
+                step == measure or (interval and step > measure and (step - measure) % interval == 0)):
+            rate = (log.seconds - mark[1]) / (step - mark[0])
+            fits = min(total, max(step + 1, step + int((time_budget - log.seconds) / rate)))
+            if step == measure:
+                interval = max(1, (fits - measure) // (checks + 1)) if checks > 0 else None
+                print(f"{rate:.3f} s/step: {fits} steps fit the {time_budget:.0f}s budget", flush=True)
+            elif fits < total:
+                print(f"{rate:.3f} s/step since step {mark[0]}: cut to {fits} steps to hold the {time_budget:.0f}s "
+                      f"budget", flush=True)
+            total, log.total, mark = fits, fits, (step, log.seconds)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, peak, warmup)
         yield step

@@ -50,14 +50,16 @@ def vae_round_trip(vae, truth: np.ndarray) -> np.ndarray:
 
 
 def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models=("sd", "dit", "flux"),
-                    flux=None) -> dict:
+                    flux=None, caption_seeds: tuple[int, int] = (7, 8), seed: int = SEED) -> dict:
     """The judge's accuracy on generated images (and on the ground truth and its VAE round trip).
 
-    ``sd`` / ``flux``: a pipeline to measure instead of the zoo's tiny-shapes-sd / tiny-shapes-flux (a trial)."""
+    ``sd`` / ``flux``: a pipeline to measure instead of the zoo's tiny-shapes-sd / tiny-shapes-flux (a trial).
+    ``caption_seeds``: the seeds of the held-out and the training-split captions (the protocol's are 7 and 8);
+    ``seed``: image i is generated (and its ground truth rendered) from ``seed + i``."""
     judge = zoo.load(JUDGE)
-    cfg = GenerationConfig(num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, batch_size=batch_size)
-    heldout = data.sample_captions(num_images, seed=7, split="heldout")
-    train = data.sample_captions(num_images, seed=8, split="train")
+    cfg = GenerationConfig(num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=seed, batch_size=batch_size)
+    heldout = data.sample_captions(num_images, seed=caption_seeds[0], split="heldout")
+    train = data.sample_captions(num_images, seed=caption_seeds[1], split="train")
     report: dict = {"protocol": cfg.to_dict(), "num_images": num_images}
     pipes = {"tiny-shapes-sd": sd if sd is not None else zoo.load("tiny-shapes-sd")} if "sd" in models else {}
     if "dit" in models:
@@ -65,7 +67,7 @@ def accuracy_report(num_images: int = 200, batch_size: int = 50, sd=None, models
     if "flux" in models:
         pipes["tiny-shapes-flux"] = flux if flux is not None else zoo.load("tiny-shapes-flux")
     for name, caps in (("heldout", heldout), ("train", train)):
-        truth = np.stack([data.render(data.parse_caption(c), SEED + i) for i, c in enumerate(caps)])
+        truth = np.stack([data.render(data.parse_caption(c), seed + i) for i, c in enumerate(caps)])
         report[f"judge_on_ground_truth_{name}"] = attribute_accuracy(judge, truth, caps)
         vae_pipe = pipes.get("tiny-shapes-sd") or pipes.get("tiny-shapes-flux")  # the same VAE weights
         if vae_pipe is not None:
@@ -112,7 +114,17 @@ def main(argv=None) -> None:
     p.add_argument("--sd", type=Path, default=None,
                    help="a tiny-shapes-sd folder to measure instead of the zoo's (e.g. a retraining trial)")
     p.add_argument("--flux", type=Path, default=None, help="a tiny-shapes-flux folder to measure instead of the zoo's")
+    p.add_argument("--caption-seeds", default="7,8",
+                   help="seeds of the held-out and the training-split captions (the protocol's: 7,8; others measure "
+                        "the models on captions they were not checked on)")
+    p.add_argument("--seed", type=int, default=SEED, help="image i is generated from seed + i (the protocol's: 0)")
     args = p.parse_args(argv)
+    try:
+        caption_seeds = tuple(int(x) for x in args.caption_seeds.split(","))
+    except ValueError:
+        caption_seeds = ()
+    if len(caption_seeds) != 2:
+        p.error(f"--caption-seeds takes two integers (held-out, training split), e.g. 7,8; got {args.caption_seeds!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_grid:
         Image.fromarray(fp_grid()).save(args.out / "zoo_fp_grid.png")
@@ -126,7 +138,8 @@ def main(argv=None) -> None:
         if args.flux is not None:
             flux = StableDiffusion3Pipeline.from_pretrained(str(args.flux))
             flux.set_progress_bar_config(disable=True)
-        report = accuracy_report(args.num_images, sd=sd, models=tuple(args.models.split(",")), flux=flux)
+        report = accuracy_report(args.num_images, sd=sd, models=tuple(args.models.split(",")), flux=flux,
+                                 caption_seeds=caption_seeds, seed=args.seed)
         if args.sd is not None:
             report["sd_folder"] = str(args.sd)
         if args.flux is not None:

@@ -60,9 +60,21 @@ def drop_attributes(caption: str, rng: np.random.Generator, p_color: float, p_si
         drop.update(data.COLORS)
     if rng.random() < p_size:
         drop.update(data.SIZES)
-    if not drop:
+    return without_words(caption, drop)
+
+
+def without_words(caption: str, words) -> str:
+    """``caption`` without the words in ``words`` (unchanged when none of them occurs)."""
+    if not words:
         return caption
-    return " ".join(w for w in caption.split() if w not in drop)
+    return " ".join(w for w in caption.split() if w not in words)
+
+
+def attribute_variants(caption: str) -> list[str]:
+    """Every caption :func:`drop_attributes` can make of ``caption``: as is, without its color words, without its
+    size words, without both."""
+    drops = ((), data.COLORS, data.SIZES, (*data.COLORS, *data.SIZES))
+    return list(dict.fromkeys(without_words(caption, set(d)) for d in drops))
 
 
 def build_text_encoder(tokenizer, overrides: dict | None = None):

@@ -133,3 +133,14 @@ def test_vae_round_trip_keeps_the_scene(sd):
     assert rec.shape == truth.shape and rec.dtype == np.uint8
     mse = np.mean((rec.astype(np.float64) - truth) ** 2)
     assert 10 * np.log10(255.0**2 / mse) > 22.0  # the shipped VAE reconstructs at ~28 dB
+
+
+def test_check_rejects_caption_seeds_that_are_not_two_integers(capsys, tmp_path):
+    from dmquant.zoo.check import main
+
+    for bad in ("7", "7,x", "1,2,3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--caption-seeds", bad, "--out", str(tmp_path / "out"), "--skip-grid"])
+        assert exit_info.value.code == 2
+        assert "--caption-seeds takes two integers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # rejected before anything is written

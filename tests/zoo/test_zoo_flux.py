@@ -67,3 +67,37 @@ def test_adaln_zero_makes_every_block_the_identity_at_start():
         out = model(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 7, 128),
                     pooled_projections=torch.randn(2, 128), timestep=torch.tensor([10.0, 900.0])).sample
     assert out.shape == (2, 4, 8, 8) and not out.any()  # the output projection starts at zero
+
+
+def test_text_cache_encodes_each_prompt_once_and_matches_the_encoder():
+    from dmquant.zoo import configs
+    from dmquant.zoo.tokenizer import build_tokenizer
+    from dmquant.zoo.train_flux import TextCache, encode_text, text_encoder_with_projection
+
+    encoder = text_encoder_with_projection(configs.WEIGHTS_DIR / "tiny-shapes-sd" / "text_encoder")
+    tokenizer = build_tokenizer()
+    cache = TextCache(encoder, tokenizer, "cpu")
+    first = [PROMPT, "", "a small blue square at the center on a white background", PROMPT]
+    seq, pooled = cache(first)
+    assert len(cache.seq) == 3  # the repeated prompt is encoded once
+    ref_seq, ref_pooled = encode_text(encoder, tokenizer, first, "cpu")
+    assert seq.shape == ref_seq.shape == (4, 32, 128) and pooled.shape == ref_pooled.shape == (4, 128)
+    assert (seq - ref_seq).abs().max() < 1e-5 and (pooled - ref_pooled).abs().max() < 1e-5
+    assert torch.equal(seq[0], seq[3]) and not torch.equal(seq[0], seq[1])
+    again, _ = cache(["", PROMPT])  # later batches are lookups of the first encoding
+    assert len(cache.seq) == 3 and torch.equal(again[0], seq[1]) and torch.equal(again[1], seq[0])
+
+
+def test_attribute_variants_are_every_caption_drop_attributes_makes():
+    from dmquant.zoo import data
+    from dmquant.zoo.train_sd import attribute_variants, drop_attributes
+
+    rng = np.random.default_rng(0)
+    caption = "a large red circle at the top left on a black background"
+    variants = attribute_variants(caption)
+    assert len(variants) == 4 and variants[0] == caption
+    seen = {drop_attributes(caption, rng, 0.5, 0.5) for _ in range(200)}
+    assert seen == set(variants)  # each variant is drawn, and nothing else is
+    plain = "a circle at the top left on a black background"  # no color or size word: one variant
+    assert attribute_variants(plain) == [plain]
+    assert data.parse_caption(variants[0]).caption == caption
