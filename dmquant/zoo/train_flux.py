@@ -100,9 +100,9 @@ def encode_text(text_encoder, tokenizer, texts: list[str], device) -> tuple[torc
 
 class TextCache:
     """:func:`encode_text` with every distinct prompt encoded once: the frozen encoder gives the same states for the
-    same text, and the shapes captions (with their dropped-word variants) are a few thousand distinct strings, so
-    after the first epochs a batch costs a lookup instead of tokenising and encoding 64 prompts (about 12% of a
-    compiled training step on two threads)."""
+    same text, and the shapes captions (with their dropped-word variants) are a few tens of thousands of distinct
+    strings, so once :meth:`warm` has encoded them a batch costs a lookup instead of tokenising and encoding 64 prompts
+    (the budget line ``train_flux`` prints went from 0.18 to 0.17 s a step with it)."""
 
     def __init__(self, text_encoder, tokenizer, device) -> None:
         self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
