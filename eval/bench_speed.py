@@ -128,7 +128,7 @@ def bench_gemm(repeats: int = 5) -> list[dict]:
 
 def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
     from dmquant.formats import format_named
-    from dmquant.kernels import cpu_int8, int8_gemm
+    from dmquant.kernels import cpu_int8
     from dmquant.quantizers.affine import qparams_from_range
 
     x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
@@ -151,8 +151,8 @@ def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
     colsum, grid = w_q.to(torch.int32).sum(dim=1), format_named("int", 8, signed=False)
 
     def per_token():  # w8a8's linear layers on the CPU: each row's range, quantize, GEMM, epilogue
-        scale, zero = qparams_from_range(*torch.aminmax(x, dim=1), grid, False)
-        return int8_gemm.per_row_int8_linear_eager(x, scale, zero - 128, w_q, w_scale, colsum, None)
+        scale, zero = qparams_from_range(x.amin(dim=1), x.amax(dim=1), grid, False)
+        return cpu_int8.int8_linear_per_row(x, scale, zero, packed, w_scale, colsum, None)
 
     t = {name: _median(fn, repeats) for name, fn in (("fp32", fp32), ("int8", int8_full), ("int_mm", int_mm),
                                                      ("per_token", per_token))}

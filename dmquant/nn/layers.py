@@ -21,6 +21,7 @@ simulation's outputs bit for bit there. ``spec()`` describes a frozen layer in J
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,12 @@ from dmquant.quantizers.outliers import svd_split
 from dmquant.quantizers.qtensor import QuantizedTensor
 from dmquant.quantizers.timetable import TimeTable
 from dmquant.quantizers.weight import WeightQuantizer
+
+# A frozen layer computing with its dequantized weight on the CPU (eager) does so for this many weights at a time, a
+# slice of output channels each: a large weight dequantized in one piece is fresh memory on every call (allocations
+# above glibc's mmap threshold, 32 MiB at most, are page-faulted in anew), which made SD1.5's int8 weight-only
+# convolutions 1.2-2x slower than FP32's; in slices they run at FP32's speed (eval/RESULTS.md, "Speed on the CPU").
+DEQUANT_CHUNK = 1 << 22
 
 MakeWeightQuantizer = Callable[[], WeightQuantizer]
 MakeInputQuantizer = Callable[[int], ActQuantizer]  # takes the layer's channel dimension
@@ -166,7 +173,31 @@ class QuantLayer(nn.Module):
         ``dtype`` (``x``'s by default: a float32 ``x`` of a 16-bit layer is quantized in float32, see
         :func:`~dmquant.nn.outlier.apply_branch`)."""
         dtype = dtype or x.dtype
-        return self.op(self.quant_input(x).to(dtype), self.effective_weight(dtype), self.bias)
+        x = self.quant_input(x).to(dtype)
+        step = self._rows_per_chunk(x)
+        if step:
+            return self._main_by_rows(x, dtype, step)
+        return self.op(x, self.effective_weight(dtype), self.bias)
+
+    def _rows_per_chunk(self, x: torch.Tensor) -> int:
+        """Output channels per dequantized slice of the weight (0: the whole weight at once): frozen layers with a
+        weight of more than ``DEQUANT_CHUNK`` values, eager on the CPU, not grouped."""
+        if not self.frozen or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return 0
+        if getattr(self, "geometry", {}).get("groups", 1) != 1:
+            return 0
+        out = self.qweights[0].shape[0]
+        per_row = sum(math.prod(q.shape[1:]) for q in self.qweights)
+        return min(out, DEQUANT_CHUNK // per_row) if out * per_row > DEQUANT_CHUNK else 0
+
+    def _main_by_rows(self, x: torch.Tensor, dtype: torch.dtype, step: int) -> torch.Tensor:
+        outs = []
+        for start in range(0, self.qweights[0].shape[0], max(1, step)):
+            rows = slice(start, start + max(1, step))
+            parts = [q.dequantize(dtype, rows) for q in self.qweights]
+            weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            outs.append(self.op(x, weight, None if self.bias is None else self.bias[rows]))
+        return torch.cat(outs, dim=self.channel_dim)
 
     def with_branch(self, main: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return apply_branch(self.outlier, main, x, self.channel_dim)

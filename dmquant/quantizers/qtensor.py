@@ -132,15 +132,28 @@ class QuantizedTensor(nn.Module):
             codes = self.qdata
         return codes.reshape(self.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """The real-valued weight ``scale * (q - zero_point)``, computed row by row (float8 codes read
-        back exactly in ``dtype``: the product is rounded once, as the simulation rounds it)."""
-        codes = self.codes().reshape(self.shape[0], -1)
-        row_len = {"tensor": codes.numel(), "channel": codes.shape[1], "group": self.group_size}[self.granularity]
-        rows = codes.reshape(-1, row_len).to(dtype)
+        back exactly in ``dtype``: the product is rounded once, as the simulation rounds it); ``rows``: only
+        these output channels (a slice of step 1), shaped ``[len(rows), in_features...]``."""
+        codes, scale, zero, shape = self.codes().reshape(self.shape[0], -1), self.scale.reshape(-1), None, self.shape
         if not self.symmetric:
-            rows = rows - self.zero_point.to(dtype)[:, None]
-        return (rows * self.scale.to(dtype)[:, None]).reshape(self.shape)
+            zero = self.zero_point.reshape(-1)
+        if rows is not None:
+            start, stop, _ = rows.indices(self.shape[0])
+            per_row = {"tensor": 0, "channel": 1, "group": codes.shape[1] // (self.group_size or 1)}[self.granularity]
+            if per_row:
+                scale = scale[start * per_row:stop * per_row]
+                zero = None if zero is None else zero[start * per_row:stop * per_row]
+            codes, shape = codes[start:stop], (stop - start, *self.shape[1:])
+        row_len = {"tensor": codes.numel(), "channel": codes.shape[1], "group": self.group_size}[self.granularity]
+        codes = codes.reshape(-1, row_len)
+        if zero is None and not codes.is_floating_point():  # one kernel: the integer codes are read as dtype
+            return torch.mul(codes, scale.to(dtype)[:, None]).reshape(shape)
+        values = codes.to(dtype)
+        if zero is not None:
+            values = values - zero.to(dtype)[:, None]
+        return (values * scale.to(dtype)[:, None]).reshape(shape)
 
     @property
     def per_channel_symmetric(self) -> bool:

@@ -65,3 +65,52 @@ def test_codes_view_equals_int_repr_without_copy(dtype, zero):
     assert not codes.is_quantized and codes.stride() == q.stride()
     assert codes.data_ptr() == q.data_ptr()  # no copy
     assert torch.equal(codes, q.int_repr())
+
+
+def _per_row_case(m, kdim, n, seed=3):
+    torch.manual_seed(seed)
+    x = torch.randn(m, kdim) * torch.rand(m, 1) * 4 + torch.randn(m, 1)  # rows of different ranges and offsets
+    w_q = torch.randint(-127, 128, (n, kdim), dtype=torch.int8)
+    w_scale, bias = torch.rand(n) * 0.01 + 1e-3, torch.randn(n)
+    lo, hi = x.amin(1).clamp(max=0), x.amax(1).clamp(min=0)
+    scale = (hi - lo) / 255
+    zero = torch.round(-lo / scale)  # the uint8 grid's zero point of each row
+    return x, w_q, w_scale, bias, scale, zero
+
+
+def _per_row_reference(x, scale, zero, w_q, w_scale, bias, qmin=0, qmax=255):
+    """Float64 of the simulation's codes: clamp(round(x / s) + z)."""
+    codes = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], qmin, qmax).double()
+    y = (codes - zero.double()[:, None]) @ w_q.double().t() * (scale.double()[:, None] * w_scale.double())
+    return y + bias.double()
+
+
+@pytest.mark.parametrize("chunk", [k.ROW_CHUNK, 64 * 7])  # one chunk; chunks of 7 rows (the last one partial)
+def test_int8_linear_per_row_matches_float64(monkeypatch, chunk):
+    monkeypatch.setattr(k, "ROW_CHUNK", chunk)
+    x, w_q, w_scale, bias, scale, zero = _per_row_case(300, 64, 40)
+    colsum = w_q.to(torch.int32).sum(dim=1)
+    out = k.int8_linear_per_row(x, scale, zero, k.prepack_linear(w_q), w_scale, colsum, bias)
+    ref = _per_row_reference(x, scale, zero, w_q, w_scale, bias)
+    err = (out.double() - ref).pow(2).mean() / ref.pow(2).mean()
+    assert out.shape == (300, 40) and out.dtype == torch.float32
+    assert -10 * torch.log10(err) > 100.0  # float32 rounding of the epilogue only: the same codes
+
+
+def test_int8_linear_per_row_clamps_to_a_narrower_grid():
+    x, w_q, w_scale, bias, scale, zero = _per_row_case(50, 32, 16)
+    scale = scale * 0.5  # half the range: codes outside [1, 254] must clamp
+    colsum = w_q.to(torch.int32).sum(dim=1)
+    out = k.int8_linear_per_row(x, scale, zero, k.prepack_linear(w_q), w_scale, colsum, bias, qmin=1, qmax=254)
+    ref = _per_row_reference(x, scale, zero, w_q, w_scale, bias, qmin=1, qmax=254)
+    unclamped = _per_row_reference(x, scale, zero, w_q, w_scale, bias)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
+    assert (unclamped - ref).abs().max() > 1e-2  # the clamp mattered
+
+
+def test_int8_linear_per_row_without_the_engine(monkeypatch):
+    x, w_q, w_scale, bias, scale, zero = _per_row_case(40, 32, 24)
+    colsum = w_q.to(torch.int32).sum(dim=1)
+    monkeypatch.setattr(k, "onednn_available", lambda: False)
+    out = k.int8_linear_per_row(x, scale, zero, w_q, w_scale, colsum, bias)
+    assert torch.allclose(out.double(), _per_row_reference(x, scale, zero, w_q, w_scale, bias), rtol=1e-5, atol=1e-5)

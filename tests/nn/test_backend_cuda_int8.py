@@ -166,8 +166,11 @@ def test_cpu_per_token_layers_take_the_integer_path_automatically():
     layer = frozen_layer(nn.Linear(64, 48), x, acfg=ActQuantConfig(bits=8, granularity="token"))
     assert backend_cuda_int8.CPU_TOKEN in layer.kernels
     assert backends.choose(layer, x).name == backend_cuda_int8.CPU_TOKEN  # "auto" on a CPU input
+    assert "packed" in layer.kernels[backend_cuda_int8.CPU_TOKEN][0]  # oneDNN's GEMM, the per-row grid after it
     ref, out = run(layer, x, "reference"), run(layer, x, "auto")
     assert sqnr_db(ref, out) > 70.0, sqnr_db(ref, out)
+    del layer.kernels[backend_cuda_int8.CPU_TOKEN][0]["packed"]  # without the x86 engine: torch._int_mm
+    assert sqnr_db(out, run(layer, x, "auto")) > 100.0  # the same codes on either path
     static = frozen_layer(nn.Linear(64, 48), x)  # static inputs: oneDNN's kernel, not this one
     assert backend_cuda_int8.CPU_TOKEN not in static.kernels
     conv = frozen_layer(nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6),

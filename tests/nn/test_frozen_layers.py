@@ -3,6 +3,7 @@ outputs bit for bit (same float arithmetic); on the oneDNN int8 backend the same
 apart. ``spec()`` and ``layer_from_spec`` rebuild a frozen layer from its description and state dict."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -242,3 +243,31 @@ def test_unknown_layer_kind_and_damaged_specs_are_clear_errors():
     spec.input_quantizers[0].zero_point = torch.zeros(1)
     with pytest.raises(DMQuantError, match="no timestep keys"):
         layer_from_spec(spec.frozen_copy().spec(), None)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv", "split-conv", "int4-group-linear", "grouped-conv"])
+def test_frozen_layer_computes_in_slices_of_output_channels(monkeypatch, case):
+    """On the CPU a frozen layer whose weight exceeds ``DEQUANT_CHUNK`` values dequantizes and computes a slice of
+    output channels at a time (so the float weight is never a fresh allocation of the whole): the same result."""
+    from dmquant.nn import layers
+
+    torch.manual_seed(0)
+    wcfg = WeightQuantConfig(bits=4, granularity="group", group_size=16) if case.startswith("int4") else \
+        WeightQuantConfig(bits=8)
+    layer = nn.Linear(64, 40) if "linear" in case else nn.Conv2d(16, 24, 3, padding=1,
+                                                                 groups=2 if case == "grouped-conv" else 1)
+    x = inputs("linear" if "linear" in case else "conv", 64 if "linear" in case else 16)
+    sim = wrapped(layer, wcfg, None)
+    if case == "split-conv":
+        sim.split_quantizers(6, weight_quantizers(wcfg), None)
+    frozen = calibrate(sim, x).frozen_copy()
+    whole = outputs(frozen, x, "reference")
+    per_row = sum(math.prod(q.shape[1:]) for q in frozen.qweights)
+    monkeypatch.setattr(layers, "DEQUANT_CHUNK", per_row * 7)  # slices of 7 output channels, the last one shorter
+    assert frozen._rows_per_chunk(x) == (0 if case == "grouped-conv" else 7)
+    calls, op = [], type(frozen).op
+    monkeypatch.setattr(type(frozen), "op", lambda self, x, w, b: calls.append(w.shape[0]) or op(self, x, w, b))
+    sliced = outputs(frozen, x, "reference")
+    assert calls == ([24] if case == "grouped-conv" else [7] * (layer.weight.shape[0] // 7) + [layer.weight.shape[0] % 7])
+    assert sliced.shape == whole.shape and sqnr_db(whole, sliced) > 120.0
+    assert frozen._rows_per_chunk(x.to("meta")) == 0  # not on other devices (nor under torch.compile)

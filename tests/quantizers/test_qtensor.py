@@ -72,3 +72,31 @@ def test_per_channel_scales_and_damaged_specs():
     del spec["bits"]
     with pytest.raises(DMQuantError, match="lacks \\['bits'\\]"):
         QuantizedTensor.from_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [(dict(bits=8), (16, 32)),
+     (dict(bits=4), (16, 8, 3, 3)),
+     (dict(bits=4, granularity="group", group_size=16), (12, 64)),
+     (dict(bits=3, symmetric=False, granularity="group", group_size=16), (8, 64)),
+     (dict(bits=6, granularity="tensor"), (10, 6)),
+     (dict(bits=8, symmetric=False), (9, 20))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_rows_equal_the_rows_of_the_whole(kwargs, shape, dtype):
+    """A slice of output channels dequantized alone is bit for bit that slice of the whole weight."""
+    torch.manual_seed(1)
+    w = torch.randn(shape)
+    q = WeightQuantizer(**kwargs)
+    q.calibrate(w)
+    qw = quantized(w, q)
+    whole = qw.dequantize(dtype)
+    codes = q.codes(w).reshape(shape[0], -1).to(dtype)  # the two-step arithmetic: codes in dtype, then the product
+    rows = codes.reshape(-1, shape[0] * codes.shape[1] if q.granularity == "tensor" else
+                         q.group_size if q.granularity == "group" else codes.shape[1])
+    if not q.symmetric:
+        rows = rows - q.zero_point.reshape(-1).to(dtype)[:, None]
+    assert whole.dtype == dtype and torch.equal(whole, (rows * q.scale.reshape(-1).to(dtype)[:, None]).reshape(shape))
+    for rows in (slice(0, 3), slice(3, shape[0] - 1), slice(shape[0] - 1, shape[0] + 5)):
+        assert torch.equal(qw.dequantize(dtype, rows), whole[rows])
