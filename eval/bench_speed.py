@@ -20,6 +20,8 @@ dequantize) and ``torch._int_mm`` (GEMM only); int8 VNNI does 4x the multiply-ad
 
     pip install -e ".[bench]"
     python eval/bench_speed.py [--repeats 3] [--only fp32,w8a8] [--latent-size 64] [--out eval/bench_speed.json]
+    python eval/bench_speed.py --only fp32,w8a8 --interleave --repeats 5   # steps alternate round by round
+    python eval/bench_speed.py --only fp32,w8a8 --profile                  # where each step's time goes
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import copy
 import gc
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -87,33 +90,84 @@ def build(name: str, base: torch.nn.Module, calib_inputs):
     raise SystemExit(f"unknown configuration {name}")
 
 
-def bench_unet(names, repeats: int, latent_size: int) -> list[dict]:
+def _prepared(name: str, base, inputs, calib):
+    """The configuration ``name`` built (and compiled: its first call), its step inputs and setup seconds."""
+    start = time.perf_counter()
+    config, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+    model = build(config, base, calib)
+    blocks = compile_regions(model) if compiled else []
+    step_inputs = inputs
+    if config == "bf16":
+        step_inputs = ((inputs[0][0].bfloat16(), inputs[0][1]), {"encoder_hidden_states": inputs[1]["encoder_hidden_states"].bfloat16()})
+    if compiled:  # the first call compiles
+        time_step(model, step_inputs, warmup=0, repeats=1)
+    return model, blocks, step_inputs, time.perf_counter() - start
+
+
+def bench_unet(names, repeats: int, latent_size: int, interleave: bool = False) -> list[dict]:
+    """Seconds per step of each configuration. ``interleave``: every model is built first, then the steps
+    alternate (one step of each configuration per round, ``repeats`` rounds), so a host whose speed drifts
+    during the run slows every configuration alike; each ratio to FP32 is then the median of the rounds'."""
     base = sd15_unet()
     inputs = denoiser_inputs(base, batch=2, latent_size=latent_size)
     calib = [denoiser_inputs(base, batch=2, latent_size=latent_size, seed=s) for s in (1, 2)]
-    rows = []
-    for name in names:
-        start = time.perf_counter()
-        config, compiled = name.removesuffix("+compile"), name.endswith("+compile")
-        model = build(config, base, calib)
-        blocks = compile_regions(model) if compiled else []
-        step_inputs = inputs
-        if config == "bf16":
-            step_inputs = ((inputs[0][0].bfloat16(), inputs[0][1]), {"encoder_hidden_states": inputs[1]["encoder_hidden_states"].bfloat16()})
-        if compiled:  # the first call compiles
-            time_step(model, step_inputs, warmup=0, repeats=1)
-        setup = time.perf_counter() - start
-        seconds = time_step(model, step_inputs, warmup=1, repeats=repeats)
-        rows.append({"config": name, "seconds_per_step": round(seconds, 3), "setup_seconds": round(setup, 1)})
-        print(f"  {name:16s} {seconds:7.3f} s/step  (setup {setup:.0f} s)", flush=True)
-        uncompile(blocks)
-        if model is not base:
-            del model
-        gc.collect()
-    fp32 = next((r["seconds_per_step"] for r in rows if r["config"] == "fp32"), None)
+    rows, times = [], {}
+    if interleave:
+        built = {}
+        for name in names:
+            built[name] = _prepared(name, base, inputs, calib)
+            time_step(built[name][0], built[name][2], warmup=0, repeats=1)  # the warm-up step
+            print(f"  {name:16s} built (setup {built[name][3]:.0f} s)", flush=True)
+        times = {name: [] for name in names}
+        for round_ in range(repeats):
+            for name in names:
+                model, _, step_inputs, _ = built[name]
+                times[name].append(time_step(model, step_inputs, warmup=0, repeats=1))
+            print(f"  round {round_ + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names), flush=True)
+        for name in names:
+            rows.append({"config": name, "seconds_per_step": round(statistics.median(times[name]), 3),
+                         "setup_seconds": round(built[name][3], 1), "seconds_per_round": [round(t, 3) for t in times[name]]})
+            uncompile(built[name][1])
+    else:
+        for name in names:
+            model, blocks, step_inputs, setup = _prepared(name, base, inputs, calib)
+            seconds = time_step(model, step_inputs, warmup=1, repeats=repeats)
+            rows.append({"config": name, "seconds_per_step": round(seconds, 3), "setup_seconds": round(setup, 1)})
+            print(f"  {name:16s} {seconds:7.3f} s/step  (setup {setup:.0f} s)", flush=True)
+            uncompile(blocks)
+            if model is not base:
+                del model
+            gc.collect()
+    fp32 = next((r for r in rows if r["config"] == "fp32"), None)
     for row in rows:
-        row["speedup_vs_fp32"] = round(fp32 / row["seconds_per_step"], 2) if fp32 else None
+        if fp32 is None:
+            row["speedup_vs_fp32"] = None
+        elif interleave:  # the median of the per-round ratios
+            row["speedup_vs_fp32"] = round(statistics.median(
+                a / b for a, b in zip(fp32["seconds_per_round"], row["seconds_per_round"])), 2)
+        else:
+            row["speedup_vs_fp32"] = round(fp32["seconds_per_step"] / row["seconds_per_step"], 2)
     return rows
+
+
+def profile_unet(names, latent_size: int, rows: int = 12) -> None:
+    """One step of each configuration under ``torch.profiler`` (after a warm-up step): its heaviest operators by
+    their own time, and how much of the step attention (the fused SDPA kernel) takes."""
+    base = sd15_unet()
+    inputs = denoiser_inputs(base, batch=2, latent_size=latent_size)
+    calib = [denoiser_inputs(base, batch=2, latent_size=latent_size, seed=s) for s in (1, 2)]
+    for name in names:
+        model, blocks, step_inputs, _ = _prepared(name, base, inputs, calib)
+        time_step(model, step_inputs, warmup=0, repeats=1)
+        with torch.profiler.profile() as prof:
+            time_step(model, step_inputs, warmup=0, repeats=1)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+        print(f"\n{name}: {total / 1e6:.3f} s of operator time, attention {attention / 1e6:.3f} s "
+              f"({100 * attention / total:.0f}%)")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+        uncompile(blocks)
 
 
 def bench_gemm(repeats: int = 5) -> list[dict]:
@@ -180,11 +234,18 @@ def main() -> None:
     parser.add_argument("--latent-size", type=int, default=64)
     parser.add_argument("--only", default="fp32,bf16,w8a8,w4a8,torchao-int8dyn,quanto-w8a8")
     parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every configuration first, then alternate their steps round by round")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: one profiled step of each configuration, its heaviest operators")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"SD1.5 UNet step, batch 2, {args.latent_size}x{args.latent_size} latents; {machine}", flush=True)
-    unet_rows = bench_unet(args.only.split(","), args.repeats, args.latent_size)
+    if args.profile:
+        profile_unet(args.only.split(","), args.latent_size)
+        return
+    unet_rows = bench_unet(args.only.split(","), args.repeats, args.latent_size, args.interleave)
     gemm_rows = [] if args.skip_gemm else bench_gemm()
     print("\n| config | s / step | speed-up vs FP32 |\n|---|---|---|")
     for r in unet_rows:

@@ -3,7 +3,7 @@ module registers all of them, the CUDA ones from their own modules:
 
 * ``cuda-int8`` (:mod:`dmquant.nn.backend_cuda_int8`): static int8 activations times per-channel int8
   weights on the tensor cores (``torch._int_mm``), linear and conv; ``cpu-int8-token`` (same module):
-  linear layers with per-token int8 inputs on the CPU, the same ``torch._int_mm`` path;
+  linear layers with per-token int8 inputs on the CPU (oneDNN's GEMM, each row's grid after it);
 
 * ``fused-int4`` (CUDA): a frozen linear layer with int4 weights in groups of 64 and 4/8-bit dynamic
   symmetric activations, with its smoothing and low-rank branch, as one
