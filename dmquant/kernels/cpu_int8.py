@@ -86,6 +86,8 @@ def int8_linear_per_row(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
         y = (codes.double() - zero.double()[:, None]) @ packed.double().t()
         y = y * (scale.double()[:, None] * w_scale.double())
         return (y if bias is None else y + bias.double()).float()
+    if not rows.shape[0]:
+        return rows.new_zeros(0, w_scale.numel())
     correction = w_scale.float() * colsum.float()
     step = max(1, ROW_CHUNK // max(1, rows.shape[1]))
     outs = []

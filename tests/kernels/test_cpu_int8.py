@@ -94,6 +94,8 @@ def test_int8_linear_per_row_matches_float64(monkeypatch, chunk):
     ref = _per_row_reference(x, scale, zero, w_q, w_scale, bias)
     err = (out.double() - ref).pow(2).mean() / ref.pow(2).mean()
     assert out.shape == (300, 40) and out.dtype == torch.float32
+    empty = k.int8_linear_per_row(x[:0], scale[:0], zero[:0], k.prepack_linear(w_q), w_scale, colsum, bias)
+    assert empty.shape == (0, 40)
     assert -10 * torch.log10(err) > 100.0  # float32 rounding of the epilogue only: the same codes
 
 
