@@ -292,7 +292,7 @@ def main() -> None:
         for bits in args.bits.split(","):
             for variant in args.variants.split(","):
                 r = run_one(model, bits, variant, args.num_images, args.calib_prompts, args.out)
-                print(f"{model} {bits} {variant}: CLIP {r['clip_score']:.2f} (FP {r['clip_score_fp']:.2f}) "
+                print(f"{model} {r['bits']} {variant}: CLIP {r['clip_score']:.2f} (FP {r['clip_score_fp']:.2f}) "
                       f"PSNR {r['psnr_vs_reference']:.2f} calib {r['calibration_seconds']}s", flush=True)
 
 
