@@ -62,17 +62,54 @@ def scheduled_steps(opt: torch.optim.Optimizer, total: int, peak: float, warmup:
         yield step
 
 
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """``--time-budget`` and ``--schedule-cuts`` (see :func:`budgeted_steps`)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--time-budget", type=float, default=None,
+                       help="seconds of training: at step 100 the step count (and the LR schedule) is cut to what fits, "
+                            "and again if the host slows down; the cuts are written to train_log.json (schedule_cuts)")
+    group.add_argument("--schedule-cuts", type=schedule_cuts, default=None,
+                       help="repeat a budgeted run: its train_log.json, or STEP:TOTAL,... (the step count becomes "
+                            "TOTAL at STEP); with the run's other arguments it trains the same steps")
+
+
+def schedule_cuts(text: str) -> list[tuple[int, int]]:
+    """``STEP:TOTAL,...`` or the path of a train_log.json whose ``schedule_cuts`` to take."""
+    path = Path(text)
+    try:
+        if path.suffix == ".json" or path.is_dir():
+            record = json.loads((path / "train_log.json" if path.is_dir() else path).read_text())
+            pairs = [tuple(pair) for pair in record["schedule_cuts"]]
+        else:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is no STEP:TOTAL list nor a train_log.json with schedule_cuts "
+                                         f"({err})") from None
+    if any(len(p) != 2 or p[0] < 0 or p[1] <= p[0] for p in pairs) or [p[0] for p in pairs] != sorted({p[0] for p in pairs}):
+        raise argparse.ArgumentTypeError(f"{text!r}: each cut is STEP:TOTAL with TOTAL > STEP, steps increasing")
+    return [(int(a), int(b)) for a, b in pairs]
+
+
 def budgeted_steps(opt: torch.optim.Optimizer, total: int, peak: float, log: Logger, time_budget: float | None,
-                   warmup: int = 100, settle: int = 10, measure: int = 100, checks: int = 10):
+                   warmup: int = 100, settle: int = 10, measure: int = 100, checks: int = 10,
+                   cuts: list[tuple[int, int]] | None = None):
     """Like :func:`scheduled_steps`; with a ``time_budget`` (seconds of ``log``'s clock), at step ``measure`` the
     step count (and with it the schedule, and ``log.total``) is cut to what fits in the budget at the speed of
     steps ``settle`` to ``measure`` (the first steps are slower: caches and allocator warming up). With
     ``measure <= warmup`` that cut changes no learning rate already used: the warm-up does not depend on the total.
     A host that slows down later would overrun the budget: ``checks`` times more (evenly spaced) the count is cut
-    again, never raised, to what fits at the speed since the previous check."""
+    again, never raised, to what fits at the speed since the previous check. Every change of the count is
+    appended to ``log.cuts`` as ``(step, new total)``; ``cuts`` (such a list) replays a budgeted run's changes
+    instead of measuring, so the run's learning rates, and so its weights, repeat."""
+    if cuts is not None and time_budget is not None:
+        raise ValueError("a time budget measures its own cuts: give a budget or the cuts to replay, not both")
+    replay = dict(cuts or [])
     step, mark = 0, None
     interval = None
     while step < total:
+        if step in replay:
+            total = log.total = replay[step]
+            log.cuts.append((step, total))
         if time_budget is not None and step == settle:
             mark = (step, log.seconds)
         if time_budget is not None and mark is not None and step > settle and (
@@ -85,6 +122,8 @@ def budgeted_steps(opt: torch.optim.Optimizer, total: int, peak: float, log: Log
             elif fits < total:
                 print(f"{rate:.3f} s/step since step {mark[0]}: cut to {fits} steps to hold the {time_budget:.0f}s "
                       f"budget", flush=True)
+            if fits != total:
+                log.cuts.append((step, fits))
             total, log.total, mark = fits, fits, (step, log.seconds)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, peak, warmup)
@@ -110,6 +149,7 @@ class Logger:
 
     def __init__(self, name: str, total: int, every: int) -> None:
         self.name, self.total, self.every = name, total, every
+        self.cuts: list[tuple[int, int]] = []  # (step, new step count) of a budgeted run (budgeted_steps)
         self.start = time.time()
         self.window: list[float] = []
         self.last_mean = float("nan")
@@ -138,6 +178,7 @@ def write_train_log(folder: Path, name: str, args: argparse.Namespace, logger: L
         "seconds": round(logger.seconds, 1),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
+        "schedule_cuts": [list(cut) for cut in logger.cuts],
         **extra,
     }
     (folder / "train_log.json").write_text(json.dumps(record, indent=2) + "\n")

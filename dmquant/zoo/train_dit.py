@@ -41,9 +41,7 @@ def main(argv=None) -> None:
     p.add_argument("--arch", type=json.loads, default={},
                    help="JSON object of model arguments that replace configs.DIT's")
     p.add_argument("--name", default=NAME, help="model name written in train_log.json")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "
-                        "what fits (the count used is in train_log.json: rerun with --steps N to reproduce)")
+    _training.add_budget_arguments(p)
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
@@ -65,7 +63,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     log = _training.Logger(args.name, args.steps, args.log_every)
-    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget, cuts=args.schedule_cuts):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen).to(args.device)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen).to(args.device)
         noise = torch.randn(x0.shape, generator=gen).to(args.device)

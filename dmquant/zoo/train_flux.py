@@ -196,9 +196,7 @@ def inference_scheduler() -> FlowMatchEulerDiscreteScheduler:
 def main(argv=None) -> None:
     p = _training.text_parser(__doc__, steps=3000, batch_size=64, lr=1e-3, seed=6, num_scenes=30000)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: no EMA)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "
-                        "what fits (the count used is in train_log.json: rerun with --steps N to reproduce)")
+    _training.add_budget_arguments(p)
     p.add_argument("--sd", type=Path, default=configs.WEIGHTS_DIR / "tiny-shapes-sd",
                    help="the tiny-shapes-sd folder whose vae/ and text_encoder/ are used (frozen)")
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
@@ -286,7 +284,7 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         print(f"compiled ({time.time() - t0:.0f}s)", flush=True)
     log = _training.Logger(args.name, args.steps, args.log_every)
-    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget, cuts=args.schedule_cuts):
         loss = batch_loss(forward)
         _training.optimizer_step(opt, loss, trained)
         if ema is not None:

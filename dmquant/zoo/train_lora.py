@@ -107,9 +107,7 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-scenes", type=int, default=20000)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "
-                        "what fits (the count used is in train_log.json: rerun with --steps N to reproduce)")
+    _training.add_budget_arguments(p)
     p.add_argument("--eval-images", type=int, default=32, help="held-out prompts for the judge's check at the end")
     p.add_argument("--base", type=Path, default=configs.WEIGHTS_DIR / BASE)
     p.add_argument("--out", type=Path, default=configs.WEIGHTS_DIR / NAME)
@@ -130,7 +128,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     log = _training.Logger(NAME, args.steps, args.log_every)
-    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget, warmup=50):
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget, warmup=50, cuts=args.schedule_cuts):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)

@@ -104,9 +104,7 @@ def main(argv=None) -> None:
     p.add_argument("--text-arch", type=json.loads, default={},
                    help="JSON object of CLIPTextConfig arguments that replace configs.TEXT_ENCODER's")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training: after 30 steps the step count (and the LR schedule) is cut to "
-                        "what fits (the count used is in train_log.json: rerun with --steps N to reproduce)")
+    _training.add_budget_arguments(p)
     p.add_argument("--name", default=NAME, help="model name written in train_log.json")
     args = p.parse_args(argv)
     _training.seed_everything(args.seed, args.threads)
@@ -130,7 +128,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     log = _training.Logger(args.name, args.steps, args.log_every)
-    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget):
+    for step in _training.budgeted_steps(opt, args.steps, args.lr, log, args.time_budget, cuts=args.schedule_cuts):
         idx = torch.randint(len(lat_mean), (args.batch_size,), generator=gen).to(args.device)
         eps_lat = torch.randn(lat_mean[idx].shape, generator=gen).to(args.device)
         x0 = lat_mean[idx] + lat_std[idx] * eps_lat

@@ -1,5 +1,9 @@
 """The zoo's training loop helpers: the learning-rate schedule and the time budget."""
 
+import argparse
+import json
+
+import pytest
 import torch
 
 from dmquant.zoo import _training
@@ -27,11 +31,11 @@ class _Clock(_training.Logger):
         return self.now
 
 
-def _run(budget, total=10_000, warmup=100, checks=10, **clock):
+def _run(budget, total=10_000, warmup=100, checks=10, cuts=None, **clock):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     log = _Clock(total, slow_steps=5, slow=2.0, fast=0.125, **clock)
     lrs = []
-    for _step in _training.budgeted_steps(opt, total, 1.0, log, budget, warmup=warmup, checks=checks):
+    for _step in _training.budgeted_steps(opt, total, 1.0, log, budget, warmup=warmup, checks=checks, cuts=cuts):
         lrs.append(opt.param_groups[0]["lr"])
         log.tick()
     return log, lrs
@@ -63,3 +67,31 @@ def test_a_host_that_slows_down_later_still_holds_the_budget():
     assert all(b <= a + 1e-12 for a, b in zip(lrs[100:], lrs[101:]))  # the cosine only ever decreases
     log, lrs = _run(budget=110.0, late=300, late_step=0.25, checks=0)  # without the checks: overrun
     assert len(lrs) == 805 and log.seconds > 160.0
+
+
+def test_a_budgeted_run_records_its_cuts_and_replaying_them_repeats_its_learning_rates():
+    log, lrs = _run(budget=110.0, late=300, late_step=0.25)  # cut at step 100, then again as the host slows
+    assert len(log.cuts) >= 2 and log.cuts[0] == (100, 805) and log.cuts[-1][1] == len(lrs)
+    replay, replay_lrs = _run(budget=None, cuts=log.cuts)  # another host speed: the cuts, not the clock, decide
+    assert replay_lrs == lrs and replay.cuts == log.cuts
+    # a run with one cut at the measurement step: --steps N alone repeats it (no warm-up rate moved)
+    log, lrs = _run(budget=110.0)
+    assert log.cuts == [(100, 805)] and _run(budget=None, total=805)[1] == lrs
+    with pytest.raises(ValueError, match="not both"):
+        _run(budget=110.0, cuts=[(100, 805)])
+
+
+def test_schedule_cuts_are_read_from_text_or_a_train_log(tmp_path):
+    assert _training.schedule_cuts("100:805,400:700") == [(100, 805), (400, 700)]
+    (tmp_path / "train_log.json").write_text(json.dumps({"schedule_cuts": [[100, 9144], [1000, 9000]]}))
+    assert _training.schedule_cuts(str(tmp_path / "train_log.json")) == [(100, 9144), (1000, 9000)]
+    assert _training.schedule_cuts(str(tmp_path)) == [(100, 9144), (1000, 9000)]  # the model folder
+    for bad in ("100", "100:50", "400:900,100:800", "a:b", str(tmp_path / "missing.json")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _training.schedule_cuts(bad)
+    parser = argparse.ArgumentParser()
+    _training.add_budget_arguments(parser)
+    assert parser.parse_args(["--schedule-cuts", "100:805"]).schedule_cuts == [(100, 805)]
+    with pytest.raises(SystemExit) as exit_:  # a budget and cuts to replay: one line, exit 2
+        parser.parse_args(["--time-budget", "60", "--schedule-cuts", "100:805"])
+    assert exit_.value.code == 2
