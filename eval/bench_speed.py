@@ -8,7 +8,8 @@ configuration runs in this one process, one after another, and is reported as a 
 * dmquant w8a8 / w4a8: calibrated on two synthetic steps (min-max ranges: speed does not depend on
   them), frozen, so linear and conv layers run int8 x uint8 on oneDNN (``w8a8`` is the static recipe,
   today's ``w8a8-static``); ``w8a8-token``: today's ``w8a8`` (per-token int8 inputs of linear layers,
-  int8 weight-only convolutions, FP attention), frozen;
+  int8 weight-only convolutions, FP attention), frozen; ``w8a8-token-before``: the same model on the CPU path
+  it had before 2026-12-01 (per-token GEMMs on ``torch._int_mm``, each weight dequantized whole), for an A/B;
 * torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto W8A8 (qint8 weights and
   activations, calibrated, frozen): eager, as their users run them.
 * ``<config>+compile``: the same after regional ``torch.compile`` (inductor on the CPU;
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 import dmquant
 from dmquant.bench import compile_regions, denoiser_inputs, time_step, uncompile
 from dmquant.models.full_size import sd15_unet
+from dmquant.nn import layers
 
 SPEED_RECIPES = {  # "w8a8" here is the static recipe (today's w8a8-static); "w8a8-token" is today's w8a8
     "w8a8-token": {"name": "w8a8-token-speed", "weights": {"bits": 8}, "attention": None,
@@ -70,6 +72,23 @@ def build(name: str, base: torch.nn.Module, calib_inputs):
         model = copy.deepcopy(base)
         dmquant.quantize(model, SPEED_RECIPES[name], calibration_data=calib_inputs, progress=False)
         dmquant.freeze(model)
+        return model
+    if name == "w8a8-token-before":  # today's w8a8 on the CPU path before 2026-12-01: torch._int_mm, whole weights
+        model = build("w8a8-token", base, calib_inputs)
+        for module in model.modules():
+            prepared = getattr(module, "kernels", {}).get("cpu-int8-token") if hasattr(module, "kernels") else None
+            if prepared:
+                prepared[0].pop("packed", None)
+        forward = model.forward
+
+        def unsliced(*args, **kwargs):
+            chunk, layers.DEQUANT_CHUNK = layers.DEQUANT_CHUNK, 1 << 62
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                layers.DEQUANT_CHUNK = chunk
+
+        model.forward = unsliced
         return model
     if name == "torchao-int8dyn":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -182,7 +201,7 @@ def bench_gemm(repeats: int = 5) -> list[dict]:
 
 def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
     from dmquant.formats import format_named
-    from dmquant.kernels import cpu_int8
+    from dmquant.kernels import cpu_int8, int8_gemm
     from dmquant.quantizers.affine import qparams_from_range
 
     x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
@@ -208,14 +227,20 @@ def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
         scale, zero = qparams_from_range(x.amin(dim=1), x.amax(dim=1), grid, False)
         return cpu_int8.int8_linear_per_row(x, scale, zero, packed, w_scale, colsum, None)
 
+    def per_token_int_mm():  # the same on torch._int_mm (the CPU path without oneDNN, and before 2026-12-01)
+        scale, zero = qparams_from_range(*torch.aminmax(x, dim=1), grid, False)
+        return int8_gemm.per_row_int8_linear_eager(x, scale, zero - 128, w_q, w_scale, colsum, None)
+
     t = {name: _median(fn, repeats) for name, fn in (("fp32", fp32), ("int8", int8_full), ("int_mm", int_mm),
-                                                     ("per_token", per_token))}
+                                                     ("per_token", per_token), ("per_token_int_mm", per_token_int_mm))}
     flops = 2 * m * k * n
     return {"shape": [m, k, n], "fp32_gflops": round(flops / t["fp32"] / 1e9, 1),
             "int8_gops": round(flops / t["int8"] / 1e9, 1), "int_mm_gops": round(flops / t["int_mm"] / 1e9, 1),
             "int8_speedup": round(t["fp32"] / t["int8"], 2), "int_mm_speedup": round(t["fp32"] / t["int_mm"], 2),
             "per_token_ms": round(t["per_token"] * 1e3, 2), "fp32_ms": round(t["fp32"] * 1e3, 2),
-            "per_token_speedup": round(t["fp32"] / t["per_token"], 2)}
+            "per_token_speedup": round(t["fp32"] / t["per_token"], 2),
+            "per_token_int_mm_ms": round(t["per_token_int_mm"] * 1e3, 2),
+            "per_token_int_mm_speedup": round(t["fp32"] / t["per_token_int_mm"], 2)}
 
 
 def _median(fn, repeats):
@@ -252,13 +277,13 @@ def main() -> None:
         print(f"| {r['config']} | {r['seconds_per_step']:.3f} | {r['speedup_vs_fp32']}x |")
     if gemm_rows:
         print("\n| GEMM M×K×N | FP32 GFLOP/s | int8 GOP/s (quantize+GEMM+dequant) | speed-up | _int_mm GOP/s | speed-up "
-              "| FP32 ms | per-token int8 ms (w8a8's CPU path) | speed-up |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| FP32 ms | per-token int8 ms (w8a8's CPU path) | speed-up | per-token on torch._int_mm ms | speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in gemm_rows:
             m, k, n = r["shape"]
             print(f"| {m}×{k}×{n} | {r['fp32_gflops']} | {r['int8_gops']} | {r['int8_speedup']}x | "
                   f"{r['int_mm_gops']} | {r['int_mm_speedup']}x | {r['fp32_ms']} | {r['per_token_ms']} | "
-                  f"{r['per_token_speedup']}x |")
+                  f"{r['per_token_speedup']}x | {r['per_token_int_mm_ms']} | {r['per_token_int_mm_speedup']}x |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "unet": unet_rows, "gemm": gemm_rows}, f, indent=2)
