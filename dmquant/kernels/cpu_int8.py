@@ -77,8 +77,7 @@ def int8_linear_per_row(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     oneDNN takes one input scale per tensor, so the GEMM runs with scale 1 and zero point 0 (``w_scale[n] · acc``)
     and the per-row grid is applied after it: ``y = scale[m] · (out - zero[m] · w_scale[n] · colsum[n]) + bias``
     (``colsum``: the weight codes' row sums). The rows go in chunks of ``ROW_CHUNK`` elements, so the float
-    intermediate of the quantization is reused memory instead of fresh pages on every call (at UNet shapes that
-    halves the time). Rounding: ``x / scale`` exactly as the simulation divides; the zero point is added before
+    intermediate of the quantization is reused memory instead of fresh pages on every call. Rounding: ``x / scale`` exactly as the simulation divides; the zero point is added before
     the rounding, so a value within float32 rounding of a tie may take the other code (as
     ``fake_quant_inference``)."""
     if not onednn_available():

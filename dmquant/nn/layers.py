@@ -40,7 +40,7 @@ from dmquant.quantizers.weight import WeightQuantizer
 # A frozen layer computing with its dequantized weight on the CPU (eager) does so for this many weights at a time, a
 # slice of output channels each: a large weight dequantized in one piece is fresh memory on every call (allocations
 # above glibc's mmap threshold, 32 MiB at most, are page-faulted in anew), which made SD1.5's int8 weight-only
-# convolutions 1.2-2x slower than FP32's; in slices they run at FP32's speed (eval/RESULTS.md, "Speed on the CPU").
+# convolutions slower than FP32's (eval/RESULTS.md, "Speed on the CPU", the A/B of 2026-12-01).
 DEQUANT_CHUNK = 1 << 22
 
 MakeWeightQuantizer = Callable[[], WeightQuantizer]
