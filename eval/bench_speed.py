@@ -12,6 +12,8 @@ configuration runs in this one process, one after another, and is reported as a 
   it had before 2026-12-01 (per-token GEMMs on ``torch._int_mm``, each weight dequantized whole), for an A/B;
 * torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto W8A8 (qint8 weights and
   activations, calibrated, frozen): eager, as their users run them.
+* ``<recipe>-bf16`` (e.g. ``w8a8-token-bf16``): the recipe applied to the UNet in bfloat16 (calibrated on
+  bfloat16 inputs), frozen: its float parts (weight-only convolutions, attention) then compute in bfloat16;
 * ``<config>+compile``: the same after regional ``torch.compile`` (inductor on the CPU;
   :func:`dmquant.bench.compile_regions`), the compile time in ``setup_seconds``; e.g.
   ``torchao-int8dyn+compile``, the peer a user would pick, and ``w8a8+compile``.
@@ -68,6 +70,12 @@ def build(name: str, base: torch.nn.Module, calib_inputs):
         return base
     if name == "bf16":
         return copy.deepcopy(base).to(torch.bfloat16)
+    if name.endswith("-bf16") and name.removesuffix("-bf16") in SPEED_RECIPES:  # a bfloat16 model, quantized
+        model = copy.deepcopy(base).to(torch.bfloat16)
+        calib = [_bf16_inputs(inputs) for inputs in calib_inputs]
+        dmquant.quantize(model, SPEED_RECIPES[name.removesuffix("-bf16")], calibration_data=calib, progress=False)
+        dmquant.freeze(model)
+        return model
     if name in SPEED_RECIPES:
         model = copy.deepcopy(base)
         dmquant.quantize(model, SPEED_RECIPES[name], calibration_data=calib_inputs, progress=False)
@@ -109,15 +117,19 @@ def build(name: str, base: torch.nn.Module, calib_inputs):
     raise SystemExit(f"unknown configuration {name}")
 
 
+def _bf16_inputs(inputs):
+    """The step inputs of a bfloat16 model: latents and text states in bfloat16, the timestep as is."""
+    (sample, timestep), kwargs = inputs
+    return (sample.bfloat16(), timestep), {"encoder_hidden_states": kwargs["encoder_hidden_states"].bfloat16()}
+
+
 def _prepared(name: str, base, inputs, calib):
     """The configuration ``name`` built (and compiled: its first call), its step inputs and setup seconds."""
     start = time.perf_counter()
     config, compiled = name.removesuffix("+compile"), name.endswith("+compile")
     model = build(config, base, calib)
     blocks = compile_regions(model) if compiled else []
-    step_inputs = inputs
-    if config == "bf16":
-        step_inputs = ((inputs[0][0].bfloat16(), inputs[0][1]), {"encoder_hidden_states": inputs[1]["encoder_hidden_states"].bfloat16()})
+    step_inputs = _bf16_inputs(inputs) if config == "bf16" or config.endswith("-bf16") else inputs
     if compiled:  # the first call compiles
         time_step(model, step_inputs, warmup=0, repeats=1)
     return model, blocks, step_inputs, time.perf_counter() - start
