@@ -237,7 +237,7 @@ def gemm_row(m: int, k: int, n: int, repeats: int) -> dict:
 
     def per_token():  # w8a8's linear layers on the CPU: each row's range, quantize, GEMM, epilogue
         scale, zero = qparams_from_range(x.amin(dim=1), x.amax(dim=1), grid, False)
-        return cpu_int8.int8_linear_per_row(x, scale, zero, packed, w_scale, colsum, None)
+        return cpu_int8.int8_linear_per_row(x, scale, zero, packed, w_scale, w_scale * colsum, None)
 
     def per_token_int_mm():  # the same on torch._int_mm (the CPU path without oneDNN, and before 2026-12-01)
         scale, zero = qparams_from_range(*torch.aminmax(x, dim=1), grid, False)

@@ -70,24 +70,19 @@ ROW_CHUNK = 1 << 22  # float32 input elements per chunk of rows in int8_linear_p
 
 
 def int8_linear_per_row(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, packed, w_scale: torch.Tensor,
-                        colsum: torch.Tensor, bias=None, qmin: int = 0, qmax: int = 255) -> torch.Tensor:
+                        correction: torch.Tensor, bias=None, qmin: int = 0, qmax: int = 255) -> torch.Tensor:
     """Float32 ``rows [M, K]``, row ``m`` quantized on its own uint8 grid (``scale[m]``, ``zero[m]`` in 0..255,
     codes ``clamp(round(x / scale + zero), qmin, qmax)``), times a prepacked int8 weight -> float32 ``[M, N]``.
 
     oneDNN takes one input scale per tensor, so the GEMM runs with scale 1 and zero point 0 (``w_scale[n] · acc``)
-    and the per-row grid is applied after it: ``y = scale[m] · (out - zero[m] · w_scale[n] · colsum[n]) + bias``
-    (``colsum``: the weight codes' row sums). The rows go in chunks of ``ROW_CHUNK`` elements, so the float
+    and the per-row grid is applied after it: ``y = scale[m] · (out - zero[m] · correction[n]) + bias``
+    (``correction = w_scale · colsum``, float32, the weight codes' row sums scaled: prepared once). Needs the x86
+    engine (:func:`onednn_available`); without it the caller takes ``torch._int_mm``. The rows go in chunks of ``ROW_CHUNK`` elements, so the float
     intermediate of the quantization is reused memory instead of fresh pages on every call. Rounding: ``x / scale`` exactly as the simulation divides; the zero point is added before
     the rounding, so a value within float32 rounding of a tie may take the other code (as
     ``fake_quant_inference``)."""
-    if not onednn_available():
-        codes = torch.clamp(torch.round(rows / scale[:, None]) + zero[:, None], qmin, qmax).to(torch.uint8)
-        y = (codes.double() - zero.double()[:, None]) @ packed.double().t()
-        y = y * (scale.double()[:, None] * w_scale.double())
-        return (y if bias is None else y + bias.double()).float()
     if not rows.shape[0]:
         return rows.new_zeros(0, w_scale.numel())
-    correction = w_scale.float() * colsum.float()
     step = max(1, ROW_CHUNK // max(1, rows.shape[1]))
     outs = []
     for start in range(0, rows.shape[0], step):

@@ -93,7 +93,7 @@ def _dynamic_linear(x: torch.Tensor, qw, q, prepared: dict, bias, out_dtype) -> 
         if "packed" in prepared:  # oneDNN's u8 x s8 GEMM, the per-row grid applied after it
             up = 128 if q.fmt.signed else 0
             y = cpu_int8.int8_linear_per_row(rows, scale, zero + up, prepared["packed"], qw.channel_scales(),
-                                             prepared["colsum"], bias, q.fmt.qmin + up, q.fmt.qmax + up)
+                                             prepared["correction"], bias, q.fmt.qmin + up, q.fmt.qmax + up)
         else:  # the fused quantize and the in-place epilogue around torch._int_mm
             y = int8_gemm.per_row_int8_linear_eager(rows, scale, zero - shift, qw.qdata, qw.channel_scales(),
                                                     prepared["colsum"], bias)
@@ -161,10 +161,13 @@ def _cpu_token_supports(layer, x) -> bool:
 
 
 def _cpu_token_prepare(layer) -> list[dict]:
-    """:func:`_prepare`'s row sums, and the weight packed for oneDNN where the engine is available."""
+    """:func:`_prepare`'s row sums, and where the engine is available the weight packed for oneDNN with the row sums
+    scaled per output channel (the epilogue's zero-point term)."""
     prepared = _prepare(layer)
     if cpu_int8.onednn_available():
-        prepared[0]["packed"] = cpu_int8.prepack_linear(layer.qweights[0].qdata)
+        qw = layer.qweights[0]
+        prepared[0]["packed"] = cpu_int8.prepack_linear(qw.qdata)
+        prepared[0]["correction"] = qw.channel_scales().float() * prepared[0]["colsum"].float()
     return prepared
 
 

@@ -192,8 +192,8 @@ class QuantLayer(nn.Module):
 
     def _main_by_rows(self, x: torch.Tensor, dtype: torch.dtype, step: int) -> torch.Tensor:
         outs = []
-        for start in range(0, self.qweights[0].shape[0], max(1, step)):
-            rows = slice(start, start + max(1, step))
+        for start in range(0, self.qweights[0].shape[0], step):
+            rows = slice(start, start + step)
             parts = [q.dequantize(dtype, rows) for q in self.qweights]
             weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             outs.append(self.op(x, weight, None if self.bias is None else self.bias[rows]))

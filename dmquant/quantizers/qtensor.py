@@ -146,8 +146,8 @@ class QuantizedTensor(nn.Module):
                 scale = scale[start * per_row:stop * per_row]
                 zero = None if zero is None else zero[start * per_row:stop * per_row]
             codes, shape = codes[start:stop], (stop - start, *self.shape[1:])
-        row_len = {"tensor": codes.numel(), "channel": codes.shape[1], "group": self.group_size}[self.granularity]
-        codes = codes.reshape(-1, row_len)
+        row_len = {"tensor": max(codes.numel(), 1), "channel": codes.shape[1], "group": self.group_size}[self.granularity]
+        codes = codes.reshape(-1, row_len)  # (an empty slice of a per-tensor weight: no row)
         if zero is None and not codes.is_floating_point():  # one kernel: the integer codes are read as dtype
             return torch.mul(codes, scale.to(dtype)[:, None]).reshape(shape)
         values = codes.to(dtype)

@@ -89,12 +89,12 @@ def _per_row_reference(x, scale, zero, w_q, w_scale, bias, qmin=0, qmax=255):
 def test_int8_linear_per_row_matches_float64(monkeypatch, chunk):
     monkeypatch.setattr(k, "ROW_CHUNK", chunk)
     x, w_q, w_scale, bias, scale, zero = _per_row_case(300, 64, 40)
-    colsum = w_q.to(torch.int32).sum(dim=1)
-    out = k.int8_linear_per_row(x, scale, zero, k.prepack_linear(w_q), w_scale, colsum, bias)
+    correction = w_scale * w_q.to(torch.int32).sum(dim=1)
+    out = k.int8_linear_per_row(x, scale, zero, k.prepack_linear(w_q), w_scale, correction, bias)
     ref = _per_row_reference(x, scale, zero, w_q, w_scale, bias)
     err = (out.double() - ref).pow(2).mean() / ref.pow(2).mean()
     assert out.shape == (300, 40) and out.dtype == torch.float32
-    empty = k.int8_linear_per_row(x[:0], scale[:0], zero[:0], k.prepack_linear(w_q), w_scale, colsum, bias)
+    empty = k.int8_linear_per_row(x[:0], scale[:0], zero[:0], k.prepack_linear(w_q), w_scale, correction, bias)
     assert empty.shape == (0, 40)
     assert -10 * torch.log10(err) > 100.0  # float32 rounding of the epilogue only: the same codes
 
@@ -102,17 +102,9 @@ def test_int8_linear_per_row_matches_float64(monkeypatch, chunk):
 def test_int8_linear_per_row_clamps_to_a_narrower_grid():
     x, w_q, w_scale, bias, scale, zero = _per_row_case(50, 32, 16)
     scale = scale * 0.5  # half the range: codes outside [1, 254] must clamp
-    colsum = w_q.to(torch.int32).sum(dim=1)
-    out = k.int8_linear_per_row(x, scale, zero, k.prepack_linear(w_q), w_scale, colsum, bias, qmin=1, qmax=254)
+    correction = w_scale * w_q.to(torch.int32).sum(dim=1)
+    out = k.int8_linear_per_row(x, scale, zero, k.prepack_linear(w_q), w_scale, correction, bias, qmin=1, qmax=254)
     ref = _per_row_reference(x, scale, zero, w_q, w_scale, bias, qmin=1, qmax=254)
     unclamped = _per_row_reference(x, scale, zero, w_q, w_scale, bias)
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
     assert (unclamped - ref).abs().max() > 1e-2  # the clamp mattered
-
-
-def test_int8_linear_per_row_without_the_engine(monkeypatch):
-    x, w_q, w_scale, bias, scale, zero = _per_row_case(40, 32, 24)
-    colsum = w_q.to(torch.int32).sum(dim=1)
-    monkeypatch.setattr(k, "onednn_available", lambda: False)
-    out = k.int8_linear_per_row(x, scale, zero, w_q, w_scale, colsum, bias)
-    assert torch.allclose(out.double(), _per_row_reference(x, scale, zero, w_q, w_scale, bias), rtol=1e-5, atol=1e-5)

@@ -11,17 +11,17 @@ def quantized(w, q):
                                       q.symmetric)
 
 
-@pytest.mark.parametrize(
-    "kwargs, shape, packing",
-    [(dict(bits=8), (16, 32), "int8"),
-     (dict(bits=4), (16, 8, 3, 3), "int4x2"),
-     (dict(bits=4, granularity="group", group_size=64), (32, 128), "int4x2"),
-     (dict(bits=3, symmetric=False, granularity="group", group_size=16), (8, 64), "bitpack"),
-     (dict(bits=6, granularity="tensor"), (4, 6), "bitpack"),
-     (dict(bits=2), (8, 3, 3, 3), "bitpack"),  # 27 codes a row: padded to 32, 8 bytes
-     (dict(bits=8), (4, 6), "int8"),
-     (dict(bits=4), (4, 3, 1, 1), "int8")],  # an odd row length cannot pack two codes per byte
-)
+CASES = [(dict(bits=8), (16, 32), "int8"),
+         (dict(bits=4), (16, 8, 3, 3), "int4x2"),
+         (dict(bits=4, granularity="group", group_size=64), (32, 128), "int4x2"),
+         (dict(bits=3, symmetric=False, granularity="group", group_size=16), (8, 64), "bitpack"),
+         (dict(bits=6, granularity="tensor"), (4, 6), "bitpack"),
+         (dict(bits=2), (8, 3, 3, 3), "bitpack"),  # 27 codes a row: padded to 32, 8 bytes
+         (dict(bits=8), (4, 6), "int8"),
+         (dict(bits=4), (4, 3, 1, 1), "int8")]  # an odd row length cannot pack two codes per byte
+
+
+@pytest.mark.parametrize("kwargs, shape, packing", CASES)
 def test_dequantized_weight_equals_the_simulated_one(kwargs, shape, packing):
     torch.manual_seed(0)
     w = torch.randn(shape)
@@ -74,29 +74,21 @@ def test_per_channel_scales_and_damaged_specs():
         QuantizedTensor.from_spec(spec)
 
 
-@pytest.mark.parametrize(
-    "kwargs, shape",
-    [(dict(bits=8), (16, 32)),
-     (dict(bits=4), (16, 8, 3, 3)),
-     (dict(bits=4, granularity="group", group_size=16), (12, 64)),
-     (dict(bits=3, symmetric=False, granularity="group", group_size=16), (8, 64)),
-     (dict(bits=6, granularity="tensor"), (10, 6)),
-     (dict(bits=8, symmetric=False), (9, 20))],
-)
+@pytest.mark.parametrize("kwargs, shape, packing", CASES + [(dict(bits=8, symmetric=False), (9, 20), "int8")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantized_rows_equal_the_rows_of_the_whole(kwargs, shape, dtype):
-    """A slice of output channels dequantized alone is bit for bit that slice of the whole weight."""
+def test_dequantized_rows_equal_the_rows_of_the_whole(kwargs, shape, packing, dtype):
+    """A slice of output channels dequantized alone is bit for bit that slice of the whole weight, and the whole is the
+    two-step arithmetic (codes read as ``dtype``, the zero point subtracted, times the scale)."""
     torch.manual_seed(1)
     w = torch.randn(shape)
     q = WeightQuantizer(**kwargs)
     q.calibrate(w)
     qw = quantized(w, q)
     whole = qw.dequantize(dtype)
-    codes = q.codes(w).reshape(shape[0], -1).to(dtype)  # the two-step arithmetic: codes in dtype, then the product
-    rows = codes.reshape(-1, shape[0] * codes.shape[1] if q.granularity == "tensor" else
-                         q.group_size if q.granularity == "group" else codes.shape[1])
+    row_len = {"tensor": w.numel(), "channel": w[0].numel(), "group": q.group_size}[q.granularity]
+    values = q.codes(w).reshape(-1, row_len).to(dtype)
     if not q.symmetric:
-        rows = rows - q.zero_point.reshape(-1).to(dtype)[:, None]
-    assert whole.dtype == dtype and torch.equal(whole, (rows * q.scale.reshape(-1).to(dtype)[:, None]).reshape(shape))
+        values = values - q.zero_point.reshape(-1).to(dtype)[:, None]
+    assert whole.dtype == dtype and torch.equal(whole, (values * q.scale.reshape(-1).to(dtype)[:, None]).reshape(shape))
     for rows in (slice(0, 3), slice(3, shape[0] - 1), slice(shape[0] - 1, shape[0] + 5)):
         assert torch.equal(qw.dequantize(dtype, rows), whole[rows])
