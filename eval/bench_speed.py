@@ -49,6 +49,10 @@ SPEED_RECIPES = {  # "w8a8" here is the static recipe (today's w8a8-static); "w8
     "w8a8-token": {"name": "w8a8-token-speed", "weights": {"bits": 8}, "attention": None,
                    "activations": {"bits": 8, "granularity": "token", "symmetric": False},
                    "layers": {"conv:*": {"weight_only": True}}},
+    # the same with SmoothQuant's factors in front of the per-token inputs (x / s: one more elementwise op per layer)
+    "w8a8-token-smooth": {"name": "w8a8-token-smooth-speed", "weights": {"bits": 8}, "attention": None,
+                          "activations": {"bits": 8, "granularity": "token", "symmetric": False},
+                          "layers": {"conv:*": {"weight_only": True}}, "smoothing": {"alpha": 0.5}},
     # int8 convolutions on inputs quantized on the fly, one range per sample (oneDNN), linear per token
     "w8a8-sample": {"name": "w8a8-sample-speed", "weights": {"bits": 8}, "attention": None,
                     "activations": {"bits": 8, "granularity": "token", "symmetric": False},

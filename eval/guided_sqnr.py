@@ -36,6 +36,19 @@ CONFIGS = {
     "linear-weights-only": {"weights": W, "activations": None, "attention": None, "include": ["linear:*"]},
     "conv-weights-only": {"weights": W, "activations": None, "attention": None, "include": ["conv:*"]},
     "linear-sym": {"weights": W, "activations": {**A, "symmetric": True}, "attention": None, "layers": CONV_WO},
+    "conv-weights-g32": {"weights": {**W, "granularity": "group", "group_size": 32}, "activations": None,
+                         "attention": None, "include": ["conv:*"]},
+    "conv-weights-mse": {"weights": {**W, "method": "mse"}, "activations": None, "attention": None, "include": ["conv:*"]},
+    "w8a8-convg32": {"weights": W, "activations": A, "attention": None,
+                     "layers": {"conv:*": {"weight_only": True, "weights": {"granularity": "group", "group_size": 32}}}},
+    "w8a8-kvwo": {"weights": W, "activations": A, "attention": None,
+                  "layers": {**CONV_WO, "linear:*attn2.to_k": {"weight_only": True}, "linear:*attn2.to_v": {"weight_only": True}}},
+    "w8a8-kvwo+smooth": {"weights": W, "activations": A, "attention": None, "smoothing": {"alpha": 0.5},
+                         "calibration": {"max_prompts": 16, "num_timesteps": 4},
+                         "layers": {**CONV_WO, "linear:*attn2.to_k": {"weight_only": True}, "linear:*attn2.to_v": {"weight_only": True}}},
+    **{f"w8a8+smooth{a}": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO,
+                           "smoothing": {"alpha": a}, "calibration": {"max_prompts": 16, "num_timesteps": 4}}
+       for a in (0.3, 0.4, 0.6, 0.7, None)},
     **{f"only-{k}": {"weights": W, "activations": A, "attention": None, "include": v} for k, v in GROUPS.items()},
 }
 
@@ -73,6 +86,9 @@ def main() -> None:
         model = copy.deepcopy(pipe)
         if name == "torchao":
             R.apply_torchao(model)
+        elif name == "torchao-same":  # torchao on w8a8's linear layers, w8a8's int8 weight-only convolutions
+            dmquant.quantize(model, QuantConfig.from_dict(R.CONV_WEIGHT_ONLY_INT8), progress=False)
+            R.apply_torchao(model, same_layers=True)
         else:
             config = QuantConfig.from_dict(CONFIGS[name])
             prompts = R.calibration_prompts("terse", "text")[:16] if config.needs_calibration_data else None

@@ -253,6 +253,9 @@ METHODS: dict[str, dict | None] = {
     "w4a4-a8conv": _variant("w4a4", "w4a4-a8conv", layers={"conv:*": {"activations": {"bits": 8}}}),
     "w4a4-a8conv-lr64": _variant("w4a4", "w4a4-a8conv-lr64", low_rank={"rank": 64},
                                  layers={"conv:*": {"activations": {"bits": 8}}}),
+    # the recipe w8a8-smooth with alpha searched per layer (0 among the choices: a layer it does not help keeps none)
+    "w8a8-smooth-search": _variant("w8a8", "w8a8-smooth-search",
+                                   smoothing={"alpha": None, "search_grid": [0.0, 0.25, 0.5, 0.75]}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
 }
