@@ -5,6 +5,9 @@ The FP pipeline runs 8 held-out prompts for 25 DDIM steps at guidance ``g``; eve
 recorded and replayed through each quantized copy (one torch thread).
 
     OMP_NUM_THREADS=1 python eval/guided_sqnr.py [--model sd] [--guidance 7.5] [--only w8a8,torchao]
+
+``--model`` is any model of eval/robustness.py with text prompts (the UNets and the MMDiTs); ``only-<group>`` quantizes
+one group of layers, ``smooth-only-<group>`` the same with smoothing (the groups: GROUPS for UNets, MMDIT_GROUPS).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 import dmquant
 from dmquant.config import QuantConfig
+from dmquant.models.adapters import find_denoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustness as R  # noqa: E402
@@ -28,6 +32,10 @@ CONV_WO = {"conv:*": {"weight_only": True}}
 GROUPS = {"ff2": ["*.ff.net.2"], "ff0": ["*.ff.net.0.proj"], "out": ["*.to_out.0"],
           "attn1qkv": ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v"], "attn2q": ["*attn2.to_q"],
           "attn2kv": ["*attn2.to_k", "*attn2.to_v"], "temb": ["*time_emb_proj"]}
+MMDIT_GROUPS = {"qkv": ["*attn.to_q", "*attn.to_k", "*attn.to_v"], "ctxqkv": ["*add_q_proj", "*add_k_proj", "*add_v_proj"],
+                "mmout": ["*attn.to_out.0"], "ctxout": ["*to_add_out"], "mmff0": ["*.ff.net.0.proj"],
+                "mmff2": ["*.ff.net.2"], "ctxff0": ["*ff_context.net.0.proj"], "ctxff2": ["*ff_context.net.2"],
+                "adaln": ["*norm1.linear", "*norm1_context.linear"]}
 CONFIGS = {
     "w8a8": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO},
     "w8a8+rot": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO, "rotation": {}},
@@ -49,13 +57,17 @@ CONFIGS = {
     **{f"w8a8+smooth{a}": {"weights": W, "activations": A, "attention": None, "layers": CONV_WO,
                            "smoothing": {"alpha": a}, "calibration": {"max_prompts": 16, "num_timesteps": 4}}
        for a in (0.3, 0.4, 0.6, 0.7, None)},
-    **{f"only-{k}": {"weights": W, "activations": A, "attention": None, "include": v} for k, v in GROUPS.items()},
+    **{f"only-{k}": {"weights": W, "activations": A, "attention": None, "include": v}
+       for k, v in {**GROUPS, **MMDIT_GROUPS}.items()},
+    **{f"smooth-only-{k}": {"weights": W, "activations": A, "attention": None, "include": v, "smoothing": {"alpha": 0.5},
+                            "calibration": {"max_prompts": 16, "num_timesteps": 4}}
+       for k, v in {**GROUPS, **MMDIT_GROUPS}.items()},
 }
 
 
 def record_calls(pipe, guidance: float) -> list:
     calls = []
-    hook = pipe.unet.register_forward_pre_hook(
+    hook = find_denoiser(pipe)[1].register_forward_pre_hook(
         lambda m, a, k: calls.append((tuple(x.clone() for x in a), dict(k))), with_kwargs=True)
     pipe(R.eval_prompts("text", 8), num_inference_steps=25, guidance_scale=guidance,
          generator=torch.Generator().manual_seed(0), output_type="latent")
@@ -81,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = R.load(a.model)
     calls = record_calls(pipe, a.guidance)
-    ref = guided(pipe.unet, calls, a.guidance)
+    ref = guided(find_denoiser(pipe)[1], calls, a.guidance)
     for name in a.only.split(","):
         model = copy.deepcopy(pipe)
         if name == "torchao":
@@ -93,7 +105,7 @@ def main() -> None:
             config = QuantConfig.from_dict(CONFIGS[name])
             prompts = R.calibration_prompts("terse", "text")[:16] if config.needs_calibration_data else None
             dmquant.quantize(model, config, prompts=prompts, progress=False, guidance_scale=a.guidance)
-        out = guided(model.unet, calls, a.guidance)
+        out = guided(find_denoiser(model)[1], calls, a.guidance)
         sqnr = 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())
         print(f"{name:22s} guided SQNR {float(sqnr):.2f} dB", flush=True)
 

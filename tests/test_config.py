@@ -118,3 +118,17 @@ def test_bad_layer_overrides_and_budgets_fail_with_one_line(data, message):
     with pytest.raises(DMQuantError) as info:
         QuantConfig.from_dict(data)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_package_carries_the_recipes():
+    """A wheel holds only what is inside dmquant/: the recipes reach it through dmquant/recipes (a link to
+    pipelines/, listed in pyproject's package data), so a non-editable install finds them too."""
+    from pathlib import Path
+
+    import dmquant
+
+    root = Path(dmquant.__file__).resolve().parent
+    shipped = sorted(p.name for p in (root / "recipes").glob("*.yaml"))
+    assert shipped and shipped == sorted(p.name for p in (root.parent / "pipelines").glob("*.yaml"))
+    section = (root.parent / "pyproject.toml").read_text().split("[tool.setuptools.package-data]\n")[1]
+    assert '"recipes/*.yaml"' in section.split("\n[")[0]
