@@ -143,6 +143,9 @@ def test_w8a8_smooth_beats_w8a8_where_inputs_have_outlier_channels():
         return x
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    with torch.no_grad():  # weights from the test's own generator: the same model whatever ran before
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 8)
     calib, test = [((inputs(4),), {}) for _ in range(4)], inputs(8)
     with torch.no_grad():
         ref = model(test)
@@ -153,6 +156,6 @@ def test_w8a8_smooth_beats_w8a8_where_inputs_have_outlier_channels():
             simulated = quantized(test)
             dmquant.freeze(quantized)
             frozen = quantized(test)
-        assert sqnr_db(simulated, frozen) > 80.0
+        assert sqnr_db(simulated, frozen) > 60.0  # integer GEMMs: a near-tie code may round the other way
         sqnr[recipe] = sqnr_db(ref, frozen)
     assert sqnr["w8a8-smooth"] >= sqnr["w8a8"] + 3.0, sqnr
