@@ -77,14 +77,6 @@ def _array(values) -> np.ndarray:
     return np.array([np.inf if v is None else v for v in values], dtype=np.float64)
 
 
-def clip_delta(row: dict) -> tuple[float, list[float]]:
-    """CLIP relative to float32's in % with a paired bootstrap 95% interval."""
-    q, fp = _array(row["clip_per_image"]), _array(row["clip_per_image_fp"])
-    d = paired_difference(q, fp)
-    scale = 100.0 / fp.mean()
-    return d["mean"] * scale, [v * scale for v in d["ci95"]]
-
-
 def table(n: int) -> None:
     rows = [json.loads(f.read_text()) for f in sorted(OUT.glob(f"*-{n}.json"))]
     by_cell: dict[tuple, dict] = {}
@@ -94,14 +86,14 @@ def table(n: int) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for (model, guidance), methods in sorted(by_cell.items()):
         for name, r in sorted(methods.items()):
-            c, ci = clip_delta(r)
+            _, c, lo, hi = R.clip_relative(r)
             paired = ""
             base = methods.get(name.removesuffix("-bf16")) if name.endswith("-bf16") else None
             if base is not None:
                 d = paired_difference(_array(r["psnr_per_image"]), _array(base["psnr_per_image"]))
                 paired = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
             psnr = "inf" if not np.isfinite(r["psnr"]) else f"{r['psnr']:.2f}"
-            print(f"| {model} | {guidance:g} | {name} | {psnr} | {c:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | {paired} |")
+            print(f"| {model} | {guidance:g} | {name} | {psnr} | {c:+.2f} [{lo:+.2f}, {hi:+.2f}] | {paired} |")
 
 
 def main() -> None:
@@ -123,7 +115,7 @@ def main() -> None:
         for guidance in (float(g) for g in a.guidance.split(",")):
             for method in methods:
                 r = run_row(short, guidance, method, a.num_images, a.force)
-                c, _ = clip_delta(r)
+                c = R.clip_relative(r)[1]
                 print(f"{short} g{guidance:g} {method}: PSNR {r['psnr']:.2f} dB, CLIP {c:+.2f}%", flush=True)
 
 

@@ -457,44 +457,81 @@ def cell_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000) -> str:
-    """Per cell where both methods stored per-image PSNRs: the mean of (``base`` - ``other``) over the images
-    both leave finite, with a paired bootstrap 95% interval (seed 0): whether a gap between two rows is larger
-    than the images' spread."""
-    rows = expand(rows)
+def paired_cells(rows: list[dict], base: str, other: str, resamples: int = 2000):
+    """``(cell, rows of the two methods, paired difference)`` per cell where both methods stored per-image PSNRs:
+    the mean of (``base`` - ``other``) over the images both leave finite, with a paired bootstrap 95% interval (seed
+    0). ``cell`` is ``(model, set, guidance, num_images)``; the rows are keyed by method (all methods of the cell)."""
     found = {}
-    for r in rows:
-        if r["method"] in (base, other) and r.get("psnr_per_image"):
-            found.setdefault((r["model"], r["set"], r["guidance"], r["num_images"]), {})[r["method"]] = r
+    for r in expand(rows):
+        found.setdefault((r["model"], r["set"], r["guidance"], r["num_images"]), {})[r["method"]] = r
+    for cell, methods in sorted(found.items()):
+        if all(methods.get(m, {}).get("psnr_per_image") for m in (base, other)):
+            a, b = (np.array([np.nan if v is None else v for v in methods[m]["psnr_per_image"]]) for m in (base, other))
+            yield cell, methods, paired_difference(a, b, resamples)
+
+
+def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000) -> str:
+    """Per cell: :func:`paired_cells`' difference ``base`` - ``other`` and its interval: whether a gap between two rows
+    is larger than the images' spread."""
     lines = [f"| model | set | CFG | n | {base} - {other} (mean of per-image PSNR) | 95% interval |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for cell, pair in sorted(found.items()):
-        if len(pair) < 2:
-            continue
-        a, b = (np.array([np.nan if v is None else v for v in pair[m]["psnr_per_image"]]) for m in (base, other))
-        d = paired_difference(a, b, resamples)
+    for cell, _, d in paired_cells(rows, base, other, resamples):
         lo, hi = d["ci95"]
         lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {cell[3]} | {d['mean']:+.2f} | {lo:+.2f} .. {hi:+.2f} |")
     return "\n".join(lines)
 
 
+def paired_summary(rows: list[dict], base: str, other: str, resamples: int = 2000) -> str:
+    """Over the cells :func:`paired_cells` pairs: the difference's median and range, how many cells go up and how many
+    significantly (interval above / below 0); each method's median and worst PSNR there; ``base``'s largest gap to
+    ``int8-wo`` and in how many cells it is at least as close to FP as torchao on the same layers (issue 18's lines)."""
+    cells = list(paired_cells(rows, base, other, resamples))
+    if not cells:
+        return f"no cell holds per-image PSNRs of both {base} and {other}"
+    diffs = [d["mean"] for _, _, d in cells]
+    down = [f"{c[0]} {c[1]} {c[2]:g} ({d['mean']:+.2f})" for c, _, d in cells if d["ci95"][1] < 0]
+    lines = [f"{len(cells)} cells, {base} - {other}: median {statistics.median(diffs):+.2f} dB, range "
+             f"{min(diffs):+.2f} .. {max(diffs):+.2f}, up in {sum(x > 0 for x in diffs)}, significantly up in "
+             f"{sum(d['ci95'][0] > 0 for _, _, d in cells)}, significantly down in {len(down)}: {', '.join(down)}"]
+    for m in (base, other):
+        worst = min(cells, key=lambda t: t[1][m]["psnr_vs_reference"])
+        lines.append(f"{m}: median {statistics.median(t[1][m]['psnr_vs_reference'] for t in cells):.2f} dB, worst "
+                     f"{worst[1][m]['psnr_vs_reference']:.2f} ({worst[0][0]}, {worst[0][1]}, {worst[0][2]:g})")
+    gaps = [(t[1]["int8-wo"]["psnr_vs_reference"] - t[1][base]["psnr_vs_reference"], t[0]) for t in cells
+            if "int8-wo" in t[1]]
+    same = "torchao-int8dyn+conv-wo"
+    ahead = [t[1][base]["psnr_vs_reference"] - t[1][same]["psnr_vs_reference"] for t in cells if same in t[1]]
+    if gaps:
+        gap, cell = max(gaps)
+        lines.append(f"{base}: largest gap to int8-wo {gap:.2f} dB ({cell[0]}, {cell[1]}, {cell[2]:g})")
+    if ahead:
+        lines.append(f"{base} at least as close to FP as {same} in {sum(x >= 0 for x in ahead)} of {len(ahead)} cells "
+                     f"(least margin {min(ahead):+.2f} dB)")
+    return "\n".join(lines)
+
+
+def clip_relative(row: dict, resamples: int = 2000) -> tuple[float, float, float, float]:
+    """A row's judge CLIP relative to FP's from its per-image scores: ``(FP's mean, difference in % of it, the paired
+    bootstrap 95% interval's two ends in %)``."""
+    q, f = np.array(row["clip_per_image"]), np.array(row["clip_per_image_fp"])
+    d = paired_difference(q, f, resamples)
+    base = float(f.mean())
+    return base, 100 * d["mean"] / base, 100 * d["ci95"][0] / base, 100 * d["ci95"][1] / base
+
+
 def clip_table(rows: list[dict], methods: list[str], resamples: int = 2000) -> str:
     """Per cell and method where per-image CLIP scores are stored: the method's CLIP score relative to FP's
-    (mean of the per-image scores, in % of FP's mean) with a paired bootstrap 95% interval (images resampled in
-    pairs, seed 0): whether a CLIP line like "within 0.5% of FP" is met, missed, or beyond what 200 images can
-    tell (the interval straddles the line). The models that barely draw their prompts (a low FP CLIP) have wide
+    (:func:`clip_relative`): whether a CLIP line like "within 0.5% of FP" is met, missed, or beyond what 200 images
+    can tell (the interval straddles the line). The models that barely draw their prompts (a low FP CLIP) have wide
     intervals."""
     lines = ["| model | set | CFG | n | method | FP CLIP | CLIP Δ% | 95% interval |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(expand(rows), key=lambda r: (r["model"], r["set"], r["guidance"], r["method"])):
         if r["method"] not in methods or not r.get("clip_per_image"):
             continue
-        q, f = np.array(r["clip_per_image"]), np.array(r["clip_per_image_fp"])
-        d = paired_difference(q, f, resamples)
-        base = float(f.mean())
-        lo, hi = (100 * x / base for x in d["ci95"])
+        base, mean, lo, hi = clip_relative(r, resamples)
         lines.append(f"| {r['model']} | {r['set']} | {r['guidance']:g} | {r['num_images']} | {r['method']} | "
-                     f"{base:.2f} | {100 * d['mean'] / base:+.2f} | {lo:+.2f} .. {hi:+.2f} |")
+                     f"{base:.2f} | {mean:+.2f} | {lo:+.2f} .. {hi:+.2f} |")
     return "\n".join(lines)
 
 
@@ -519,6 +556,9 @@ def main(argv=None) -> None:
     p.add_argument("--cells", action="store_true", help="with --table: every cell's PSNR")
     p.add_argument("--paired", metavar="A,B", help="with --table: per cell, the paired per-image PSNR difference "
                    "A - B with a bootstrap 95%% interval (cells run since per-image PSNRs are stored)")
+    p.add_argument("--summary", metavar="A,B", help="with --table: over the cells where both stored per-image PSNRs, "
+                   "the paired difference A - B summarised, each one's median and worst, and A against issue 18's "
+                   "lines (gap to int8-wo, cells at least as close as torchao on the same layers)")
     p.add_argument("--clip", metavar="METHODS", help="with --table: per cell, each method's CLIP score relative to "
                    "FP's with a paired bootstrap 95%% interval (cells run since per-image CLIP scores are stored)")
     p.add_argument("--force", action="store_true", help="run the cells again even if cached (overwrites them)")
@@ -541,6 +581,9 @@ def main(argv=None) -> None:
         if a.paired:
             print()
             print(paired_table(rows, *a.paired.split(",")))
+        if a.summary:
+            print()
+            print(paired_summary(rows, *a.summary.split(",")))
         if a.clip:
             print()
             print(clip_table(rows, a.clip.split(",")))

@@ -77,10 +77,10 @@ def int8_linear_per_row(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     oneDNN takes one input scale per tensor, so the GEMM runs with scale 1 and zero point 0 (``w_scale[n] · acc``)
     and the per-row grid is applied after it: ``y = scale[m] · (out - zero[m] · correction[n]) + bias``
     (``correction = w_scale · colsum``, float32, the weight codes' row sums scaled: prepared once). Needs the x86
-    engine (:func:`onednn_available`); without it the caller takes ``torch._int_mm``. The rows go in chunks of ``ROW_CHUNK`` elements, so the float
-    intermediate of the quantization is reused memory instead of fresh pages on every call. Rounding: ``x / scale`` exactly as the simulation divides; the zero point is added before
-    the rounding, so a value within float32 rounding of a tie may take the other code (as
-    ``fake_quant_inference``)."""
+    engine (:func:`onednn_available`); without it the caller takes ``torch._int_mm``. The rows go in chunks of
+    ``ROW_CHUNK`` elements, so the float intermediate of the quantization is reused memory instead of fresh pages on
+    every call. Rounding: ``x / scale`` exactly as the simulation divides; the zero point is added before the
+    rounding, so a value within float32 rounding of a tie may take the other code (as ``fake_quant_inference``)."""
     if not rows.shape[0]:
         return rows.new_zeros(0, w_scale.numel())
     step = max(1, ROW_CHUNK // max(1, rows.shape[1]))
