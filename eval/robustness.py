@@ -258,6 +258,29 @@ METHODS: dict[str, dict | None] = {
                                    smoothing={"alpha": None, "search_grid": [0.0, 0.25, 0.5, 0.75]}),
     "w8a8-tokenlin": _variant("w8a8-static", "w8a8-tokenlin", layers={
         p: {"activations": {"granularity": "token", "symmetric": True}} for p in LINEAR_PATTERNS}),
+    # The techniques' ablation under the protocol (issue 18, `--verdicts`): each row adds one technique to the static
+    # recipe (the activation-side techniques act on calibrated ranges, which w8a8's per-token inputs do not have) or
+    # changes one part of w4a8 (the weight-side ones). The recipe w8a8-time is the per-step tables' row.
+    **{f"w8a8-static+{name}": _variant("w8a8-static", f"w8a8-static+{name}", **changes) for name, changes in {
+        "split": {"split": {"weights": True, "activations": True}},
+        "smooth": {"smoothing": {"alpha": 0.5}},
+        "rotation": {"rotation": {"seed": 0}},
+        "normal": {"calibration": {"sampler": {"kind": "normal", "mean": 0.4, "std": 0.4}}},
+        "pcr": {"calibration": {"sampler": {"kind": "progressive", "rounds": 1}}},
+        "interval4": {"time": {"mode": "interval", "num_intervals": 4},
+                      "calibration": {"sampler": "all", "num_timesteps": 25}},
+        "brecq": {"reconstruction": {"unit": "block", "iterations": 400, "num_samples": 32, "learn_act_scales": True}},
+        "bias": {"correction": {"method": "bias"}},
+    }.items()},
+    "w4a8-norecon": _variant("w4a8", "w4a8-norecon", reconstruction=None),
+    "w4a8-nosplit": _variant("w4a8", "w4a8-nosplit", split=None),
+    "w4a8+lr16": _variant("w4a8", "w4a8+lr16", low_rank={"rank": 16}),
+}
+# base -> the variants --verdicts compares with it, cell by cell (the `w4a8-lws-*` rows are w4a8 + one technique)
+VERDICTS = {
+    "w8a8-static": ["w8a8-time", *(f"w8a8-static+{n}" for n in
+                                   ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
+    "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias"],
 }
 UNCALIBRATED = ("int8-wo", "torchao-int8dyn", "torchao-int8dyn+conv-wo")
 
@@ -510,6 +533,30 @@ def paired_summary(rows: list[dict], base: str, other: str, resamples: int = 200
     return "\n".join(lines)
 
 
+def verdict_table(rows: list[dict], verdicts: dict[str, list[str]] = VERDICTS, resamples: int = 2000) -> str:
+    """One row per technique of :data:`VERDICTS`: over the cells where it and its base stored per-image PSNRs, the paired
+    difference technique - base (median, worst and best cell; in how many cells it is up, significantly up and
+    significantly down: the bootstrap 95% interval above or below 0) and the worst cell of each."""
+    rows = merge_aliases(rows)
+    alias = {m: r["method"] for r in rows for m in r["method"].split(" = ")}
+    lines = ["| base | technique | cells | median Δ dB | worst Δ (cell) | best Δ | up / signif. up / signif. down | "
+             "worst PSNR: technique / base |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for base, techniques in verdicts.items():
+        for tech in techniques:
+            cells = list(paired_cells(rows, alias.get(tech, tech), alias.get(base, base), resamples))
+            if not cells:
+                lines.append(f"| {base} | {tech} | 0 | | | | | |")
+                continue
+            diffs = [d["mean"] for _, _, d in cells]
+            worst = min(cells, key=lambda t: t[2]["mean"])
+            psnr = [(min(t[1][alias.get(m, m)]["psnr_vs_reference"] for t in cells)) for m in (tech, base)]
+            lines.append(f"| {base} | {tech} | {len(cells)} | {statistics.median(diffs):+.2f} | {min(diffs):+.2f} "
+                         f"({worst[0][0]} {worst[0][1]} {worst[0][2]:g}) | {max(diffs):+.2f} | {sum(x > 0 for x in diffs)} / "
+                         f"{sum(d['ci95'][0] > 0 for _, _, d in cells)} / {sum(d['ci95'][1] < 0 for _, _, d in cells)} "
+                         f"| {psnr[0]:.2f} / {psnr[1]:.2f} |")
+    return "\n".join(lines)
+
+
 def clip_relative(row: dict, resamples: int = 2000) -> tuple[float, float, float, float]:
     """A row's judge CLIP relative to FP's from its per-image scores: ``(FP's mean, difference in % of it, the paired
     bootstrap 95% interval's two ends in %)``."""
@@ -561,6 +608,8 @@ def main(argv=None) -> None:
                    "lines (gap to int8-wo, cells at least as close as torchao on the same layers)")
     p.add_argument("--clip", metavar="METHODS", help="with --table: per cell, each method's CLIP score relative to "
                    "FP's with a paired bootstrap 95%% interval (cells run since per-image CLIP scores are stored)")
+    p.add_argument("--verdicts", action="store_true", help="with --table: each technique of VERDICTS against its base "
+                   "recipe, paired over the cells where both ran (the ablation under the protocol)")
     p.add_argument("--force", action="store_true", help="run the cells again even if cached (overwrites them)")
     p.add_argument("--write-sets", metavar="DIR", help="write the text prompt sets (calibration and the "
                    "held-out evaluation prompts) as DIR/<set>.txt, e.g. for `dmquant inspect`, and stop")
@@ -584,6 +633,9 @@ def main(argv=None) -> None:
         if a.summary:
             print()
             print(paired_summary(rows, *a.summary.split(",")))
+        if a.verdicts:
+            print()
+            print(verdict_table(rows))
         if a.clip:
             print()
             print(clip_table(rows, a.clip.split(",")))
