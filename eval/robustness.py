@@ -504,6 +504,14 @@ def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000)
     return "\n".join(lines)
 
 
+def _paired_counts(cells: list) -> tuple[list[float], int, int, int]:
+    """Of :func:`paired_cells`' output: the per-cell mean differences, and in how many cells the difference is above 0,
+    significantly above 0 and significantly below 0 (its 95% interval entirely above / below)."""
+    diffs = [d["mean"] for _, _, d in cells]
+    return (diffs, sum(x > 0 for x in diffs), sum(d["ci95"][0] > 0 for _, _, d in cells),
+            sum(d["ci95"][1] < 0 for _, _, d in cells))
+
+
 def paired_summary(rows: list[dict], base: str, other: str, resamples: int = 2000) -> str:
     """Over the cells :func:`paired_cells` pairs: the difference's median and range, how many cells go up and how many
     significantly (interval above / below 0); each method's median and worst PSNR there; ``base``'s largest gap to
@@ -511,11 +519,11 @@ def paired_summary(rows: list[dict], base: str, other: str, resamples: int = 200
     cells = list(paired_cells(rows, base, other, resamples))
     if not cells:
         return f"no cell holds per-image PSNRs of both {base} and {other}"
-    diffs = [d["mean"] for _, _, d in cells]
+    diffs, up, sig_up, _ = _paired_counts(cells)
     down = [f"{c[0]} {c[1]} {c[2]:g} ({d['mean']:+.2f})" for c, _, d in cells if d["ci95"][1] < 0]
     lines = [f"{len(cells)} cells, {base} - {other}: median {statistics.median(diffs):+.2f} dB, range "
-             f"{min(diffs):+.2f} .. {max(diffs):+.2f}, up in {sum(x > 0 for x in diffs)}, significantly up in "
-             f"{sum(d['ci95'][0] > 0 for _, _, d in cells)}, significantly down in {len(down)}: {', '.join(down)}"]
+             f"{min(diffs):+.2f} .. {max(diffs):+.2f}, up in {up}, significantly up in "
+             f"{sig_up}, significantly down in {len(down)}: {', '.join(down)}"]
     for m in (base, other):
         worst = min(cells, key=lambda t: t[1][m]["psnr_vs_reference"])
         lines.append(f"{m}: median {statistics.median(t[1][m]['psnr_vs_reference'] for t in cells):.2f} dB, worst "
@@ -547,12 +555,11 @@ def verdict_table(rows: list[dict], verdicts: dict[str, list[str]] = VERDICTS, r
             if not cells:
                 lines.append(f"| {base} | {tech} | 0 | | | | | |")
                 continue
-            diffs = [d["mean"] for _, _, d in cells]
+            diffs, up, sig_up, sig_down = _paired_counts(cells)
             worst = min(cells, key=lambda t: t[2]["mean"])
             psnr = [(min(t[1][alias.get(m, m)]["psnr_vs_reference"] for t in cells)) for m in (tech, base)]
             lines.append(f"| {base} | {tech} | {len(cells)} | {statistics.median(diffs):+.2f} | {min(diffs):+.2f} "
-                         f"({worst[0][0]} {worst[0][1]} {worst[0][2]:g}) | {max(diffs):+.2f} | {sum(x > 0 for x in diffs)} / "
-                         f"{sum(d['ci95'][0] > 0 for _, _, d in cells)} / {sum(d['ci95'][1] < 0 for _, _, d in cells)} "
+                         f"({worst[0][0]} {worst[0][1]} {worst[0][2]:g}) | {max(diffs):+.2f} | {up} / {sig_up} / {sig_down} "
                          f"| {psnr[0]:.2f} / {psnr[1]:.2f} |")
     return "\n".join(lines)
 
