@@ -275,12 +275,17 @@ METHODS: dict[str, dict | None] = {
     "w4a8-norecon": _variant("w4a8", "w4a8-norecon", reconstruction=None),
     "w4a8-nosplit": _variant("w4a8", "w4a8-nosplit", split=None),
     "w4a8+lr16": _variant("w4a8", "w4a8+lr16", low_rank={"rank": 16}),
+    # a Hadamard rotation of the linear inputs in front of 4-bit weights (QuaRot): it spreads the weights' outlier
+    # input channels over all channels before the per-output-channel 4-bit grid is fitted
+    "w4a8+rotation": _variant("w4a8", "w4a8+rotation", rotation={"seed": 0}),
+    "w4a4+rotation": _variant("w4a4", "w4a4+rotation", rotation={"seed": 0}),
 }
 # base -> the variants --verdicts compares with it, cell by cell (the `w4a8-lws-*` rows are w4a8 + one technique)
 VERDICTS = {
     "w8a8-static": ["w8a8-time", *(f"w8a8-static+{n}" for n in
                                    ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
-    "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias"],
+    "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias", "w4a8+rotation"],
+    "w4a4": ["w4a4+rotation"],
 }
 UNCALIBRATED = ("int8-wo", "torchao-int8dyn", "torchao-int8dyn+conv-wo")
 

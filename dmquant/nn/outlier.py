@@ -8,7 +8,9 @@ For a layer ``y = x·Wᵀ + b`` (a convolution: its input channels) the wrapped 
 
 so that with nothing quantized ``y`` equals the original layer's output (to float rounding). ``L1``
 and ``L2`` are stored in 16-bit and ``R`` is computed against their rounded values, so the identity
-holds for the stored branch. The same module serves the simulated layer and the frozen one.
+holds for the stored branch. ``H`` is applied in its factored form (each Sylvester block as the Kronecker
+product of two small ones, :func:`dmquant.quantizers.outliers.rotate`): ``2·sqrt(block)`` multiply-adds per
+channel instead of a dense ``n x n`` product. The same module serves the simulated layer and the frozen one.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmquant.errors import DMQuantError
-from dmquant.quantizers.outliers import hadamard
+from dmquant.quantizers.outliers import hadamard, hadamard_factors, rotate
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @functools.lru_cache(maxsize=64)
-def _hadamard_cached(n: int, seed: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    return hadamard(n, seed).to(device=device, dtype=dtype)
+def _rotation_factors(n: int, seed: int, device: str, dtype: torch.dtype) -> tuple:
+    return tuple(t.to(device=device, dtype=dtype) for t in hadamard_factors(n, seed))
 
 
 class OutlierBranch(nn.Module):
@@ -84,8 +86,9 @@ class OutlierBranch(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.smooth, self.lora_down, self.lora_up) if t is not None)
 
     # -- computation -------------------------------------------------------------------------------
-    def _rotation(self, like: torch.Tensor) -> torch.Tensor:
-        return _hadamard_cached(self.in_channels, self.rotation_seed, str(like.device), like.dtype)
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ H`` over the last dimension, in the factored form (:func:`rotate`)."""
+        return rotate(x, _rotation_factors(self.in_channels, self.rotation_seed, str(x.device), x.dtype))
 
     def transform(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """``x' = (x / s)·H`` over the channel dimension."""
@@ -94,7 +97,7 @@ class OutlierBranch(nn.Module):
             shape[channel_dim] = -1
             x = x / self.smooth.to(x.dtype).reshape(shape)
         if self.rotation_seed is not None:
-            x = (x.movedim(channel_dim, -1) @ self._rotation(x)).movedim(-1, channel_dim)
+            x = self._rotate(x.movedim(channel_dim, -1)).movedim(-1, channel_dim)
         return x
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:

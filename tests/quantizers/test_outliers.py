@@ -3,7 +3,7 @@ import torch
 
 from dmquant.errors import DMQuantError
 from dmquant.quantizers.affine import sqnr_db
-from dmquant.quantizers.outliers import hadamard, smoothing_factors, svd_split
+from dmquant.quantizers.outliers import hadamard, hadamard_factors, rotate, smoothing_factors, svd_split
 from dmquant.quantizers.weight import WeightQuantizer
 
 
@@ -28,6 +28,22 @@ def test_hadamard_is_orthogonal_and_rotation_preserves_the_output():
     assert torch.allclose((x @ h) @ (w @ h).t(), x @ w.t(), rtol=1e-4, atol=1e-3)
     with pytest.raises(DMQuantError, match="even dimension"):
         hadamard(15)
+
+
+@pytest.mark.parametrize("n", [2, 8, 40, 320, 1152, 2048])
+@pytest.mark.parametrize("seed", [None, 3])
+def test_factored_rotation_matches_the_dense_hadamard_product(n, seed):
+    x = torch.randn(2, 5, n, dtype=torch.float64)
+    dense = x @ hadamard(n, seed).double()
+    factored = rotate(x, tuple(t if t is None else t.double() for t in hadamard_factors(n, seed)))
+    assert factored.shape == x.shape
+    assert (factored - dense).abs().max().item() < 1e-6  # the float32 factors rounded, nothing else
+    signs, a, c = hadamard_factors(n, seed)
+    assert a.shape[0] * c.shape[0] == n & -n and a.shape[0] <= c.shape[0] <= 2 * a.shape[0]
+    half = rotate(x.half(), tuple(t if t is None else t.half() for t in (signs, a, c)))
+    assert half.dtype == torch.float16 and sqnr_db(dense.float(), half.float()) > 55
+    sliced = rotate(x, tuple(t if t is None else t.double() for t in (signs, a, c)), chunk=2 * n)  # 2 rows a slice
+    assert torch.equal(sliced, factored)
 
 
 def test_rotation_spreads_an_outlier_channel():
