@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmquant.calibration.observe import observe_activations
 from dmquant.config import ActQuantConfig, WeightQuantConfig
 from dmquant.nn import outlier
 from dmquant.nn.layers import QuantLinear
 from dmquant.nn.outlier import OutlierBranch
-from dmquant.calibration.observe import observe_activations
 from dmquant.nn.wrap import input_quantizers, weight_quantizers
 from dmquant.quantizers.outliers import hadamard
 
