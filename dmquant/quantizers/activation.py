@@ -150,6 +150,10 @@ class ActQuantizer(FormatQuantizer):
 
     # -- calibration -------------------------------------------------------------------------------------
     def _range_of(self, obs: RangeObserver) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "mse":  # the exact tails and the sampled bulk (RangeObserver.strata)
+            bulk, weight, tails = obs.strata()
+            return estimate_range(bulk, self.method, self.fmt, self.symmetric, extremes=(obs.lo, obs.hi), tails=tails,
+                                  sample_weight=weight)
         rows = obs.sample if self.method != "minmax" else obs.lo[:, None]
         return estimate_range(rows, self.method, self.fmt, self.symmetric, self.percentile, extremes=(obs.lo, obs.hi))
 

@@ -41,11 +41,15 @@ def mse_range(
     p_norm: float = 2.0,
     extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale_dtype: torch.dtype | None = None,
+    tails: torch.Tensor | None = None,
+    sample_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row clipping range minimising the fake-quantization error over shrinking ratios.
 
     ``extremes`` gives the full range to shrink from when ``rows`` is only a sample of the data;
-    ``scale_dtype`` the dtype the scales will be rounded to (each ratio is judged with its rounded scale).
+    ``scale_dtype`` the dtype the scales will be rounded to (each ratio is judged with its rounded scale);
+    ``tails`` (one row per row of ``rows``) are values counted exactly, each value of ``rows`` then standing for
+    ``sample_weight`` values (a stratified sample: :meth:`RangeObserver.strata`).
     """
     lo, hi = extremes if extremes is not None else minmax_range(rows)
     best_err = torch.full_like(lo, float("inf"))
@@ -55,6 +59,9 @@ def mse_range(
         scale, zero = qparams_from_range(c_lo, c_hi, fmt, symmetric, scale_dtype)
         approx = fake_quant(rows, scale[:, None], zero[:, None], fmt)
         err = (approx - rows).abs().pow(p_norm).sum(dim=1)
+        if tails is not None:
+            exact = fake_quant(tails, scale[:, None], zero[:, None], fmt)
+            err = sample_weight * err + (exact - tails).abs().pow(p_norm).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, c_lo, best_lo)
@@ -70,13 +77,17 @@ def estimate_range(
     percentile: float = 99.99,
     extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale_dtype: torch.dtype | None = None,
+    tails: torch.Tensor | None = None,
+    sample_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of :data:`RANGE_METHODS` (``scale_dtype``: see :func:`mse_range`)."""
+    """Dispatch to one of :data:`RANGE_METHODS` (``scale_dtype``, ``tails``, ``sample_weight``: see
+    :func:`mse_range`; the other methods read ``rows`` alone)."""
     rows = rows.float()
     if method == "minmax":
         return extremes if extremes is not None else minmax_range(rows)
     if method == "percentile":
         return percentile_range(rows, percentile)
     if method == "mse":
-        return mse_range(rows, fmt, symmetric, extremes=extremes, scale_dtype=scale_dtype)
+        return mse_range(rows, fmt, symmetric, extremes=extremes, scale_dtype=scale_dtype, tails=tails,
+                         sample_weight=sample_weight)
     raise DMQuantError(f"unknown range method {method!r}: use one of {', '.join(RANGE_METHODS)}")
