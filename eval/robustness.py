@@ -281,9 +281,11 @@ METHODS: dict[str, dict | None] = {
     "w4a4+rotation": _variant("w4a4", "w4a4+rotation", rotation={"seed": 0}),
 }
 # base -> the variants --verdicts compares with it, cell by cell (the `w4a8-lws-*` rows are w4a8 + one technique)
+# `w8a8-time@sampled`: per-step tables as measured before their observers kept exact tails (2026-12-01, 13:25 UTC);
+# `w8a8-static@stratified`: the pooled range judged on exact tails too (not shipped: the pooled sample holds them)
 VERDICTS = {
-    "w8a8-static": ["w8a8-time", *(f"w8a8-static+{n}" for n in
-                                   ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
+    "w8a8-static": ["w8a8-time", "w8a8-time@sampled", "w8a8-static@stratified",
+                    *(f"w8a8-static+{n}" for n in ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
     "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias", "w4a8+rotation"],
     "w4a4": ["w4a4+rotation"],
 }
@@ -354,6 +356,16 @@ def result_path(short: str, weights: str, set_name: str, guidance: float, method
     return OUT / f"{short}-{weights}-{set_part}-g{guidance:g}-{Path(method).stem}-{n}{suffix}.json"
 
 
+RANGE_ESTIMATOR = "stratified"  # per-step MSE ranges on exact tails + sampled bulk (RangeObserver.strata), 2026-12-01
+
+
+def _tables_by_mse(config: QuantConfig) -> bool:
+    """Whether the recipe fits per-timestep activation ranges by MSE (what the stratified per-step observers changed)."""
+    acts, attn = config.activations, config.attention
+    return config.time is not None and ((acts is not None and acts.static and acts.method == "mse")
+                                        or (attn is not None and attn.method == "mse"))
+
+
 def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, calib_prompts: int,
              force: bool = False) -> dict:
     from dmquant.metrics.clip_score import clip_scores_per_image, compute_clip_score
@@ -369,6 +381,9 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
         if cached.get("config_digest", digest) != digest:  # rows from before the digest existed are taken
             raise SystemExit(f"{path.name} was measured with another recipe for {method!r} (the recipe changed "
                              "since): rerun the cell with --force")
+        if digest is not None and _tables_by_mse(method_config(method)) and "range_estimator" not in cached:
+            raise SystemExit(f"{path.name} was measured before per-step MSE ranges were judged on a stratified sample "
+                             "(2026-12-01): rerun the cell with --force")
         return cached
     ref = reference(short, guidance, n, weights)
     prompts = eval_prompts(kind, n)
@@ -389,7 +404,7 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     images = generate(pipe, model_inputs(pipe, kind, prompts), guidance)
     result = {"model": short, "weights": weights, "set": "any" if uncalibrated(method) else set_name,
               "guidance": guidance, "method": method, "config_digest": digest, "num_images": n,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "range_estimator": RANGE_ESTIMATOR,
               "calibration_prompts": None if calib is None else len(calib),
               "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),

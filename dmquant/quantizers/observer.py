@@ -4,11 +4,11 @@ Keeps the exact per-row extremes and a uniform random sample of all values seen 
 sampling: every value gets a random key and the ``capacity`` smallest keys are kept), so that
 percentile and MSE ranges can be estimated without holding every activation in memory.
 
-A sample of one row also keeps its ``tail`` largest and ``tail`` smallest values exactly: the few
-outliers that decide how much an MSE range may clip are rarely in a uniform sample (a per-step
-observer of a time table samples 8,192 values), and a sample without them judges clipping cheap.
-:meth:`RangeObserver.strata` splits what was seen into those exact tails and the sample of the bulk
-between them, each bulk value standing for ``weight`` values.
+With ``tail`` set, a sample of one row also keeps its ``tail`` largest and ``tail`` smallest values
+exactly: the few outliers that decide how much an MSE range may clip are rarely in a small uniform
+sample (a per-step observer of a time table samples 8,192 values), and a sample without them judges
+clipping cheap. :meth:`RangeObserver.strata` splits what was seen into those exact tails and the
+sample of the bulk between them, each bulk value standing for ``weight`` values.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 
 class RangeObserver:
-    def __init__(self, capacity: int = 1 << 16, seed: int = 0, tail: int = 256):
+    def __init__(self, capacity: int = 1 << 16, seed: int = 0, tail: int = 0):
         self.capacity, self.tail = capacity, tail
         self._tail_lo, self._tail_hi = torch.empty(0), torch.empty(0)
         self.lo: torch.Tensor | None = None

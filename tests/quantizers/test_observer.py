@@ -27,8 +27,8 @@ def mse_of(lo, hi, data):
     return float((fake_quant(data, scale[:, None], zero[:, None], U8) - data).pow(2).mean())
 
 
-def observed(calls, capacity):
-    obs = RangeObserver(capacity=capacity)
+def observed(calls, capacity, tail=256):
+    obs = RangeObserver(capacity=capacity, tail=tail)
     for x in calls:
         obs.update(x[None])
     return obs
@@ -71,3 +71,17 @@ def test_merge_keeps_the_tails_and_a_complete_sample_needs_none():
     small = observed([torch.randn(1000)], 4096)
     bulk, weight, tails = small.strata()
     assert tails is None and weight == 1.0 and bulk.numel() == 1000
+    pooled = observed(a, 4096, tail=0)  # the pooled observer's default: its sample alone
+    bulk, weight, tails = pooled.strata()
+    assert tails is None and weight == 1.0 and torch.equal(bulk, pooled.sample)
+
+
+def test_per_step_observers_keep_tails_and_the_pooled_one_does_not():
+    from dmquant.quantizers.activation import TIME_OBSERVER_TAIL, ActQuantizer
+    from dmquant.quantizers.timetable import TimeTable
+
+    pooled, tabled = ActQuantizer(8, method="mse"), ActQuantizer(8, method="mse", table=TimeTable([1.0, 2.0]))
+    pooled.set_mode("observe")
+    tabled.set_mode("observe")
+    assert [o.tail for o in pooled.observers] == [0]
+    assert [o.tail for o in tabled.observers] == [TIME_OBSERVER_TAIL] * 2 and TIME_OBSERVER_TAIL > 0
