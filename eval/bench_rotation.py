@@ -3,7 +3,8 @@ helps static 8-bit inputs on every transformer cell of the protocol, but it must
 
 For linear layers of today's transformer widths (PixArt 1152, SD3 1536, FLUX 3072 and their MLPs), ``tokens`` rows:
 the frozen layer of the static recipe (int8 weights per channel, int8 inputs with one calibrated range, the
-oneDNN int8 GEMM where available) without a rotation, with the rotation as dmquant applies it (each Sylvester block
+oneDNN int8 GEMM where available) without a rotation, the shipped `w8a8`'s layer (int8 inputs per token, computed
+on the fly) for comparison, the static one with the rotation as dmquant applies it (each Sylvester block
 as the Kronecker product of two small ones: ``2·sqrt(block)`` multiply-adds per channel), and with the dense
 ``n x n`` product it replaced; FP32 ``F.linear`` for reference. Median of ``--repeats`` calls, one process, the
 configurations of one shape timed side by side (round-robin).
@@ -35,12 +36,16 @@ SHAPES = [(1152, 1152), (1152, 4608), (4608, 1152), (1536, 1536), (3072, 3072), 
           (15360, 3072)]  # (in, out); 15360 -> 3072: FLUX's single-block proj_out
 
 
-def frozen_layer(d_in: int, d_out: int, rotation: bool, x: torch.Tensor) -> nn.Module:
-    """The static w8a8 layer, calibrated on ``x`` and frozen (with its kernels prepared)."""
+STATIC = ActQuantConfig(bits=8, method="minmax")
+PER_TOKEN = ActQuantConfig(bits=8, granularity="token", symmetric=False)  # the shipped w8a8's linear inputs
+
+
+def frozen_layer(d_in: int, d_out: int, rotation: bool, x: torch.Tensor, acts: ActQuantConfig = STATIC) -> nn.Module:
+    """The w8a8 layer (static inputs unless ``acts`` says otherwise), calibrated on ``x`` and frozen (with its
+    kernels prepared)."""
     torch.manual_seed(0)
     layer = nn.Linear(d_in, d_out)
-    q = QuantLinear.wrap(layer, weight_quantizers(WeightQuantConfig(bits=8)), input_quantizers(
-        ActQuantConfig(bits=8, method="minmax"), None, None))
+    q = QuantLinear.wrap(layer, weight_quantizers(WeightQuantConfig(bits=8)), input_quantizers(acts, None, None))
     if rotation:
         q.attach_outlier_branch(OutlierBranch(d_in, d_out, None, rotation_seed=0), layer.weight)
     q.calibrate_weight()
@@ -76,8 +81,10 @@ def bench_shape(d_in: int, d_out: int, tokens: int, repeats: int) -> dict:
     x = torch.randn(tokens, d_in)
     weight = torch.randn(d_out, d_in) / d_in ** 0.5
     plain, rotated = frozen_layer(d_in, d_out, False, x), frozen_layer(d_in, d_out, True, x)
+    per_token = frozen_layer(d_in, d_out, False, x, PER_TOKEN)
     dense_h = hadamard(d_in, 0)
     calls = {"fp32": lambda: F.linear(x, weight), "int8": lambda: plain(x), "int8+rotation": lambda: rotated(x),
+             "int8 per token": lambda: per_token(x),
              "rotation alone": lambda: rotated.outlier._rotate(x), "dense rotation alone": lambda: x @ dense_h}
 
     def int8_dense():
@@ -111,13 +118,15 @@ def main() -> None:
     print(f"frozen static int8 linear layers, {args.tokens} tokens; {machine}", flush=True)
     rows = []
     print("| in -> out | block | FP32 ms | int8 ms | int8 + rotation ms (overhead) | int8 + dense rotation ms (overhead)"
-          " | rotation alone ms | dense rotation alone ms |\n|---|---|---|---|---|---|---|---|", flush=True)
+          " | rotation alone ms | dense rotation alone ms | int8 per token (w8a8) ms |\n|---|---|---|---|---|---|---|---|---|",
+          flush=True)
     for d_in, d_out in SHAPES:
         r = bench_shape(d_in, d_out, args.tokens, args.repeats)
         ms = r["ms"]
         print(f"| {d_in} -> {d_out} | {r['block']} | {ms['fp32']} | {ms['int8']} | {ms['int8+rotation']} "
               f"(+{100 * r['rotation_overhead']:.0f}%) | {ms['int8+dense rotation']} "
-              f"(+{100 * r['dense_rotation_overhead']:.0f}%) | {ms['rotation alone']} | {ms['dense rotation alone']} |",
+              f"(+{100 * r['dense_rotation_overhead']:.0f}%) | {ms['rotation alone']} | {ms['dense rotation alone']} | "
+              f"{ms['int8 per token']} |",
               flush=True)
         rows.append(r)
     if args.out:
