@@ -23,7 +23,7 @@ from dmquant.quantizers.affine import fake_quant, fake_quant_inference, qparams_
 from dmquant.quantizers.base import FormatQuantizer
 from dmquant.quantizers.granularity import dynamic_rows, from_dynamic_rows
 from dmquant.quantizers.observer import RangeObserver
-from dmquant.quantizers.ranges import estimate_range
+from dmquant.quantizers.ranges import estimate_range, mse_range
 from dmquant.quantizers.timetable import RangeMLP, TimeTable, interval_groups, nearest_filled, take
 
 MODES = ("off", "observe", "quant")
@@ -156,8 +156,8 @@ class ActQuantizer(FormatQuantizer):
     def _range_of(self, obs: RangeObserver) -> tuple[torch.Tensor, torch.Tensor]:
         if self.method == "mse":  # the exact tails (per-step observers) and the sampled bulk (RangeObserver.strata)
             bulk, weight, tails = obs.strata()
-            return estimate_range(bulk, self.method, self.fmt, self.symmetric, extremes=(obs.lo, obs.hi), tails=tails,
-                                  sample_weight=weight)
+            return mse_range(bulk.float(), self.fmt, self.symmetric, extremes=(obs.lo, obs.hi), tails=tails,
+                             sample_weight=weight)
         rows = obs.sample if self.method != "minmax" else obs.lo[:, None]
         return estimate_range(rows, self.method, self.fmt, self.symmetric, self.percentile, extremes=(obs.lo, obs.hi))
 

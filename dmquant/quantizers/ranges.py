@@ -77,17 +77,13 @@ def estimate_range(
     percentile: float = 99.99,
     extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale_dtype: torch.dtype | None = None,
-    tails: torch.Tensor | None = None,
-    sample_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of :data:`RANGE_METHODS` (``scale_dtype``, ``tails``, ``sample_weight``: see
-    :func:`mse_range`; the other methods read ``rows`` alone)."""
+    """Dispatch to one of :data:`RANGE_METHODS` (``scale_dtype``: see :func:`mse_range`)."""
     rows = rows.float()
     if method == "minmax":
         return extremes if extremes is not None else minmax_range(rows)
     if method == "percentile":
         return percentile_range(rows, percentile)
     if method == "mse":
-        return mse_range(rows, fmt, symmetric, extremes=extremes, scale_dtype=scale_dtype, tails=tails,
-                         sample_weight=sample_weight)
+        return mse_range(rows, fmt, symmetric, extremes=extremes, scale_dtype=scale_dtype)
     raise DMQuantError(f"unknown range method {method!r}: use one of {', '.join(RANGE_METHODS)}")
