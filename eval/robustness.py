@@ -269,6 +269,7 @@ METHODS: dict[str, dict | None] = {
         "pcr": {"calibration": {"sampler": {"kind": "progressive", "rounds": 1}}},
         "interval4": {"time": {"mode": "interval", "num_intervals": 4},
                       "calibration": {"sampler": "all", "num_timesteps": 25}},
+        "tdq": {"time": {"mode": "learned"}, "calibration": {"sampler": "all", "num_timesteps": 25}},
         "brecq": {"reconstruction": {"unit": "block", "iterations": 400, "num_samples": 32, "learn_act_scales": True}},
         "bias": {"correction": {"method": "bias"}},
     }.items()},
@@ -284,7 +285,7 @@ METHODS: dict[str, dict | None] = {
 # `w8a8-time@sampled`: per-step tables as measured before their observers kept exact tails (2026-12-01, 13:25 UTC);
 # `w8a8-static@stratified`: the pooled range judged on exact tails too (not shipped: the pooled sample holds them)
 VERDICTS = {
-    "w8a8-static": ["w8a8-time", "w8a8-time@sampled", "w8a8-static@stratified",
+    "w8a8-static": ["w8a8-time", "w8a8-time@sampled", "w8a8-static+interval4", "w8a8-static+tdq", "w8a8-static@stratified",
                     *(f"w8a8-static+{n}" for n in ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
     "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias", "w4a8+rotation"],
     "w4a4": ["w4a4+rotation"],
