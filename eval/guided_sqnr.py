@@ -65,23 +65,35 @@ CONFIGS = {
 }
 
 
-def record_calls(pipe, guidance: float) -> list:
+@torch.no_grad()
+def record_run(pipe, prompts, guidance: float, steps: int = 25, record: bool = True) -> tuple[torch.Tensor, list]:
+    """The final latents of one sampling run (seed 0) and, with ``record``, every denoiser call's inputs."""
     calls = []
     hook = find_denoiser(pipe)[1].register_forward_pre_hook(
-        lambda m, a, k: calls.append((tuple(x.clone() for x in a), dict(k))), with_kwargs=True)
-    pipe(R.eval_prompts("text", 8), num_inference_steps=25, guidance_scale=guidance,
-         generator=torch.Generator().manual_seed(0), output_type="latent")
-    hook.remove()
-    return calls[::3]
+        lambda m, a, k: calls.append((tuple(x.clone() for x in a), dict(k))), with_kwargs=True) if record else None
+    latents = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(0), output_type="latent")[0]
+    if hook is not None:
+        hook.remove()
+    return latents, calls
+
+
+def record_calls(pipe, guidance: float) -> list:
+    return record_run(pipe, R.eval_prompts("text", 8), guidance)[1][::3]
 
 
 @torch.no_grad()
-def guided(unet, calls, guidance: float) -> torch.Tensor:
+def guided_steps(unet, calls, guidance: float) -> list[torch.Tensor]:
+    """The guided prediction ``uncond + g (cond - uncond)`` of each recorded call."""
     outs = []
     for args, kwargs in calls:
         uncond, cond = unet(*args, **{**kwargs, "return_dict": False})[0].chunk(2)
         outs.append(uncond + guidance * (cond - uncond))
-    return torch.cat(outs)
+    return outs
+
+
+def guided(unet, calls, guidance: float) -> torch.Tensor:
+    return torch.cat(guided_steps(unet, calls, guidance))
 
 
 def main() -> None:

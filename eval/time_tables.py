@@ -28,24 +28,12 @@ import dmquant
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import activation_quantizers
 from dmquant.quantizers import activation
+from dmquant.quantizers.affine import sqnr_db
 from dmquant.quantizers.timetable import single_timestep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guided_sqnr as G  # noqa: E402
 import robustness as R  # noqa: E402
-
-
-def run(pipe, prompts, guidance: float, steps: int, record: bool):
-    """Final latents of one sampling run, and (``record``) every denoiser call's inputs."""
-    calls = []
-    denoiser = find_denoiser(pipe)[1]
-    hook = denoiser.register_forward_pre_hook(
-        lambda m, a, k: calls.append((tuple(x.clone() for x in a), dict(k))), with_kwargs=True) if record else None
-    with torch.no_grad():
-        latents = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                       generator=torch.Generator().manual_seed(0), output_type="latent")[0]
-    if hook is not None:
-        hook.remove()
-    return latents, calls
 
 
 def clip_counter(denoiser):
@@ -67,22 +55,17 @@ def clip_counter(denoiser):
     return counts, hooks
 
 
-@torch.no_grad()
 def per_step(denoiser, calls, guidance: float, counting: bool) -> tuple[list[torch.Tensor], list[float | None]]:
+    """Each call's guided prediction and (``counting``) the share of quantized-layer inputs outside their ranges."""
     outs, clipped = [], []
     counts, hooks = clip_counter(denoiser) if counting else ({"out": 0, "all": 0}, [])
-    for args, kwargs in calls:
+    for call in calls:
         counts["out"] = counts["all"] = 0
-        uncond, cond = denoiser(*args, **{**kwargs, "return_dict": False})[0].chunk(2)
-        outs.append(uncond + guidance * (cond - uncond))
+        outs += G.guided_steps(denoiser, [call], guidance)
         clipped.append(counts["out"] / counts["all"] if counts["all"] else None)
     for h in hooks:
         h.remove()
     return outs, clipped
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.double().pow(2).sum() / (out.double() - ref.double()).pow(2).sum()))
 
 
 def main() -> None:
@@ -106,7 +89,7 @@ def main() -> None:
         raise SystemExit(f"{a.model} is class-conditioned: this script runs text-to-image models")
     pipe = R.load(a.model)
     prompts = R.eval_prompts(kind, a.prompts)
-    fp_latents, calls = run(pipe, prompts, a.guidance, a.steps, record=True)
+    fp_latents, calls = G.record_run(pipe, prompts, a.guidance, a.steps)
     ref, _ = per_step(find_denoiser(pipe)[1], calls, a.guidance, counting=False)
     result = {"model": a.model, "set": a.set, "guidance": a.guidance, "prompts": a.prompts, "steps": a.steps,
               "timesteps": [single_timestep(c[1]["timestep"] if "timestep" in c[1] else c[0][1]) for c in calls],
@@ -117,12 +100,12 @@ def main() -> None:
         calib = R.calibration_prompts(a.set, kind)[: config.calibration.max_prompts]
         dmquant.quantize(model, config, prompts=calib, progress=False, guidance_scale=a.guidance)
         outs, clipped = per_step(find_denoiser(model)[1], calls, a.guidance, counting=True)
-        latents, _ = run(model, prompts, a.guidance, a.steps, record=False)
-        steps = [sqnr(r, o) for r, o in zip(ref, outs)]
+        latents, _ = G.record_run(model, prompts, a.guidance, a.steps, record=False)
+        steps = [sqnr_db(r, o) for r, o in zip(ref, outs)]
         result["methods"][method] = {"step_sqnr": [round(s, 2) for s in steps],
                                      "clipped": [None if c is None else round(c, 6) for c in clipped],
-                                     "final_latent_sqnr": round(sqnr(fp_latents, latents), 2)}
-        print(f"{method}: final latents {sqnr(fp_latents, latents):.2f} dB; per-step guided SQNR "
+                                     "final_latent_sqnr": round(sqnr_db(fp_latents, latents), 2)}
+        print(f"{method}: final latents {sqnr_db(fp_latents, latents):.2f} dB; per-step guided SQNR "
               + " ".join(f"{s:.1f}" for s in steps), flush=True)
     names = list(result["methods"])
     print("\n| step | timestep | " + " | ".join(f"{m} SQNR dB (clipped %)" for m in names) + " |")

@@ -101,7 +101,7 @@ class RangeObserver:
         lo_cut, hi_cut = self._tail_lo.max(), self._tail_hi.min()
         bulk = sample[(sample > lo_cut) & (sample < hi_cut)]
         weight = (self.count - tails.numel()) / bulk.numel() if bulk.numel() else 0.0
-        return bulk.reshape(1, -1), float(max(weight, 0.0)), tails.reshape(1, -1)
+        return bulk.reshape(1, -1), weight, tails.reshape(1, -1)
 
     @property
     def empty(self) -> bool:

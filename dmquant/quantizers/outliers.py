@@ -43,12 +43,18 @@ def _signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
 
 
+def _block(n: int) -> int:
+    """The size of the rotation's diagonal blocks: the largest power of two dividing ``n`` (at least 2)."""
+    block = n & -n
+    if block < 2:
+        raise DMQuantError(f"a Hadamard rotation needs an even dimension, got {n}: exclude the layer")
+    return block
+
+
 def hadamard(n: int, seed: int | None = 0, device=None) -> torch.Tensor:
     """An orthogonal ``n x n`` matrix: block-diagonal Sylvester-Hadamard blocks (the largest power of
     two dividing ``n``), scaled to be orthonormal, times random signs on the rows when ``seed`` is set."""
-    block = n & -n  # largest power of two dividing n
-    if block < 2:
-        raise DMQuantError(f"a Hadamard rotation needs an even dimension, got {n}: exclude the layer")
+    block = _block(n)
     h = torch.block_diag(*([_sylvester(block) / math.sqrt(block)] * (n // block)))
     if seed is not None:
         h = _signs(n, seed)[:, None] * h
@@ -59,9 +65,7 @@ def hadamard_factors(n: int, seed: int | None = 0) -> tuple[torch.Tensor | None,
     """The parts of :func:`hadamard` that :func:`rotate` multiplies with: the row signs (None without a seed) and
     two orthonormal Sylvester matrices ``A [a, a]``, ``C [c, c]`` whose Kronecker product ``A ⊗ C`` is one
     diagonal block of the rotation (``a·c`` = the largest power of two dividing ``n``, ``a <= c``)."""
-    block = n & -n
-    if block < 2:
-        raise DMQuantError(f"a Hadamard rotation needs an even dimension, got {n}: exclude the layer")
+    block = _block(n)
     a = 1 << ((block.bit_length() - 1) // 2)
     c = block // a
     return (None if seed is None else _signs(n, seed)), _sylvester(a) / math.sqrt(a), _sylvester(c) / math.sqrt(c)
