@@ -11,7 +11,7 @@ from torch import nn
 
 from dmquant.cli import main
 from dmquant.diagnostics.job import eval_steps, inspect_quantization, split_prompts, write_inspection
-from dmquant.diagnostics.measure import CallInfo, Inspector, results
+from dmquant.diagnostics.measure import CallInfo, Inspector, _static_range, clipped_count, results
 from dmquant.diagnostics.report import diagnose
 from dmquant.models.tiny import build_tiny_pipeline, build_tiny_sd_pipeline
 from dmquant.nn.layers import QuantLinear
@@ -132,6 +132,34 @@ def test_layer_sqnr_is_the_layer_alone():
     ranges = data["layers"]["proj"]["ranges"]
     assert ranges["cfg_ratio"] > 2.0
     assert ranges["per_step"][0]["uncond"]["absmax"] == pytest.approx(float(x[:2].abs().max()), rel=1e-3)
+
+
+def test_clipped_counts_values_beyond_half_a_step():
+    """A value within half a step past a grid's end rounds to the end code (rounding, not clipping): the clipped
+    share counts only values beyond that. Calibrated by min-max on GELU outputs, then fed values placed around
+    the half-step bounds of the fitted grid."""
+    torch.manual_seed(0)
+    fp = nn.Linear(16, 8)
+    layer = QuantLinear.wrap(fp, lambda: WeightQuantizer(8), lambda dim: ActQuantizer(8, channel_dim=dim))
+    layer.calibrate_weight()
+    q = layer.input_quantizers[0]
+    q.set_mode("observe")
+    layer(F.gelu(3 * torch.randn(64, 16)))
+    q.finalize()
+    q.set_mode("quant")
+    lo, hi, scale = _static_range(q)
+    assert hi - lo == pytest.approx(255 * scale, rel=1e-6)
+    inside = torch.tensor([lo - 0.45 * scale, hi + 0.45 * scale, lo, hi, 0.0])
+    beyond = torch.tensor([lo - 0.55 * scale, hi + 0.55 * scale, hi + 3 * scale])
+    assert clipped_count(inside, lo, hi, scale) == 0 and clipped_count(beyond, lo, hi, scale) == 3
+    x = torch.cat([inside, beyond, torch.zeros(8)]).reshape(1, 16)  # 3 of 16 values clipped
+    error = (q(x) - x).abs()[0]  # the grid: within half a step for the inside values, more for the clipped ones
+    assert float(error[:5].max()) <= 0.5 * scale * (1 + 1e-5) and float(error[5:8].min()) > 0.5 * scale
+    model = nn.Sequential()
+    model.add_module("proj", layer)
+    inspector = Inspector(model)
+    inspector.run((x,), {}, CallInfo(step=0, timestep=10.0, batch=1, halves=("cond",)), guidance_scale=1.0)
+    assert results(inspector)["layers"]["proj"]["calibrated"]["clipped_fraction"] == pytest.approx(3 / 16)
 
 
 def test_causes():

@@ -7,7 +7,7 @@ layer's own quantized op on ``x`` three times: weights quantized only, input act
 only, both. It also records statistics of ``x``: per-step ranges (per CFG half when the pipeline
 batches the halves together), per-channel peaks (outlier channels), the peak-to-RMS ratio of tokens
 (what a per-token scale sees), the range of each part of a skip concatenation, and the share of
-values outside the calibrated static range. A torch-function mode sees the core attention call
+values the calibrated static grid clips (beyond half a step past its ends). A torch-function mode sees the core attention call
 (SDPA) of each quantized attention module and measures its output with only Q, K, V quantized.
 Then the denoiser runs quantized on the same call, and its output is compared with the FP output.
 
@@ -148,13 +148,21 @@ class AttentionRecord:
     operands: dict = field(default_factory=dict)  # (operand, step) -> absmax
 
 
-def _static_range(q) -> tuple[float, float] | None:
-    """The static range in force of an integer per-tensor input quantizer (None: dynamic, float8, not calibrated)."""
+def _static_range(q) -> tuple[float, float, float] | None:
+    """The static range in force of an integer per-tensor input quantizer, its grid's ends and step ``(lo, hi,
+    scale)`` (None: dynamic, float8, not calibrated)."""
     if not q.static or is_float(q.fmt) or not q.calibrated:
         return None
     scale, zero = q.current_qparams()
     scale, zero = float(scale.reshape(-1)[0]), float(zero.reshape(-1)[0])
-    return (q.fmt.qmin - zero) * scale, (q.fmt.qmax - zero) * scale
+    return (q.fmt.qmin - zero) * scale, (q.fmt.qmax - zero) * scale, scale
+
+
+def clipped_count(x: torch.Tensor, lo: float, hi: float, scale: float) -> int:
+    """How many values of ``x`` a grid from ``lo`` to ``hi`` in steps of ``scale`` clips: those beyond half a step
+    past an end (a value within half a step rounds to the end code as any value rounds to its nearest code; GELU's
+    minimum -0.17 just under a grid that ends at -0.166 is rounding, not clipping)."""
+    return int(((x < lo - scale / 2) | (x > hi + scale / 2)).sum())
 
 
 class _AttentionProbe(TorchFunctionMode):
@@ -262,9 +270,9 @@ class Inspector:
             bounds = _static_range(q)
             if bounds is None:
                 continue
-            lo, hi = bounds
+            lo, hi, scale = bounds
             counts = rec.clip[step]
-            counts[0] += int(((part < lo) | (part > hi)).sum())
+            counts[0] += clipped_count(part, lo, hi, scale)
             counts[1] += part.numel()
             top = max(abs(lo), abs(hi), 1e-12)
             rec.peak_over_calibrated = max(rec.peak_over_calibrated, float(part.abs().max()) / top)

@@ -16,7 +16,7 @@ THRESHOLDS = {
     "weights_margin_db": 3.0,  # weights alone lose this much more than activations alone: "weights"
     "step_variation": 3.0,  # largest / smallest per-step input range
     "cfg_ratio": 1.5,  # range of one CFG half over the other's, at the worst step
-    "clipped_fraction": 1e-3,  # held-out values outside the calibrated static range
+    "clipped_fraction": 1e-3,  # held-out values the calibrated static grid clips
     "peak_over_calibrated": 1.5,  # held-out peak over the calibrated range's end
     "peak_over_p999": 3.0,  # the input's peak |x| over its 99.9th percentile |x| (a long tail)
     "peak_over_rms": 12.0,  # the input's peak |x| over its RMS (per-tensor static scales only)
@@ -138,8 +138,8 @@ def report_markdown(data: dict) -> str:
               "Each layer alone (all others in full precision, on the FP model's own input to it): output SQNR in dB "
               "with only its weights quantized (W), only its input activations (A), both. Range over steps: "
               "largest / smallest per-step input range (max − min); CFG: the two halves' ranges at the worst step; "
-              "outliers: largest channel peak |x| / median channel peak; clipped: held-out inputs outside the "
-              "calibrated static range.", "",
+              "outliers: largest channel peak |x| / median channel peak; clipped: held-out inputs the "
+              "calibrated static grid clips (beyond half a step past its ends).", "",
               "| # | layer | type | W | A | both | range over steps | CFG halves | outlier channels | clipped | likely cause |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [_row(n, data["layers"][n], i + 1) for i, n in enumerate(data["worst"])]
