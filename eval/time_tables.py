@@ -7,7 +7,8 @@ robustness.py does (the set's prompts, up to the recipe's ``max_prompts``); then
 
 * per step, the SQNR of the guided prediction ``uncond + g (cond - uncond)`` against FP's, every recipe fed FP's own
   recorded denoiser inputs (the error a step adds, nothing accumulated);
-* per step, the share of the quantized layers' input values outside their calibrated range (clipped), on those inputs;
+* per step, the share of the quantized layers' input values the calibrated grids clip (beyond half a step past
+  an end), on those inputs;
 * the SQNR of each recipe's final latents against FP's, each sampling its own trajectory (what the images see).
 
     OMP_NUM_THREADS=1 python eval/time_tables.py --model flux-small --set terse --guidance 7.5 [--prompts 8]
@@ -37,7 +38,9 @@ import robustness as R  # noqa: E402
 
 
 def clip_counter(denoiser):
-    """Hooks counting, per call, the inputs of static activation quantizers outside their [lo, hi] range."""
+    """Hooks counting, per call, the inputs of static activation quantizers that the grid clips: beyond half a step
+    past its ends (a value within half a step rounds to the end code as any value rounds to its nearest code: GELU's
+    minimum -0.17 just under a grid ending at -0.166 is rounding, not clipping)."""
     counts = {"out": 0, "all": 0}
     hooks = []
     for q in activation_quantizers(denoiser):
@@ -46,7 +49,7 @@ def clip_counter(denoiser):
 
         def pre(module, args, q=q):
             scale, zero = q.current_qparams()  # the grid's ends: (qmin - z) s .. (qmax - z) s
-            lo, hi = (q.fmt.qmin - zero) * scale, (q.fmt.qmax - zero) * scale
+            lo, hi = (q.fmt.qmin - zero - 0.5) * scale, (q.fmt.qmax - zero + 0.5) * scale
             x = args[0].detach()
             counts["out"] += int(((x < lo) | (x > hi)).sum())
             counts["all"] += x.numel()
