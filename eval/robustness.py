@@ -367,6 +367,26 @@ def result_path(short: str, weights: str, set_name: str, guidance: float, method
     return OUT / f"{short}-{weights}-{set_part}-g{guidance:g}-{Path(method).stem}-{n}{suffix}.json"
 
 
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """A hash of the package's code as Python sees it (the AST of every dmquant/ module, docstrings left out; the zoo
+    weights are not code): a cached row is reused by recipe digest, so two rows of one recipe can come from code that
+    computes differently (a w4a4 cell of tiny-shapes-dit moved 28.46 -> 28.21 dB between 2026-11-30 and 2026-12-01
+    with its recipe unchanged). Rows store it; :func:`paired_table` marks pairs measured with different code."""
+    import ast
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "dmquant").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                    isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(path.relative_to(REPO).as_posix().encode() + ast.dump(tree).encode())
+    return digest.hexdigest()[:10]
+
+
 RANGE_ESTIMATOR = "stratified"  # per-step MSE ranges on exact tails + sampled bulk (RangeObserver.strata), 2026-12-01
 
 
@@ -415,7 +435,7 @@ def run_cell(short: str, set_name: str, guidance: float, method: str, n: int, ca
     images = generate(pipe, model_inputs(pipe, kind, prompts), guidance)
     result = {"model": short, "weights": weights, "set": "any" if uncalibrated(method) else set_name,
               "guidance": guidance, "method": method, "config_digest": digest, "num_images": n,
-              "threads": torch.get_num_threads(), "range_estimator": RANGE_ESTIMATOR,
+              "threads": torch.get_num_threads(), "range_estimator": RANGE_ESTIMATOR, "code": code_fingerprint(),
               "calibration_prompts": None if calib is None else len(calib),
               "calibration_seconds": round(seconds, 1),
               "clip_score": compute_clip_score(images, prompts, JUDGE, "cpu"),
@@ -527,12 +547,21 @@ def paired_cells(rows: list[dict], base: str, other: str, resamples: int = 2000)
 def paired_table(rows: list[dict], base: str, other: str, resamples: int = 2000) -> str:
     """Per cell: :func:`paired_cells`' difference ``base`` - ``other`` and its interval: whether a gap between two rows
     is larger than the images' spread."""
-    lines = [f"| model | set | CFG | n | {base} - {other} (mean of per-image PSNR) | 95% interval |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for cell, _, d in paired_cells(rows, base, other, resamples):
+    lines = [f"| model | set | CFG | n | {base} - {other} (mean of per-image PSNR) | 95% interval | same code |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for cell, methods, d in paired_cells(rows, base, other, resamples):
         lo, hi = d["ci95"]
-        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {cell[3]} | {d['mean']:+.2f} | {lo:+.2f} .. {hi:+.2f} |")
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {cell[3]} | {d['mean']:+.2f} | {lo:+.2f} .. {hi:+.2f} | "
+                     f"{same_code(methods[base], methods[other])} |")
     return "\n".join(lines)
+
+
+def same_code(a: dict, b: dict) -> str:
+    """Whether two rows were measured with the same package code (:func:`code_fingerprint`): yes, no, or ? (a row from
+    before rows recorded it)."""
+    if "code" not in a or "code" not in b:
+        return "?"
+    return "yes" if a["code"] == b["code"] else "no"
 
 
 def _paired_counts(cells: list) -> tuple[list[float], int, int, int]:
@@ -554,7 +583,9 @@ def paired_summary(rows: list[dict], base: str, other: str, resamples: int = 200
     down = [f"{c[0]} {c[1]} {c[2]:g} ({d['mean']:+.2f})" for c, _, d in cells if d["ci95"][1] < 0]
     lines = [f"{len(cells)} cells, {base} - {other}: median {statistics.median(diffs):+.2f} dB, range "
              f"{min(diffs):+.2f} .. {max(diffs):+.2f}, up in {up}, significantly up in "
-             f"{sig_up}, significantly down in {len(down)}: {', '.join(down)}"]
+             f"{sig_up}, significantly down in {len(down)}: {', '.join(down)}",
+             "rows from the same package code in " + str(sum(same_code(t[1][base], t[1][other]) == "yes" for t in cells))
+             + f" of {len(cells)} cells (the others: different or unrecorded code, see code_fingerprint)"]
     for m in (base, other):
         worst = min(cells, key=lambda t: t[1][m]["psnr_vs_reference"])
         lines.append(f"{m}: median {statistics.median(t[1][m]['psnr_vs_reference'] for t in cells):.2f} dB, worst "
