@@ -200,7 +200,7 @@ METHODS: dict[str, dict | None] = {
     "w4a8-lin-asym-rtn": _w4a8_fixed_scales("w4a8-lin-asym-rtn", attention=None, reconstruction=None, split=None,
                                   activations={"granularity": "token", "symmetric": False},
                                   layers={"conv:*": {"weight_only": True}}),
-    "w4a4-convwo": _variant("w4a4", "w4a4-convwo", layers={"conv:*": {"weight_only": True}}),
+    "w4a4-convwo": _variant("w4a4-svd", "w4a4-convwo", layers={"conv:*": {"weight_only": True}}),
     "w8a8-wmse": _variant("w8a8", "w8a8-wmse", weights={"method": "mse"}),
     "w8a8-wmse-temb": _variant("w8a8", "w8a8-wmse-temb", weights={"method": "mse"},
                                layers={"conv:*": {"weight_only": True}, "linear:*time_emb_proj": {"weight_only": True}}),
@@ -247,14 +247,15 @@ METHODS: dict[str, dict | None] = {
     "w4a8-lws-lr16g32": _variant("w4a8", "w4a8-lws-lr16g32", low_rank={"rank": 16},
                                  weights={"granularity": "group", "group_size": 32}),
     # w4a4 with w4a8's block reconstruction (learned rounding and weight scales of the residual weights)
-    "w4a4-brecq": _variant("w4a4", "w4a4-brecq", reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
+    "w4a4-brecq": _variant("w4a4-svd", "w4a4-brecq", reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
                                                                  "learn_act_scales": False, "learn_weight_scales": True}),
-    "w4a4-lr64": _variant("w4a4", "w4a4-lr64", low_rank={"rank": 64}),
-    "w4a4-a8conv": _variant("w4a4", "w4a4-a8conv", layers={"conv:*": {"activations": {"bits": 8}}}),
-    "w4a4-a8conv-brecq": _variant("w4a4", "w4a4-a8conv-brecq", layers={"conv:*": {"activations": {"bits": 8}}},
+    "w4a4-lr64": _variant("w4a4-svd", "w4a4-lr64", low_rank={"rank": 64}),
+    # the recipe w4a4 since 2026-12-01 (twelfth session): w4a4-svd with 8-bit convolution inputs
+    "w4a4-a8conv": _variant("w4a4-svd", "w4a4-a8conv", layers={"conv:*": {"activations": {"bits": 8}}}),
+    "w4a4-a8conv-brecq": _variant("w4a4-svd", "w4a4-a8conv-brecq", layers={"conv:*": {"activations": {"bits": 8}}},
                                   reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
                                                   "learn_act_scales": False, "learn_weight_scales": True}),
-    "w4a4-a8conv-lr64": _variant("w4a4", "w4a4-a8conv-lr64", low_rank={"rank": 64},
+    "w4a4-a8conv-lr64": _variant("w4a4-svd", "w4a4-a8conv-lr64", low_rank={"rank": 64},
                                  layers={"conv:*": {"activations": {"bits": 8}}}),
     # the recipe w8a8-smooth with alpha searched per layer (0 among the choices: a layer it does not help keeps none)
     "w8a8-smooth-search": _variant("w8a8", "w8a8-smooth-search",
@@ -282,7 +283,7 @@ METHODS: dict[str, dict | None] = {
     # a Hadamard rotation of the linear inputs in front of 4-bit weights (QuaRot): it spreads the weights' outlier
     # input channels over all channels before the per-output-channel 4-bit grid is fitted
     "w4a8+rotation": _variant("w4a8", "w4a8+rotation", rotation={"seed": 0}),
-    "w4a4+rotation": _variant("w4a4", "w4a4+rotation", rotation={"seed": 0}),
+    "w4a4+rotation": _variant("w4a4-svd", "w4a4+rotation", rotation={"seed": 0}),
     # how many weight bits the 32 dB line of issue 18 asks for on a model: weight-only round-to-nearest (MSE range
     # per output channel, no calibration) at 4-6 bits, and the shipped w4a8 recipe with 5- or 6-bit weights
     **{f"int{b}-wo": {"name": f"int{b}-wo", "weights": {"bits": b, "symmetric": True, "granularity": "channel",
@@ -298,7 +299,8 @@ VERDICTS = {
     "w8a8-static": ["w8a8-time", "w8a8-time@sampled", "w8a8-static+interval4", "w8a8-static+tdq", "w8a8-static@stratified",
                     *(f"w8a8-static+{n}" for n in ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
     "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias", "w4a8+rotation"],
-    "w4a4": ["w4a4+rotation"],
+    "w4a4-svd": ["w4a4", "w4a4+rotation"],  # w4a4: 8-bit convolution inputs since 2026-12-01 (twelfth session)
+    "w4a4": ["w4a4-a8conv-brecq"],
 }
 UNCALIBRATED = ("int8-wo", "torchao-int8dyn", "torchao-int8dyn+conv-wo")
 

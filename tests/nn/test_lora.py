@@ -159,6 +159,13 @@ def exercise(family: Family, pipe, refs: dict, loras: dict) -> dict:
             "a+b": sqnr(refs["a+b"], q_ab), "fused": sqnr(refs["a"], fused), "fused_vs_unfused": sqnr(q_a, fused)}
 
 
+# w8a8 (per-token inputs) starts 12 dB closer to FP than w8a8-static; the two random adapters mixed (a+b) move its
+# activations furthest from the unadapted model and cost it 0.7-1.6 dB there (the others: < 0.3 dB). w4a4's 8-bit
+# convolution inputs (2026-12-01) brought it 2.2 dB closer to FP without a LoRA (30.97 against 28.80 dB) and 1.2-2.3
+# dB with one, so the LoRA's cost, measured from the closer start, grew from < 0.6 to 0.8-1.0 dB.
+MARGIN = {"w8a8": 2.0, "w4a4": 1.5}
+
+
 def assert_tracks_fp(figures: dict, margin: float = 1.0) -> None:
     """With the LoRA (scaled, mixed, fused) at most ``margin`` dB further from FP+LoRA than without it from FP."""
     for key in ("a", "a@0.5", "a+b", "fused"):
@@ -198,9 +205,7 @@ def test_lora_on_quantized_tiny_shapes_sd_simulated_and_frozen(sd, recipe):
     dmquant.freeze(pipe)
     frozen = exercise(family, pipe, refs, loras)
     print(f"\n{recipe} simulated {simulated}\n{recipe} frozen {frozen}")
-    # w8a8 (per-token inputs) starts 12 dB closer to FP than w8a8-static; the two random adapters mixed (a+b)
-    # move its activations furthest from the unadapted model and cost it 0.7-1.6 dB there (the others: < 0.3 dB)
-    margin = 2.0 if recipe == "w8a8" else 1.0
+    margin = MARGIN.get(recipe, 1.0)
     assert_tracks_fp(simulated, margin)
     assert_tracks_fp(frozen, margin)
     if recipe != "w4a4":  # no branch: the fused LoRA is a new float branch, the unfused one's arithmetic
@@ -234,7 +239,7 @@ def test_lora_on_a_saved_and_loaded_model(sd, tmp_path):
     for loaded in (own, native):
         assert all(m.frozen for _, m in quant_layers(loaded.unet))
         figures.append(exercise(family, loaded, refs, loras))
-        assert_tracks_fp(figures[-1])
+        assert_tracks_fp(figures[-1], MARGIN["w4a4"])
     print(f"\nsaved w4a4, loaded {figures}")
     assert figures[0] == figures[1]  # both loaders build the same model
     own.load_lora_weights(loras["a"], adapter_name="a")
