@@ -250,7 +250,7 @@ METHODS: dict[str, dict | None] = {
     "w4a4-brecq": _variant("w4a4-svd", "w4a4-brecq", reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
                                                                  "learn_act_scales": False, "learn_weight_scales": True}),
     "w4a4-lr64": _variant("w4a4-svd", "w4a4-lr64", low_rank={"rank": 64}),
-    # the recipe w4a4 since 2026-12-01 (twelfth session): w4a4-svd with 8-bit convolution inputs
+    # w4a4-svd with 8-bit convolution inputs; with w4a8's block reconstruction too: the recipe w4a4 since 2026-12-01
     "w4a4-a8conv": _variant("w4a4-svd", "w4a4-a8conv", layers={"conv:*": {"activations": {"bits": 8}}}),
     "w4a4-a8conv-brecq": _variant("w4a4-svd", "w4a4-a8conv-brecq", layers={"conv:*": {"activations": {"bits": 8}}},
                                   reconstruction={"unit": "block", "iterations": 400, "num_samples": 32,
@@ -299,8 +299,9 @@ VERDICTS = {
     "w8a8-static": ["w8a8-time", "w8a8-time@sampled", "w8a8-static+interval4", "w8a8-static+tdq", "w8a8-static@stratified",
                     *(f"w8a8-static+{n}" for n in ("split", "smooth", "rotation", "normal", "pcr", "brecq", "bias"))],
     "w4a8": ["w4a8-norecon", "w4a8-nosplit", "w4a8-lws-ptqd", "w4a8-lws-bias", "w4a8+rotation"],
-    "w4a4-svd": ["w4a4", "w4a4+rotation"],  # w4a4: 8-bit convolution inputs since 2026-12-01 (twelfth session)
-    "w4a4": ["w4a4-a8conv-brecq"],
+    # w4a4 (2026-12-01, twelfth session) = w4a4-svd + 8-bit convolution inputs (w4a4-a8conv) + learned rounding
+    "w4a4-svd": ["w4a4-a8conv", "w4a4", "w4a4+rotation"],
+    "w4a4-a8conv": ["w4a4"],
 }
 UNCALIBRATED = ("int8-wo", "torchao-int8dyn", "torchao-int8dyn+conv-wo")
 

@@ -21,3 +21,23 @@ def _seeded_global_rng():
     generator) gets the same weights whichever tests ran before, so a test passes or fails alone as in the suite."""
     torch.manual_seed(0)
     yield
+
+
+def _fast_recipe(name: str):
+    """A shipped recipe with its learned-rounding fit cut to 4 iterations on 2 samples: the same layers, state and
+    frozen graph in seconds (the fit's quality is asserted where it is the subject: tests/calibration)."""
+    from dataclasses import replace
+
+    from dmquant.config import load_recipe
+
+    config = load_recipe(name)
+    if config.reconstruction is None:
+        return config
+    return replace(config, reconstruction=replace(config.reconstruction, iterations=4, num_samples=2))
+
+
+@pytest.fixture
+def fast_recipe():
+    """:func:`_fast_recipe`, for tests that quantize with a recipe whose reconstruction they do not test (``w4a4``,
+    ``w4a8``)."""
+    return _fast_recipe

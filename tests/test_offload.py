@@ -27,7 +27,7 @@ CALL = {"num_inference_steps": 3, "height": 16, "width": 16, "output_type": "np"
 BRANCH = ("lora_down", "lora_up")
 
 
-def frozen_sd(recipe: str):
+def frozen_sd(recipe):
     pipe = build_tiny_sd_pipeline()
     dmquant.quantize(pipe, recipe, prompts=["a red circle", "a blue square"], num_inference_steps=4,
                      num_timesteps=4, progress=False, height=16, width=16)
@@ -51,8 +51,8 @@ def assert_no_float_weight(denoiser):
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-time", "w4a4"])
-def test_model_cpu_offload(recipe):
-    pipe = frozen_sd(recipe)
+def test_model_cpu_offload(recipe, fast_recipe):
+    pipe = frozen_sd(fast_recipe(recipe))
     expected = images(pipe)
     pipe.enable_model_cpu_offload(device="cpu")
     _, unet, _ = find_denoiser(pipe)
@@ -64,8 +64,8 @@ def test_model_cpu_offload(recipe):
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-time", "w4a4"])
-def test_sequential_cpu_offload_loads_each_layer_for_its_call(recipe, monkeypatch):
-    pipe = frozen_sd(recipe)
+def test_sequential_cpu_offload_loads_each_layer_for_its_call(recipe, monkeypatch, fast_recipe):
+    pipe = frozen_sd(fast_recipe(recipe))
     expected = images(pipe)
     _, unet, _ = find_denoiser(pipe)
     # what enable_sequential_cpu_offload does to each component; called directly with the device "cpu":

@@ -162,7 +162,8 @@ def exercise(family: Family, pipe, refs: dict, loras: dict) -> dict:
 # w8a8 (per-token inputs) starts 12 dB closer to FP than w8a8-static; the two random adapters mixed (a+b) move its
 # activations furthest from the unadapted model and cost it 0.7-1.6 dB there (the others: < 0.3 dB). w4a4's 8-bit
 # convolution inputs (2026-12-01) brought it 2.2 dB closer to FP without a LoRA (30.97 against 28.80 dB) and 1.2-2.3
-# dB with one, so the LoRA's cost, measured from the closer start, grew from < 0.6 to 0.8-1.0 dB.
+# dB with one, so the LoRA's cost, measured from the closer start, grew from < 0.6 to 0.8-1.0 dB; its learned
+# rounding fits the weights without the LoRA (tiny-random-flux: 41.0 dB without, 40.0 with it).
 MARGIN = {"w8a8": 2.0, "w4a4": 1.5}
 
 
@@ -198,9 +199,9 @@ def flux(tmp_path_factory):
 
 # -- pipelines ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-rtn", "w4a4"])
-def test_lora_on_quantized_tiny_shapes_sd_simulated_and_frozen(sd, recipe):
+def test_lora_on_quantized_tiny_shapes_sd_simulated_and_frozen(sd, recipe, fast_recipe):
     family, refs, loras = sd
-    pipe = dmquant.quantize(dmquant.zoo.load("tiny-shapes-sd"), recipe, **CALIBRATION)
+    pipe = dmquant.quantize(dmquant.zoo.load("tiny-shapes-sd"), fast_recipe(recipe), **CALIBRATION)
     simulated = exercise(family, pipe, refs, loras)
     dmquant.freeze(pipe)
     frozen = exercise(family, pipe, refs, loras)
@@ -212,10 +213,10 @@ def test_lora_on_quantized_tiny_shapes_sd_simulated_and_frozen(sd, recipe):
         assert simulated["fused_vs_unfused"] >= 60 and frozen["fused_vs_unfused"] >= 60
 
 
-def test_lora_on_quantized_flux_simulated_and_frozen(flux):
+def test_lora_on_quantized_flux_simulated_and_frozen(flux, fast_recipe):
     family, refs, loras = flux
     pipe = build_tiny_pipeline("tiny-random-flux")
-    dmquant.quantize(pipe, "w4a4", prompts=["a red circle", "a blue square"], num_inference_steps=2, height=16,
+    dmquant.quantize(pipe, fast_recipe("w4a4"), prompts=["a red circle", "a blue square"], num_inference_steps=2, height=16,
                      width=16, progress=False)
     branches = [m.outlier.rank for _, m in quant_layers(pipe.transformer) if m.outlier is not None]
     assert branches and min(branches) > 0  # fusing joins SVD branches
@@ -224,15 +225,15 @@ def test_lora_on_quantized_flux_simulated_and_frozen(flux):
     frozen = exercise(family, pipe, refs, loras)
     print(f"\nflux w4a4 simulated {simulated}\nflux w4a4 frozen {frozen}")
     for figures in (simulated, frozen):
-        assert_tracks_fp(figures)
+        assert_tracks_fp(figures, MARGIN["w4a4"])
         assert figures["fused_vs_unfused"] >= 60
 
 
-def test_lora_on_a_saved_and_loaded_model(sd, tmp_path):
+def test_lora_on_a_saved_and_loaded_model(sd, tmp_path, fast_recipe):
     """Frozen after save/load, with dmquant's loader and with diffusers' own ``from_pretrained``; a LoRA fused then
     unloaded stays in the branches, and a folder saved then holds it."""
     family, refs, loras = sd
-    pipe = dmquant.freeze(dmquant.quantize(dmquant.zoo.load("tiny-shapes-sd"), "w4a4", **CALIBRATION))
+    pipe = dmquant.freeze(dmquant.quantize(dmquant.zoo.load("tiny-shapes-sd"), fast_recipe("w4a4"), **CALIBRATION))
     pipe.save_pretrained(tmp_path / "q")
     own, native = dmquant.load_quantized_pipeline(tmp_path / "q"), DiffusionPipeline.from_pretrained(tmp_path / "q")
     figures = []
