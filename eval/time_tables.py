@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import dmquant
+from dmquant.diagnostics.measure import clipped_count
 from dmquant.models.adapters import find_denoiser
 from dmquant.nn.wrap import activation_quantizers
 from dmquant.quantizers import activation
@@ -49,9 +50,8 @@ def clip_counter(denoiser):
 
         def pre(module, args, q=q):
             scale, zero = q.current_qparams()  # the grid's ends: (qmin - z) s .. (qmax - z) s
-            lo, hi = (q.fmt.qmin - zero - 0.5) * scale, (q.fmt.qmax - zero + 0.5) * scale
             x = args[0].detach()
-            counts["out"] += int(((x < lo) | (x > hi)).sum())
+            counts["out"] += clipped_count(x, (q.fmt.qmin - zero) * scale, (q.fmt.qmax - zero) * scale, scale)
             counts["all"] += x.numel()
 
         hooks.append(q.register_forward_pre_hook(pre))
@@ -59,7 +59,7 @@ def clip_counter(denoiser):
 
 
 def per_step(denoiser, calls, guidance: float, counting: bool) -> tuple[list[torch.Tensor], list[float | None]]:
-    """Each call's guided prediction and (``counting``) the share of quantized-layer inputs outside their ranges."""
+    """Each call's guided prediction and (``counting``) the share of quantized-layer inputs the grids clip."""
     outs, clipped = [], []
     counts, hooks = clip_counter(denoiser) if counting else ({"out": 0, "all": 0}, [])
     for call in calls:

@@ -4,7 +4,6 @@ core-attention hook, W4A8 / W4A4 run, save/load, recorded calls, flow-matching t
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from torch import nn
 
 import dmquant
 from dmquant.calibration.records import load_calls, save_calls
-from dmquant.config import load_recipe
 from dmquant.models.adapters import adapter_for
 from dmquant.nn.wrap import attention_modules, quant_layers, quantized_attention, time_table
 from dmquant.quantizers.affine import sqnr_db
@@ -45,20 +43,13 @@ def test_w8a8_with_quantized_attention(family):
                                   for name, _ in quant_layers(model))
 
 
-def _fast(recipe: str):
-    config = load_recipe(recipe)
-    if config.reconstruction is not None:
-        config = replace(config, reconstruction=replace(config.reconstruction, iterations=4, num_samples=2))
-    return config
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_four_bit_recipes_run(family):
+def test_four_bit_recipes_run(family, fast_recipe):
     for recipe in ("w4a8", "w4a4"):
         model, inputs = build(family)
         test_calls = calls(inputs, TEST_SEED, (700,))
         reference = _outputs(model, test_calls)
-        dmquant.quantize(model, _fast(recipe), calibration_data=calls(inputs, CALIBRATION_SEED, (900, 300)),
+        dmquant.quantize(model, fast_recipe(recipe), calibration_data=calls(inputs, CALIBRATION_SEED, (900, 300)),
                          progress=False)
         out = _outputs(model, test_calls)[0]
         assert torch.isfinite(out).all() and 0.0 < sqnr_db(reference[0], out) < 70.0, recipe
